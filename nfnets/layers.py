@@ -1,0 +1,449 @@
+"""Building blocks of normalizer-free networks.
+
+Scaled Weight-Standardized convolutions, gamma-scaled activations, Squeeze-
+Excite, stochastic depth and SkipInit gains, as in Brock, De, Smith (2021)
+"Characterizing signal propagation to close the performance gap in
+unnormalized ResNets" and Brock, De, Smith, Simonyan (2021) "High-Performance
+Large-Scale Image Recognition Without Normalization".
+
+Precision: every parameter is created (and kept) in float32. Modules cast their
+parameters to the dtype of their input, so feeding bfloat16 images runs the
+whole forward and backward pass in bfloat16 while the optimizer sees float32
+parameters and gradients. Weight standardization itself is computed in float32
+before that cast.
+"""
+
+from collections.abc import Callable, Sequence
+import math
+from typing import Optional, Union
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Activation = Callable[[jax.Array], jax.Array]
+
+# The plain nonlinearities. Their gamma makes Var(gamma * g(z)) = 1 for
+# z ~ N(0, 1), which is what keeps the NF residual stream's variance analytic.
+_ACTIVATIONS: dict[str, Activation] = {
+    'identity': lambda x: x,
+    'celu': jax.nn.celu,
+    'elu': jax.nn.elu,
+    # tanh approximation: jax.nn.gelu's default, and what the release used.
+    'gelu': jax.nn.gelu,
+    'glu': jax.nn.glu,
+    'leaky_relu': jax.nn.leaky_relu,
+    'log_sigmoid': jax.nn.log_sigmoid,
+    'log_softmax': jax.nn.log_softmax,
+    'relu': jax.nn.relu,
+    'relu6': jax.nn.relu6,
+    'selu': jax.nn.selu,
+    'sigmoid': jax.nn.sigmoid,
+    'silu': jax.nn.silu,
+    'soft_sign': jax.nn.soft_sign,
+    'softplus': jax.nn.softplus,
+    'tanh': jnp.tanh,
+}
+
+# The published gammas (estimated numerically by the original authors). They
+# are kept verbatim so that published checkpoints reproduce bit for bit;
+# `compute_gamma` recomputes them for any elementwise activation.
+GAMMAS: dict[str, float] = {
+    'identity': 1.0,
+    'celu': 1.270926833152771,
+    'elu': 1.2716004848480225,
+    'gelu': 1.7015043497085571,
+    'glu': 1.8484294414520264,
+    'leaky_relu': 1.70590341091156,
+    'log_sigmoid': 1.9193484783172607,
+    'log_softmax': 1.0002083778381348,
+    'relu': 1.7139588594436646,
+    'relu6': 1.7131484746932983,
+    'selu': 1.0008515119552612,
+    'sigmoid': 4.803835391998291,
+    'silu': 1.7881293296813965,
+    'soft_sign': 2.338853120803833,
+    'softplus': 1.9203323125839233,
+    'tanh': 1.5939117670059204,
+}
+
+# Common aliases; the original NF-RegNet default 'swish' did not exist there.
+_ALIASES = {'swish': 'silu'}
+
+
+def activation_names() -> list[str]:
+  """The names `nonlinearity` accepts."""
+  return sorted(list(_ACTIVATIONS) + list(_ALIASES))
+
+
+def _canonical(name: str) -> str:
+  name = _ALIASES.get(name, name)
+  if name not in _ACTIVATIONS:
+    raise ValueError(
+        f'Unknown activation {name!r}; valid names: {activation_names()}.')
+  return name
+
+
+def nonlinearity(name: str, gamma: Optional[float] = None) -> Activation:
+  """Returns the gamma-scaled activation `x -> gamma * g(x)`.
+
+  Args:
+    name: one of `activation_names()`.
+    gamma: overrides the published gamma of `name` (e.g. with one from
+      `compute_gamma`).
+
+  Returns:
+    The scaled activation, elementwise and dtype-preserving.
+  """
+  name = _canonical(name)
+  fn = _ACTIVATIONS[name]
+  gamma = GAMMAS[name] if gamma is None else float(gamma)
+  if gamma == 1.0:
+    return fn
+
+  def scaled(x):
+    # A Python float keeps bfloat16 inputs in bfloat16.
+    return fn(x) * gamma
+
+  return scaled
+
+
+def compute_gamma(fn: Union[str, Activation], num_points: int = 100_001
+                  ) -> float:
+  """Computes gamma = 1 / std(g(z)), z ~ N(0, 1), by numerical integration.
+
+  The mean and variance of g(z) are integrals against the normal density,
+  evaluated with the trapezoid rule on [-12, 12] (the mass outside is below
+  1e-32). Unlike sampling, the estimate is deterministic, and unlike
+  Gauss-Hermite quadrature it stays accurate for kinked functions like relu.
+
+  Args:
+    fn: an elementwise activation, or the name of one of ours.
+    num_points: grid points; the error falls with their square.
+
+  Returns:
+    gamma as a float.
+  """
+  if isinstance(fn, str):
+    name = _canonical(fn)
+    if name in ('glu', 'log_softmax'):
+      raise ValueError(f'{name!r} is not elementwise; its gamma is only '
+                       'defined for the layout the release used.')
+    fn = _ACTIVATIONS[name]
+  if num_points < 3:
+    raise ValueError(f'num_points must be >= 3, got {num_points}.')
+  z = np.linspace(-12.0, 12.0, num_points)
+  density = np.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+  # float32 evaluation is ~1e-7 relative; the integrals are in float64.
+  g = np.asarray(fn(jnp.asarray(z, dtype=jnp.float32)), dtype=np.float64)
+  mean = np.trapezoid(density * g, z)
+  var = np.trapezoid(density * (g - mean) ** 2, z)
+  if not var > 0:
+    raise ValueError('The activation is constant on N(0, 1); gamma undefined.')
+  return float(1.0 / math.sqrt(var))
+
+
+def standardize_weight(
+    w: jax.Array, gain: jax.Array, eps: float = 1e-4
+) -> jax.Array:
+  """Scaled Weight Standardization of an HWIO (or ...IO) kernel.
+
+  `w_hat = gain * (w - mean) / sqrt(max(fan_in * var, eps))`, with the (biased)
+  mean and variance over every axis but the last (output channels). `fan_in`
+  is the product of those axes, so for grouped convolutions it is already
+  per group (HWIO holds I / groups input channels).
+
+  Args:
+    w: kernel, output channels last.
+    gain: per-output-channel gain, shape `[O]`.
+    eps: floor of `fan_in * var`, which keeps zero kernels finite.
+
+  Returns:
+    The standardized kernel, float32.
+  """
+  w = w.astype(jnp.float32)
+  axes = tuple(range(w.ndim - 1))
+  fan_in = np.prod(w.shape[:-1])
+  mean = jnp.mean(w, axis=axes, keepdims=True)
+  var = jnp.var(w, axis=axes, keepdims=True)
+  # Fused: (w - mean) * scale, with the rsqrt and gain folded into one factor.
+  scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain.astype(
+      jnp.float32)
+  return w * scale - mean * scale
+
+
+def _pair(value: Union[int, Sequence[int]], what: str) -> tuple[int, int]:
+  if isinstance(value, int):
+    value = (value, value)
+  value = tuple(int(v) for v in value)
+  if len(value) != 2 or min(value) < 1:
+    raise ValueError(f'{what} must be a positive int or a pair, got {value}.')
+  return value
+
+
+def check_nhwc(x: jax.Array, where: str) -> None:
+  """Raises a ValueError unless `x` is a rank-4 NHWC batch."""
+  if getattr(x, 'ndim', None) != 4:
+    raise ValueError(
+        f'{where} expects NHWC images of rank 4, but input has shape '
+        f'{getattr(x, "shape", None)}.')
+
+
+class WSConv2D(hk.Module):
+  """2D convolution with Scaled Weight Standardization, gain and bias."""
+
+  def __init__(
+      self,
+      output_channels: int,
+      kernel_shape: Union[int, Sequence[int]],
+      stride: Union[int, Sequence[int]] = 1,
+      padding: str = 'SAME',
+      feature_group_count: int = 1,
+      standardize: bool = True,
+      with_bias: bool = True,
+      eps: float = 1e-4,
+      w_init: Optional[hk.initializers.Initializer] = None,
+      name: Optional[str] = None,
+  ):
+    """Constructs the convolution.
+
+    Args:
+      output_channels: number of output channels `O`.
+      kernel_shape: `(kh, kw)` or an int.
+      stride: `(sh, sw)` or an int.
+      padding: 'SAME' or 'VALID'.
+      feature_group_count: number of groups; must divide input and output
+        channels.
+      standardize: False gives a plain conv with the same parameters (used to
+        show what Scaled WS buys, e.g. in signal propagation plots).
+      with_bias: add the bias `bias`; the release always does.
+      eps: floor of `fan_in * var` in the standardization.
+      w_init: kernel initializer; fan-in scaled normal by default (Scaled WS
+        is largely insensitive to it).
+      name: module name; matters for checkpoints.
+    """
+    super().__init__(name=name)
+    if output_channels < 1:
+      raise ValueError(f'output_channels must be >= 1, got {output_channels}.')
+    if padding not in ('SAME', 'VALID'):
+      raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}.")
+    if feature_group_count < 1 or output_channels % feature_group_count:
+      raise ValueError(
+          f'feature_group_count={feature_group_count} must divide '
+          f'output_channels={output_channels}.')
+    self.output_channels = output_channels
+    self.kernel_shape = _pair(kernel_shape, 'kernel_shape')
+    self.stride = _pair(stride, 'stride')
+    self.padding = padding
+    self.feature_group_count = feature_group_count
+    self.standardize = standardize
+    self.with_bias = with_bias
+    self.eps = eps
+    self.w_init = w_init or hk.initializers.VarianceScaling(
+        1.0, 'fan_in', 'normal')
+
+  def kernel(self, in_channels: int) -> jax.Array:
+    """The effective (standardized) kernel, float32, HWIO."""
+    w_shape = self.kernel_shape + (
+        in_channels // self.feature_group_count, self.output_channels)
+    w = hk.get_parameter('w', w_shape, jnp.float32, init=self.w_init)
+    if not self.standardize:
+      return w
+    gain = hk.get_parameter(
+        'gain', (self.output_channels,), jnp.float32, init=jnp.ones)
+    return standardize_weight(w, gain, self.eps)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the conv to `x` of shape `[N, H, W, C]`; returns `[N, H', W', O]`."""
+    check_nhwc(x, self.module_name)
+    in_channels = x.shape[-1]
+    if in_channels % self.feature_group_count:
+      raise ValueError(
+          f'{self.module_name}: input channels {in_channels} are not divisible '
+          f'by feature_group_count={self.feature_group_count}.')
+    w = self.kernel(in_channels).astype(x.dtype)
+    out = jax.lax.conv_general_dilated(
+        x, w, window_strides=self.stride, padding=self.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=self.feature_group_count)
+    if not self.with_bias:
+      return out
+    bias = hk.get_parameter(
+        'bias', (self.output_channels,), jnp.float32, init=jnp.zeros)
+    return out + bias.astype(x.dtype)
+
+
+class Linear(hk.Module):
+  """Dense layer whose float32 parameters follow the input's dtype.
+
+  Parameter names (`w` [in, out], `b` [out]) and the default module name
+  (`linear`, `linear_1`, ...) are those of `hk.Linear`, so checkpoints of
+  either load into the other.
+  """
+
+  def __init__(
+      self,
+      output_size: int,
+      with_bias: bool = True,
+      w_init: Optional[hk.initializers.Initializer] = None,
+      b_init: Optional[hk.initializers.Initializer] = None,
+      name: Optional[str] = None,
+  ):
+    """Constructs the layer.
+
+    Args:
+      output_size: number of outputs.
+      with_bias: whether to add a bias `b`.
+      w_init: weight initializer; truncated normal with stddev
+        1/sqrt(fan_in) by default, as in `hk.Linear`.
+      b_init: bias initializer; zeros by default.
+      name: module name.
+    """
+    super().__init__(name=name)
+    if output_size < 1:
+      raise ValueError(f'output_size must be >= 1, got {output_size}.')
+    self.output_size = output_size
+    self.with_bias = with_bias
+    self.w_init = w_init
+    self.b_init = b_init or jnp.zeros
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Maps `[..., in]` to `[..., output_size]`."""
+    fan_in = x.shape[-1]
+    w_init = self.w_init or hk.initializers.TruncatedNormal(
+        1.0 / math.sqrt(fan_in))
+    w = hk.get_parameter('w', (fan_in, self.output_size), jnp.float32,
+                         init=w_init)
+    out = jnp.dot(x, w.astype(x.dtype))
+    if self.with_bias:
+      b = hk.get_parameter('b', (self.output_size,), jnp.float32,
+                           init=self.b_init)
+      out = out + b.astype(x.dtype)
+    return out
+
+
+class SqueezeExcite(hk.Module):
+  """Squeeze-and-Excite: a per-channel sigmoid gate from pooled features."""
+
+  def __init__(
+      self,
+      in_ch: int,
+      out_ch: int,
+      se_ratio: Optional[float] = 0.5,
+      hidden_ch: Optional[int] = None,
+      activation: Activation = jax.nn.relu,
+      name: Optional[str] = None,
+  ):
+    """Constructs the module.
+
+    Args:
+      in_ch: input channels.
+      out_ch: number of gates (channels of the tensor being gated).
+      se_ratio: hidden width is `max(1, int(in_ch * se_ratio))`.
+      hidden_ch: explicit hidden width, used when `se_ratio` is None.
+      activation: hidden activation; the release uses a plain (unscaled) relu.
+      name: module name.
+    """
+    super().__init__(name=name)
+    if se_ratio is None:
+      if hidden_ch is None:
+        raise ValueError('SqueezeExcite needs se_ratio or hidden_ch.')
+      self.hidden_ch = int(hidden_ch)
+    else:
+      if se_ratio <= 0:
+        raise ValueError(f'se_ratio must be > 0, got {se_ratio}.')
+      self.hidden_ch = max(1, int(in_ch * se_ratio))
+    self.in_ch, self.out_ch = in_ch, out_ch
+    self.activation = activation
+    self.fc0 = Linear(self.hidden_ch)
+    self.fc1 = Linear(out_ch)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Returns gates of shape `[N, 1, 1, out_ch]` for `x` of shape `[N, H, W, C]`."""
+    h = jnp.mean(x, axis=(1, 2))
+    h = self.fc1(self.activation(self.fc0(h)))
+    return jax.nn.sigmoid(h)[:, None, None, :]
+
+
+class StochDepth(hk.Module):
+  """Stochastic depth: drops whole residual branches per example.
+
+  No rescaling by the keep probability (as in the release), and the identity
+  at evaluation.
+  """
+
+  def __init__(self, drop_rate: float, name: Optional[str] = None):
+    """Constructs the module.
+
+    Args:
+      drop_rate: probability of dropping an example's branch, in [0, 1).
+      name: module name.
+    """
+    super().__init__(name=name)
+    if not 0.0 <= drop_rate < 1.0:
+      raise ValueError(f'drop_rate must be in [0, 1), got {drop_rate}.')
+    self.drop_rate = drop_rate
+
+  def __call__(self, x: jax.Array, *, is_training: bool) -> jax.Array:
+    """Applies per-example dropping to the batch `x` (leading axis)."""
+    if not is_training or self.drop_rate == 0.0:
+      return x
+    keep = jax.random.bernoulli(
+        hk.next_rng_key(), 1.0 - self.drop_rate,
+        (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x * keep.astype(x.dtype)
+
+
+SKIPINIT_INITS = ('zeros', 'inv_sqrt', 'ones')
+
+
+def skip_gain(
+    x: jax.Array, init: Union[str, float] = 'zeros', num_blocks: int = 1
+) -> jax.Array:
+  """Multiplies `x` by the enclosing module's SkipInit gain `skip_gain`.
+
+  Args:
+    x: the residual branch's output.
+    init: 'zeros' (SkipInit, the release's default), 'inv_sqrt'
+      (1/sqrt(num_blocks)), 'ones', or a number.
+    num_blocks: residual blocks in the network, for 'inv_sqrt'.
+
+  Returns:
+    `x * skip_gain`, in x's dtype.
+  """
+  if isinstance(init, str):
+    if init not in SKIPINIT_INITS:
+      raise ValueError(
+          f'skipinit init must be one of {SKIPINIT_INITS} or a number, got '
+          f'{init!r}.')
+    value = {'zeros': 0.0, 'ones': 1.0,
+             'inv_sqrt': 1.0 / math.sqrt(max(num_blocks, 1))}[init]
+  else:
+    value = float(init)
+  gain = hk.get_parameter(
+      'skip_gain', (), jnp.float32, init=hk.initializers.Constant(value))
+  return x * gain.astype(x.dtype)
+
+
+def signal_metrics(x: jax.Array, index: int) -> dict[str, jax.Array]:
+  """Signal propagation statistics of an NHWC activation.
+
+  Args:
+    x: activation `[N, H, W, C]`.
+    index: suffix of the metric names (0 for the stem, i for block i).
+
+  Returns:
+    `avg_sq_mean_<index>`: the channels' squared means, averaged;
+    `avg_var_<index>`: the channels' variances, averaged. Both in float32.
+  """
+  x = x.astype(jnp.float32)
+  return {
+      f'avg_sq_mean_{index}': jnp.mean(jnp.mean(x, axis=(0, 1, 2)) ** 2),
+      f'avg_var_{index}': jnp.mean(jnp.var(x, axis=(0, 1, 2))),
+  }
+
+
+def residual_variance(x: jax.Array) -> jax.Array:
+  """Average channel variance of a residual branch's output, float32."""
+  return jnp.mean(jnp.var(x.astype(jnp.float32), axis=(0, 1, 2)))

@@ -1,0 +1,221 @@
+"""The model registry: every network by name, with parameter and FLOP counts.
+
+    model = nfnets.models.create('nfnet_f0')      # inside hk.transform
+    logits = model(images, is_training=False)
+
+`create` returns a new Haiku module, so it must be called inside a Haiku
+transform. Use `hk.transform_with_state` for the BatchNorm baselines (the
+others have no state, and work with either).
+"""
+
+import dataclasses
+import difflib
+import inspect
+from typing import Any, Callable, Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nfnets import baselines
+from nfnets import layers
+from nfnets import nf_regnet
+from nfnets import nf_resnet
+from nfnets import nfnet
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  """What the registry knows about one name.
+
+  Attributes:
+    name: registry name, e.g. 'nfnet_f0'.
+    family: 'nfnet', 'nf_resnet', 'nf_regnet', 'resnet_bn',
+      'resnet_unnormalized', 'resnet_skipinit' or 'resnet_fixup'.
+    variant: the family's variant key, e.g. 'F0', 'ResNet50', 'B0'.
+    constructor: the Haiku module class.
+    kwargs: constructor arguments that define this name.
+    train_imsize: training resolution of the paper's recipe.
+    test_imsize: evaluation resolution of the paper's recipe.
+  """
+  name: str
+  family: str
+  variant: str
+  constructor: Callable[..., hk.Module]
+  kwargs: dict[str, Any]
+  train_imsize: int
+  test_imsize: int
+
+
+def _build_registry() -> dict[str, ModelInfo]:
+  registry = {}
+
+  def add(name, family, variant, constructor, train, test, **kwargs):
+    registry[name] = ModelInfo(name, family, variant, constructor,
+                               dict(variant=variant, **kwargs), train, test)
+
+  for variant, spec in nfnet.VARIANTS.items():
+    name = 'nfnet_' + variant.lower().replace('+', '_plus')
+    add(name, 'nfnet', variant, nfnet.NFNet, spec['train_imsize'],
+        spec['test_imsize'])
+  for variant in nf_resnet.VARIANTS:
+    add('nf_' + variant.lower(), 'nf_resnet', variant, nf_resnet.NFResNet,
+        224, 224)
+  for variant, spec in nf_regnet.VARIANTS.items():
+    add('nf_regnet_' + variant.lower(), 'nf_regnet', variant,
+        nf_regnet.NFRegNet, spec['train_imsize'], spec['test_imsize'])
+  for variant in baselines.VARIANTS:
+    base = variant.lower()
+    add(base + '_bn', 'resnet_bn', variant, baselines.ResNet, 224, 224,
+        norm='batchnorm')
+    add(base + '_unnormalized', 'resnet_unnormalized', variant,
+        baselines.ResNet, 224, 224, norm=None)
+    add(base + '_skipinit', 'resnet_skipinit', variant, baselines.ResNet,
+        224, 224, norm=None, skipinit='zeros')
+    add(base + '_fixup', 'resnet_fixup', variant, baselines.FixupResNet,
+        224, 224)
+  return registry
+
+
+_REGISTRY = _build_registry()
+
+# Family and variant keys as the release's checkpoints and fixtures name them.
+_FAMILY_PREFIX = {'nfnet': 'nfnet_', 'nf_resnet': 'nf_',
+                  'nf_regnet': 'nf_regnet_'}
+
+
+def names() -> list[str]:
+  """All registered model names, sorted."""
+  return sorted(_REGISTRY)
+
+
+def info(name: str) -> ModelInfo:
+  """The registry entry of `name`; a ValueError lists valid names if unknown."""
+  if name not in _REGISTRY:
+    close = difflib.get_close_matches(name, _REGISTRY, n=3)
+    hint = f' Did you mean {close}?' if close else ''
+    raise ValueError(
+        f'Unknown model name {name!r}.{hint} Valid names: {names()}.')
+  return _REGISTRY[name]
+
+
+def name_for(family: str, variant: str) -> str:
+  """Registry name of a release (family, variant): ('nfnet', 'F3+') -> ..."""
+  if family not in _FAMILY_PREFIX:
+    raise ValueError(f'Unknown model family {family!r}; valid: '
+                     f'{sorted(_FAMILY_PREFIX)}.')
+  name = _FAMILY_PREFIX[family] + variant.lower().replace('+', '_plus')
+  info(name)
+  return name
+
+
+def create(name: str, num_classes: int = 1000, **overrides) -> hk.Module:
+  """Returns a new module of model `name`; call it inside a Haiku transform.
+
+  Args:
+    name: one of `names()`.
+    num_classes: classifier outputs.
+    **overrides: constructor arguments of the model's class (e.g. `width`,
+      `drop_rate`, `stochdepth_rate`, `activation`, `depth`).
+
+  Returns:
+    A Haiku module `model(x, *, is_training, return_metrics=False)`.
+  """
+  entry = info(name)
+  accepted = set(inspect.signature(entry.constructor).parameters)
+  unknown = sorted(set(overrides) - accepted)
+  if unknown:
+    raise ValueError(
+        f'Model {name!r} does not take {unknown}; it takes '
+        f'{sorted(accepted - {"name"})}.')
+  if 'variant' in overrides:
+    raise ValueError(f'Pick the variant by name, not override: got '
+                     f'variant={overrides["variant"]!r} for {name!r}.')
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f'num_classes must be a positive int, got {num_classes}.')
+  return entry.constructor(num_classes=num_classes,
+                           **{**entry.kwargs, **overrides})
+
+
+def _forward_fn(name, num_classes, overrides):
+  def forward(x, is_training):
+    return create(name, num_classes, **overrides)(x, is_training=is_training)
+  return forward
+
+
+def _init_shapes(forward, x):
+  # Initialize in training mode: BatchNorm creates its moving averages there.
+  return jax.eval_shape(
+      lambda rng, x: forward.init(rng, x, is_training=True),
+      jax.random.PRNGKey(0), x)
+
+
+def count_params(name: str, num_classes: int = 1000, **overrides) -> int:
+  """Number of trainable parameters (no arrays are allocated)."""
+  forward = hk.transform_with_state(_forward_fn(name, num_classes, overrides))
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  params, _ = _init_shapes(forward, x)
+  return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def count_flops(name: str, image_size: Optional[int] = None,
+                num_classes: int = 1000, **overrides) -> int:
+  """Multiply-adds of one image's forward pass, counted as in the papers.
+
+  Counts the convolutions and dense layers (Squeeze-Excite and classifier
+  included), from the shapes the network actually produces at this input
+  size; activations, pooling and normalization are not counted.
+
+  Args:
+    name: registry name.
+    image_size: square input side; the model's test resolution by default.
+    num_classes: classifier outputs.
+    **overrides: constructor overrides, as for `create`.
+
+  Returns:
+    The multiply-add count per image.
+  """
+  size = image_size or info(name).test_imsize
+  if size < 1:
+    raise ValueError(f'image_size must be positive, got {size}.')
+  counts = []
+
+  def interceptor(next_f, args, kwargs, context):
+    out = next_f(*args, **kwargs)
+    if context.method_name != '__call__':
+      return out
+    module = context.module
+    if isinstance(module, layers.WSConv2D):
+      in_ch = args[0].shape[-1] // module.feature_group_count
+      per_output = in_ch * np.prod(module.kernel_shape)
+      counts.append(np.prod(out.shape[1:]) * per_output)
+    elif isinstance(module, layers.Linear):
+      counts.append(args[0].shape[-1] * module.output_size)
+    return out
+
+  forward_fn = _forward_fn(name, num_classes, overrides)
+
+  def counted(x, is_training):
+    with hk.intercept_methods(interceptor):
+      return forward_fn(x, is_training)
+
+  forward = hk.transform_with_state(counted)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  params, state = _init_shapes(forward, x)
+  counts.clear()  # init traced the network once already
+  jax.eval_shape(
+      lambda p, s, x: forward.apply(p, s, None, x, is_training=False),
+      params, state, x)
+  return int(sum(counts))
+
+
+def summary(name: str, image_size: Optional[int] = None, **overrides
+            ) -> dict[str, Any]:
+  """Parameters (M) and FLOPs (B multiply-adds) of a model, for tables."""
+  entry = info(name)
+  size = image_size or entry.test_imsize
+  return dict(name=name, family=entry.family, variant=entry.variant,
+              image_size=size,
+              params_m=count_params(name, **overrides) / 1e6,
+              flops_b=count_flops(name, size, **overrides) / 1e9)

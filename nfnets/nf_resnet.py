@@ -1,0 +1,226 @@
+"""Normalizer-Free pre-activation ResNets (NF-ResNets).
+
+Brock, De, Smith (2021), "Characterizing signal propagation to close the
+performance gap in unnormalized ResNets". Each block computes
+`h + alpha * f(h / beta)`, with `beta` the analytic std of `h` at init and
+Scaled Weight-Standardized convolutions. Module paths, parameter names and
+shapes are those of the DeepMind release.
+"""
+
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from nfnets import layers
+
+# The release defines no dropout for NF-ResNets and crashes without one;
+# 0.25 before the classifier is the regularization its ImageNet runs used.
+VARIANTS: dict[str, dict[str, Any]] = {
+    'ResNet26': dict(depth=(2, 2, 2, 2), drop_rate=0.25),
+    'ResNet50': dict(depth=(3, 4, 6, 3), drop_rate=0.25),
+    'ResNet101': dict(depth=(3, 4, 23, 3), drop_rate=0.25),
+    'ResNet152': dict(depth=(3, 8, 36, 3), drop_rate=0.25),
+    'ResNet200': dict(depth=(3, 24, 36, 3), drop_rate=0.25),
+    'ResNet288': dict(depth=(24, 24, 24, 24), drop_rate=0.25),
+    'ResNet600': dict(depth=(50, 50, 50, 50), drop_rate=0.25),
+}
+
+
+def variant_spec(variant: str) -> dict[str, Any]:
+  """The table row of `variant` (e.g. 'ResNet50')."""
+  if variant not in VARIANTS:
+    raise ValueError(
+        f'Unknown NF-ResNet variant {variant!r}; valid: {sorted(VARIANTS)}.')
+  return VARIANTS[variant]
+
+
+class NFResNet(hk.Module):
+  """Normalizer-Free pre-activation bottleneck ResNet."""
+
+  def __init__(
+      self,
+      num_classes: int = 1000,
+      variant: str = 'ResNet50',
+      width: float = 4,
+      alpha: float = 0.2,
+      stochdepth_rate: float = 0.1,
+      drop_rate: Optional[float] = None,
+      activation: str = 'relu',
+      fc_init: Optional[hk.initializers.Initializer] = None,
+      skipinit: Union[str, float] = 'zeros',
+      use_se: bool = False,
+      se_ratio: float = 0.25,
+      standardize: bool = True,
+      depth: Optional[Sequence[int]] = None,
+      name: str = 'NF_ResNet',
+  ):
+    """Constructs an NF-ResNet.
+
+    Args:
+      num_classes: classifier outputs.
+      variant: 'ResNet26', 'ResNet50', ..., 'ResNet600'.
+      width: multiplier of the base widths (16 stem, 64/128/256/512 stages;
+        4 gives the standard ResNet widths 64 / 256...2048).
+      alpha: residual branch scale.
+      stochdepth_rate: stochastic depth rate of the last block, linear in the
+        block index from 0.
+      drop_rate: dropout before the classifier; the variant's by default.
+      activation: name of the gamma-scaled nonlinearity.
+      fc_init: classifier weight init; N(0, 0.01) by default.
+      skipinit: SkipInit gain init: 'zeros', 'inv_sqrt', 'ones' or a number.
+      use_se: add Squeeze-Excite to every block (NF-SE-ResNet).
+      se_ratio: Squeeze-Excite hidden width fraction.
+      standardize: False replaces Scaled WS by plain convs (same parameters),
+        to show what WS does to signal propagation.
+      depth: overrides the variant's blocks per stage.
+      name: top-level module name; 'NF_ResNet' matches the release.
+    """
+    super().__init__(name=name)
+    spec = variant_spec(variant)
+    if num_classes < 1:
+      raise ValueError(f'num_classes must be >= 1, got {num_classes}.')
+    self.num_classes = num_classes
+    self.variant = variant
+    self.drop_rate = spec['drop_rate'] if drop_rate is None else drop_rate
+    if not 0.0 <= self.drop_rate < 1.0:
+      raise ValueError(f'drop_rate must be in [0, 1), got {self.drop_rate}.')
+    depth_pattern = tuple(depth or spec['depth'])
+    width_pattern = [int(c * width) for c in (64, 128, 256, 512)]
+    self.activation = layers.nonlinearity(activation)
+
+    def conv(*args, **kwargs):
+      return layers.WSConv2D(*args, standardize=standardize, **kwargs)
+
+    ch = int(16 * width)
+    self.initial_conv = conv(ch, 7, stride=2, name='initial_conv')
+    self.blocks = []
+    expected_std = 1.0
+    num_blocks = sum(depth_pattern)
+    index = 0
+    for block_width, stage_depth, stride in zip(
+        width_pattern, depth_pattern, (1, 2, 2, 2)):
+      for block_index in range(stage_depth):
+        self.blocks.append(NFResBlock(
+            ch, block_width,
+            stride=stride if block_index == 0 else 1,
+            beta=1.0 / expected_std,
+            alpha=alpha,
+            activation=self.activation,
+            conv=conv,
+            stochdepth_rate=stochdepth_rate * index / num_blocks,
+            skipinit=skipinit,
+            num_blocks=num_blocks,
+            use_se=use_se,
+            se_ratio=se_ratio))
+        ch = block_width
+        index += 1
+        if block_index == 0:
+          expected_std = 1.0
+        expected_std = (expected_std**2 + alpha**2) ** 0.5
+    self.fc = layers.Linear(
+        num_classes,
+        w_init=fc_init or hk.initializers.RandomNormal(stddev=0.01))
+
+  def __call__(self, x: jax.Array, *, is_training: bool,
+               return_metrics: bool = False):
+    """Computes logits for images `x` of shape `[N, H, W, C]`.
+
+    See `nfnets.nfnet.NFNet.__call__` for the metrics returned.
+    """
+    layers.check_nhwc(x, 'NF_ResNet')
+    metrics = {}
+    out = self.initial_conv(x)
+    out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
+                      padding='SAME')
+    if return_metrics:
+      metrics.update(layers.signal_metrics(out, 0))
+    for i, block in enumerate(self.blocks):
+      out, res_var = block(out, is_training=is_training)
+      if return_metrics:
+        metrics.update(layers.signal_metrics(out, i + 1))
+        metrics[f'res_avg_var_{i}'] = res_var
+    pool = jnp.mean(self.activation(out), axis=(1, 2))
+    if self.drop_rate > 0.0 and is_training:
+      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
+    logits = self.fc(pool)
+    if return_metrics:
+      metrics['pool'] = pool
+      return logits, metrics
+    return logits
+
+
+class NFResBlock(hk.Module):
+  """Normalizer-Free pre-activation bottleneck block."""
+
+  def __init__(
+      self,
+      in_ch: int,
+      out_ch: int,
+      bottleneck_ratio: float = 0.25,
+      kernel_size: int = 3,
+      stride: int = 1,
+      beta: float = 1.0,
+      alpha: float = 0.2,
+      activation: layers.Activation = jax.nn.relu,
+      conv=layers.WSConv2D,
+      stochdepth_rate: float = 0.0,
+      skipinit: Union[str, float] = 'zeros',
+      num_blocks: int = 1,
+      use_se: bool = False,
+      se_ratio: float = 0.25,
+      name: Optional[str] = None,
+  ):
+    """Constructs the block.
+
+    Args:
+      in_ch: input channels.
+      out_ch: output channels.
+      bottleneck_ratio: bottleneck width as a fraction of `out_ch`.
+      kernel_size: size of the middle conv.
+      stride: stride of the middle conv and of the shortcut conv.
+      beta: input scale, 1 / the expected std of the input.
+      alpha: residual branch scale.
+      activation: gamma-scaled nonlinearity.
+      conv: conv module constructor (WSConv2D signature).
+      stochdepth_rate: this block's stochastic depth rate.
+      skipinit: SkipInit gain init, see `layers.skip_gain`.
+      num_blocks: blocks in the network (for 'inv_sqrt' SkipInit).
+      use_se: add Squeeze-Excite.
+      se_ratio: its hidden width fraction.
+      name: module name.
+    """
+    super().__init__(name=name)
+    self.in_ch, self.out_ch = in_ch, out_ch
+    self.activation = activation
+    self.beta, self.alpha = beta, alpha
+    self.stride = stride
+    self.skipinit, self.num_blocks = skipinit, num_blocks
+    self.width = int(out_ch * bottleneck_ratio)
+    self.conv0 = conv(self.width, 1, name='conv0')
+    self.conv1 = conv(self.width, kernel_size, stride=stride, name='conv1')
+    self.conv2 = conv(out_ch, 1, name='conv2')
+    self.use_projection = stride > 1 or in_ch != out_ch
+    if self.use_projection:
+      self.conv_shortcut = conv(out_ch, 1, stride=stride, name='conv_shortcut')
+    self.se = layers.SqueezeExcite(out_ch, out_ch, se_ratio) if use_se else None
+    self.stoch_depth = None
+    if 0.0 < stochdepth_rate < 1.0:
+      self.stoch_depth = layers.StochDepth(stochdepth_rate)
+
+  def __call__(self, x: jax.Array, *, is_training: bool):
+    """Returns `(output, residual branch variance)`."""
+    out = self.activation(x) * self.beta
+    shortcut = self.conv_shortcut(out) if self.use_projection else x
+    out = self.conv0(out)
+    out = self.conv1(self.activation(out))
+    out = self.conv2(self.activation(out))
+    if self.se is not None:
+      out = 2 * self.se(out) * out
+    res_var = layers.residual_variance(out)
+    if self.stoch_depth is not None:
+      out = self.stoch_depth(out, is_training=is_training)
+    out = layers.skip_gain(out, self.skipinit, self.num_blocks)
+    return out * self.alpha + shortcut, res_var
