@@ -1,0 +1,139 @@
+"""Checkpoints: the published DeepMind weights, and our own training state.
+
+The published NFNet files (`F0_haiku.npz` ... `F6_haiku.npz`) are, despite
+their extension, pickles of a `{module_path: {param_name: float32 ndarray}}`
+dict. Unpickling runs code named by the file, so a file from the internet is
+read with a restricted unpickler that admits only dicts, numpy arrays and
+scalars, and refuses anything else before it runs.
+"""
+
+import io
+import os
+import pickle
+from typing import Any, Mapping
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nfnets import models
+
+# The only globals a plain pickle of numpy arrays in dicts needs.
+_SAFE_GLOBALS = frozenset({
+    ('numpy.core.multiarray', '_reconstruct'),
+    ('numpy._core.multiarray', '_reconstruct'),
+    ('numpy.core.multiarray', 'scalar'),
+    ('numpy._core.multiarray', 'scalar'),
+    ('numpy', 'ndarray'),
+    ('numpy', 'dtype'),
+    ('_codecs', 'encode'),
+    ('collections', 'OrderedDict'),
+    ('builtins', 'dict'),
+})
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+  """The file asks to call something other than numpy array reconstruction."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+
+  def find_class(self, module, name):
+    if (module, name) in _SAFE_GLOBALS:
+      return super().find_class(module, name)
+    raise UnsafePickleError(
+        f'refusing to load {module}.{name}: only dicts, numpy arrays and '
+        'scalars are allowed in a parameter file')
+
+
+def safe_load_pickle(data: bytes) -> Any:
+  """Unpickles `data`, admitting only dicts, numpy arrays and scalars."""
+  return _RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+def _read_params_file(path: str) -> dict[str, dict[str, np.ndarray]]:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No parameter file at {path!r}.')
+  with open(path, 'rb') as f:
+    data = f.read()
+  if data[:2] == b'PK':
+    # A real .npz archive with 'module_path/param_name' keys.
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+      tree = {}
+      for key in archive.files:
+        module, _, name = key.rpartition('/')
+        tree.setdefault(module, {})[name] = archive[key]
+      return tree
+  try:
+    tree = safe_load_pickle(data)
+  except UnsafePickleError as e:
+    raise UnsafePickleError(f'{path}: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'{path} is not a readable parameter file '
+                     f'(corrupt or truncated?): {e}') from None
+  if not isinstance(tree, Mapping) or not all(
+      isinstance(v, Mapping) for v in tree.values()):
+    raise ValueError(f'{path} does not hold a {{module: {{param: array}}}} '
+                     'dict.')
+  return {m: {p: np.asarray(v) for p, v in d.items()} for m, d in tree.items()}
+
+
+def expected_param_shapes(model_name: str, num_classes: int = 1000,
+                          **overrides) -> dict[str, dict[str, tuple]]:
+  """The parameter tree shapes of a registry model, without allocating."""
+  def forward(x):
+    return models.create(model_name, num_classes, **overrides)(
+        x, is_training=True)
+  transformed = hk.transform_with_state(forward)
+  params, _ = jax.eval_shape(transformed.init, jax.random.PRNGKey(0),
+                             jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  return {m: {p: tuple(v.shape) for p, v in d.items()}
+          for m, d in params.items()}
+
+
+def check_params(params: Mapping[str, Mapping[str, Any]],
+                 expected: Mapping[str, Mapping[str, tuple]],
+                 where: str = 'params') -> None:
+  """Raises ValueError naming the first path whose presence or shape differs."""
+  paths = sorted({(m, p) for m, d in expected.items() for p in d} |
+                 {(m, p) for m, d in params.items() for p in d})
+  for module, name in paths:
+    want = expected.get(module, {}).get(name)
+    got = params.get(module, {}).get(name)
+    got_shape = None if got is None else tuple(np.shape(got))
+    if want is None:
+      raise ValueError(f'{where}: unexpected parameter {module}/{name} with '
+                       f'shape {got_shape} (the model has none).')
+    if got is None:
+      raise ValueError(f'{where}: missing parameter {module}/{name}; the model '
+                       f'expects shape {want}.')
+    if got_shape != tuple(want):
+      raise ValueError(f'{where}: {module}/{name} has shape {got_shape}, the '
+                       f'model expects {tuple(want)}.')
+
+
+def load_deepmind_params(path: str, model_name: str, num_classes: int = 1000,
+                         **overrides) -> dict[str, dict[str, np.ndarray]]:
+  """Loads a published DeepMind parameter file for registry model `model_name`.
+
+  Args:
+    path: e.g. `F0_haiku.npz` (a pickle) or a real `.npz` with
+      'module_path/param_name' keys.
+    model_name: registry name, e.g. 'nfnet_f0'.
+    num_classes: classifier outputs of the checkpoint.
+    **overrides: constructor overrides the checkpoint was trained with.
+
+  Returns:
+    Haiku params `{module_path: {param_name: float32 ndarray}}`.
+
+  Raises:
+    UnsafePickleError: the file would call code while loading.
+    ValueError: a parameter is missing, extra or of the wrong shape (the
+      message names the first one and both shapes), or the file is corrupt.
+  """
+  expected = expected_param_shapes(model_name, num_classes, **overrides)
+  params = _read_params_file(path)
+  check_params(params, expected, where=f'{path} as {model_name}')
+  return {m: {p: np.asarray(v, dtype=np.float32) for p, v in d.items()}
+          for m, d in params.items()}

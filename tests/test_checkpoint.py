@@ -1,0 +1,100 @@
+"""Loading the published DeepMind parameter files safely."""
+
+import functools
+import os
+import pickle
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nfnets import checkpoint
+from nfnets import models
+
+
+@functools.lru_cache(maxsize=1)
+def _init_tiny():
+  f = hk.transform_with_state(
+      lambda x: models.create('nfnet_tiny')(x, is_training=True))
+  params, _ = jax.jit(f.init)(jax.random.PRNGKey(0), jnp.ones((1, 32, 32, 3)))
+  return params
+
+
+def _tiny_params():
+  # Plain numpy in plain dicts: what the original files hold.
+  return {m: {p: np.asarray(v) for p, v in d.items()}
+          for m, d in _init_tiny().items()}
+
+
+def test_round_trips_a_file_in_the_original_format(tmp_path):
+  params = _tiny_params()
+  path = tmp_path / 'tiny_haiku.npz'
+  with open(path, 'wb') as f:
+    pickle.dump(params, f)
+  loaded = checkpoint.load_deepmind_params(str(path), 'nfnet_tiny')
+  assert loaded.keys() == params.keys()
+  for module in params:
+    for name, value in params[module].items():
+      np.testing.assert_array_equal(loaded[module][name], value)
+
+
+class _Exploit:
+
+  def __reduce__(self):
+    return (os.system, ('touch /tmp/nfnets_pwned',))
+
+
+def test_refuses_a_pickle_that_would_call_a_function(tmp_path):
+  path = tmp_path / 'evil.npz'
+  with open(path, 'wb') as f:
+    pickle.dump({'NFNet/~/linear': {'w': _Exploit()}}, f)
+  if os.path.exists('/tmp/nfnets_pwned'):
+    os.remove('/tmp/nfnets_pwned')
+  with pytest.raises(checkpoint.UnsafePickleError, match='system'):
+    checkpoint.load_deepmind_params(str(path), 'nfnet_tiny')
+  assert not os.path.exists('/tmp/nfnets_pwned')
+
+
+def test_wrong_shape_names_the_path_and_both_shapes(tmp_path):
+  params = _tiny_params()
+  params['NFNet/~/linear']['w'] = np.zeros((3, 3), np.float32)
+  path = tmp_path / 'bad.npz'
+  with open(path, 'wb') as f:
+    pickle.dump(params, f)
+  with pytest.raises(ValueError, match=r'NFNet/~/linear/w.*\(3, 3\).*'
+                     r'\(256, 1000\)'):
+    checkpoint.load_deepmind_params(str(path), 'nfnet_tiny')
+
+
+def test_missing_and_extra_parameters_are_named(tmp_path):
+  params = _tiny_params()
+  del params['NFNet/~/final_conv']['gain']
+  path = tmp_path / 'missing.npz'
+  with open(path, 'wb') as f:
+    pickle.dump(params, f)
+  with pytest.raises(ValueError, match='missing parameter NFNet/~/final_conv'):
+    checkpoint.load_deepmind_params(str(path), 'nfnet_tiny')
+  params = _tiny_params()
+  params['NFNet/~/extra'] = {'w': np.zeros(2, np.float32)}
+  with open(path, 'wb') as f:
+    pickle.dump(params, f)
+  with pytest.raises(ValueError, match='unexpected parameter NFNet/~/extra/w'):
+    checkpoint.load_deepmind_params(str(path), 'nfnet_tiny')
+
+
+def test_wrong_variant_is_an_error(tmp_path):
+  path = tmp_path / 'tiny.npz'
+  with open(path, 'wb') as f:
+    pickle.dump(_tiny_params(), f)
+  with pytest.raises(ValueError, match='nfnet_f0'):
+    checkpoint.load_deepmind_params(str(path), 'nfnet_f0')
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+  path = tmp_path / 'cut.npz'
+  with open(path, 'wb') as f:
+    f.write(pickle.dumps(_tiny_params())[:1000])
+  with pytest.raises(ValueError, match='corrupt or truncated'):
+    checkpoint.load_deepmind_params(str(path), 'nfnet_tiny')

@@ -1,0 +1,115 @@
+"""Properties of the normalizer-free building blocks."""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nfnets import layers
+
+
+@pytest.mark.parametrize('name', ['relu', 'gelu', 'silu', 'tanh', 'elu'])
+def test_computed_gamma_matches_published_table(name):
+  gamma = layers.compute_gamma(name)
+  assert gamma == pytest.approx(layers.GAMMAS[name], rel=5e-3)
+
+
+def test_computed_relu_gamma_matches_analytic_value():
+  analytic = np.sqrt(2.0 / (1.0 - 1.0 / np.pi))
+  assert layers.compute_gamma('relu') == pytest.approx(analytic, rel=1e-4)
+
+
+def test_gamma_scaled_activation_has_unit_variance():
+  z = jax.random.normal(jax.random.PRNGKey(0), (1_000_000,))
+  for name in ('relu', 'gelu', 'silu'):
+    assert float(jnp.var(layers.nonlinearity(name)(z))) == pytest.approx(
+        1.0, abs=0.01)
+
+
+def test_unknown_activation_lists_valid_names():
+  with pytest.raises(ValueError, match='gelu'):
+    layers.nonlinearity('swishy')
+  # The release's NF-RegNet default name resolves instead of crashing.
+  assert layers.nonlinearity('swish') is not None
+
+
+def _ws_kernel_and_output(groups, cin=8, cout=12):
+  def f(x):
+    conv = layers.WSConv2D(cout, 3, feature_group_count=groups, name='c')
+    return conv(x), conv.kernel(x.shape[-1])
+  t = hk.transform(f)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, cin))
+  params = t.init(jax.random.PRNGKey(1), x)
+  # Non-trivial gain, bias and kernel mean, so the test can fail.
+  params['c']['gain'] = jnp.linspace(0.5, 2.0, cout)
+  params['c']['bias'] = jnp.linspace(-1.0, 1.0, cout)
+  params['c']['w'] = params['c']['w'] + 0.3
+  (out, w_hat) = t.apply(params, None, x)
+  return x, params['c'], out, w_hat
+
+
+@pytest.mark.parametrize('groups', [1, 4])
+def test_ws_kernel_has_zero_mean_and_gain_scaled_variance(groups):
+  _, p, _, w_hat = _ws_kernel_and_output(groups)
+  fan_in = np.prod(w_hat.shape[:-1])
+  mean = np.mean(w_hat, axis=(0, 1, 2))
+  var = np.var(w_hat, axis=(0, 1, 2))
+  np.testing.assert_allclose(mean, 0.0, atol=1e-6)
+  np.testing.assert_allclose(var, np.asarray(p['gain'])**2 / fan_in,
+                             rtol=1e-4)
+
+
+@pytest.mark.parametrize('groups', [1, 4])
+def test_ws_output_equals_lax_conv_with_standardized_kernel(groups):
+  x, p, out, w_hat = _ws_kernel_and_output(groups)
+  want = jax.lax.conv_general_dilated(
+      x, w_hat, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups) + p['bias']
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_ws_follows_input_dtype_with_float32_params():
+  t = hk.transform(lambda x: layers.WSConv2D(4, 3)(x))
+  x = jnp.ones((1, 5, 5, 3), jnp.float32)
+  params = t.init(jax.random.PRNGKey(0), x)
+  out = t.apply(params, None, x.astype(jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16
+  assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(params))
+
+
+def test_ws_rejects_non_nhwc_input():
+  t = hk.transform(lambda x: layers.WSConv2D(4, 3)(x))
+  with pytest.raises(ValueError, match='rank 4'):
+    t.init(jax.random.PRNGKey(0), jnp.ones((5, 5, 3)))
+
+
+def test_stochdepth_drops_whole_examples_without_rescaling():
+  t = hk.transform(
+      lambda x, tr: layers.StochDepth(0.5)(x, is_training=tr))
+  x = jnp.ones((256, 2, 2, 3))
+  out = t.apply({}, jax.random.PRNGKey(0), x, True)
+  per_example = np.asarray(out).reshape(256, -1)
+  # Each example is either kept as is (no 1/keep rescaling) or zeroed.
+  assert set(np.unique(per_example)) <= {0.0, 1.0}
+  assert np.all(per_example.min(1) == per_example.max(1))
+  assert 0.3 < per_example[:, 0].mean() < 0.7
+  np.testing.assert_array_equal(t.apply({}, None, x, False), x)
+
+
+@pytest.mark.parametrize('init,want', [('zeros', 0.0), ('ones', 1.0),
+                                       ('inv_sqrt', 0.25), (0.3, 0.3)])
+def test_skipinit_gain_inits(init, want):
+  t = hk.transform(lambda x: layers.skip_gain(x, init, num_blocks=16))
+  params = t.init(jax.random.PRNGKey(0), jnp.ones(()))
+  assert float(params['~']['skip_gain']) == pytest.approx(want)
+
+
+def test_squeeze_excite_gates_are_per_channel_in_unit_interval():
+  t = hk.transform(lambda x: layers.SqueezeExcite(6, 6, 0.5)(x))
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 6))
+  params = t.init(jax.random.PRNGKey(1), x)
+  gates = t.apply(params, None, x)
+  assert gates.shape == (3, 1, 1, 6)
+  assert float(gates.min()) > 0 and float(gates.max()) < 1
+  assert params['squeeze_excite/~/linear']['w'].shape == (6, 3)
