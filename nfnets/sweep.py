@@ -1,0 +1,598 @@
+r"""Runs or prints a config's hyperparameter sweep, and gathers its results.
+
+A config file defines its sweeps next to `get_config`, as functions named
+`sweep_<name>()` that return one dict of overrides per run, with dotted keys:
+
+  def sweep_agc_batch():
+    return [{'train.batch_size': b, 'optimizer.agc.clipping': c}
+            for b in (256, 1024, 4096) for c in (0.01, 0.04, None)]
+
+Usage (from the repository root):
+
+  python -m nfnets.sweep --config=configs/nf_resnet.py --sweep=agc_batch \
+      --dry_run
+  python -m nfnets.sweep --config=configs/nf_resnet.py:50 --sweep=agc_batch \
+      --config.train.epochs=10 --workdir_root=workdirs/sweeps
+
+`--config.key=value` flags change the base config; each run's overrides are
+applied on top. Runs go one after another in this process, each into
+`<workdir_root>/<sweep>/<run name>`, where the run name spells out the
+overrides (`batch_size=256,clipping=0.04`). A finished run leaves a `DONE` file
+(its final metrics as JSON) and is skipped when the command runs again, so an
+interrupted sweep continues where it stopped (the trainer itself resumes the
+interrupted run from its checkpoint). A run that raises leaves a `FAILED` file
+with the error, the sweep goes on, and the next invocation tries that run
+again. At the end `summary.csv` and `summary.md` in `<workdir_root>/<sweep>`
+hold one row per run; `--summary_only` rewrites them from the workdirs alone.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+import copy
+import csv
+import dataclasses
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import os
+import re
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+from etils import epath
+import ml_collections
+from ml_collections import config_flags
+
+DONE_FILE = 'DONE'
+FAILED_FILE = 'FAILED'
+METRICS_FILE = 'metrics.jsonl'
+SUMMARY_CSV = 'summary.csv'
+SUMMARY_MD = 'summary.md'
+# Metrics that lead the summary tables, in this order, where runs report them.
+DEFAULT_METRICS = ('eval_top1', 'train_loss', 'diverged', 'step')
+# Run names longer than this are cut and given a hash suffix: most filesystems
+# refuse names over 255 bytes.
+_MAX_NAME_LENGTH = 200
+_SWEEP_PREFIX = 'sweep_'
+
+TrainFn = Callable[[ml_collections.ConfigDict, str], Mapping[str, Any] | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One run of a sweep: its name, overrides, full config and workdir."""
+
+  name: str
+  overrides: Mapping[str, Any]
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+
+
+def _config_file(config_path: str) -> str:
+  """`configs/x.py:arg` -> `configs/x.py`, as config_flags splits it."""
+  return config_path.split(':', 1)[0]
+
+
+def _load_module(path: str):
+  """Imports a Python file by path, as config_flags does for config files."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'Config file {path!r} does not exist.')
+  stem = re.sub(r'\W', '_', os.path.splitext(os.path.basename(path))[0])
+  module_name = f'_nfnets_sweep_config_{stem}'
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(spec)
+  # Registered before running it: dataclasses and pickling in the config file
+  # look their module up in sys.modules.
+  sys.modules[module_name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def sweep_names(config_path: str) -> list[str]:
+  """Names of the sweeps a config file defines (`sweep_<name>` functions)."""
+  module = _load_module(_config_file(config_path))
+  return sorted(
+      attr.removeprefix(_SWEEP_PREFIX)
+      for attr in dir(module)
+      if attr.startswith(_SWEEP_PREFIX) and callable(getattr(module, attr))
+  )
+
+
+def load_sweep(config_path: str, name: str) -> list[dict[str, Any]]:
+  """Returns the runs of sweep `name` defined in a config file.
+
+  Args:
+    config_path: the config file, optionally with its `:arg` suffix (ignored
+      here: sweep functions take no arguments).
+    name: the sweep's name: `agc_batch` (or `sweep_agc_batch`) calls the file's
+      `sweep_agc_batch()`.
+
+  Returns:
+    One dict per run, mapping dotted config keys to the values to set.
+
+  Raises:
+    ValueError: the file defines no such sweep (the message lists those it
+      does), or the sweep function returns something other than a non-empty
+      list of dicts with string keys.
+  """
+  path = _config_file(config_path)
+  module = _load_module(path)
+  attr = name if name.startswith(_SWEEP_PREFIX) else _SWEEP_PREFIX + name
+  sweep_fn = getattr(module, attr, None)
+  if not callable(sweep_fn):
+    available = ', '.join(sweep_names(path)) or (
+        f'none; define {_SWEEP_PREFIX}<name>() in the file'
+    )
+    raise ValueError(
+        f'{path} has no sweep {name!r} (no function {attr}()). '
+        f'Available sweeps: {available}.'
+    )
+  grid = sweep_fn()
+  if not isinstance(grid, Sequence) or isinstance(grid, str) or not grid:
+    raise ValueError(
+        f'{path}:{attr}() must return a non-empty list of override dicts, '
+        f'got {grid!r}.'
+    )
+  for i, overrides in enumerate(grid):
+    if not isinstance(overrides, Mapping) or not all(
+        isinstance(key, str) and key for key in overrides
+    ):
+      raise ValueError(
+          f'{path}:{attr}()[{i}] must be a dict with dotted string keys '
+          f"like {{'train.batch_size': 256}}, got {overrides!r}."
+      )
+  return [dict(overrides) for overrides in grid]
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+  """Returns a deep copy of `config` with dotted-key overrides set.
+
+  The copy keeps the config's field references, so values derived lazily from
+  an overridden field follow it. A locked config still accepts new values for
+  its existing fields, and every key must name an existing field (a sweep that
+  added fields would run something the config never describes), so nothing
+  needs unlocking.
+
+  Args:
+    config: the base config; not modified.
+    overrides: e.g. `{'train.batch_size': 256, 'optimizer.agc.clipping':
+      None}`. Values may be None.
+
+  Returns:
+    The new config.
+
+  Raises:
+    ValueError: a key names no field of the config.
+    TypeError: a value cannot replace the field's type (ConfigDict is
+      type-safe, e.g. a float for an int field); the message names the key.
+  """
+  config = copy.deepcopy(config)
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for depth, part in enumerate([*parents, leaf]):
+      where = '.'.join(parents[:depth]) or 'the config'
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ValueError(
+            f'Override key {key!r}: {where} is {node!r}, not a ConfigDict, so '
+            f'it has no field {part!r}.'
+        )
+      if part not in node:
+        fields = ', '.join(sorted(node.keys()))
+        raise ValueError(
+            f'Override key {key!r} does not exist: {where} has no field '
+            f'{part!r} (fields: {fields}). Fix the sweep or add the field to '
+            'the config.'
+        )
+      if depth < len(parents):
+        node = node[part]
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise TypeError(f'Override {key}={value!r}: {e}') from e
+  return config
+
+
+def _format_value(value: Any) -> str:
+  """A short, stable text for an override value (None -> 'None')."""
+  if isinstance(value, float):
+    return repr(value)  # Shortest round-trip form: 0.04, 1e-05, nan.
+  if isinstance(value, (list, tuple)):
+    return '_'.join(_format_value(v) for v in value)
+  return str(value)
+
+
+def _safe(text: str) -> str:
+  """Replaces what is unsafe in a file name (and our `=` `,`) with `_`."""
+  return re.sub(r'[^A-Za-z0-9._+-]', '_', text)
+
+
+def _short_keys(keys: Sequence[str]) -> dict[str, str]:
+  """Maps each dotted key to its shortest trailing part unique among `keys`.
+
+  `train.batch_size` becomes `batch_size`, unless another key also ends in
+  `batch_size`, in which case both keep as many components as tell them apart.
+
+  Args:
+    keys: dotted keys.
+
+  Returns:
+    A dict from each key to its short form.
+  """
+  split = {key: key.split('.') for key in keys}
+
+  def is_unique(key, n):
+    suffix = split[key][-n:]
+    return all(parts[-n:] != suffix for k, parts in split.items() if k != key)
+
+  short = {}
+  for key, parts in split.items():
+    n = next((n for n in range(1, len(parts)) if is_unique(key, n)), len(parts))
+    short[key] = '.'.join(parts[-n:])
+  return short
+
+
+def _sweep_keys(grid: Sequence[Mapping[str, Any]]) -> list[str]:
+  """Every key of a sweep, in order of first appearance."""
+  return list(dict.fromkeys(key for overrides in grid for key in overrides))
+
+
+def run_name(
+    overrides: Mapping[str, Any], keys: Sequence[str] | None = None
+) -> str:
+  """A stable, filesystem-safe name for a run, e.g. `batch_size=256,clip=0.04`.
+
+  Args:
+    overrides: the run's dotted-key overrides.
+    keys: all keys of the sweep, in the order they appear in names. Keys are
+      shortened to their last component where that is unique among `keys`.
+      Defaults to the keys of `overrides`; pass the sweep's keys so that every
+      run of the sweep orders and shortens its keys the same way.
+
+  Returns:
+    `key=value` pairs joined by commas, characters other than letters, digits
+    and `._+-` replaced by `_`; `base` for no overrides. Names longer than
+    200 characters are cut and end in a hash of the full name.
+  """
+  keys = list(overrides) if keys is None else list(keys)
+  missing = [key for key in overrides if key not in keys]
+  if missing:
+    raise ValueError(f'Override keys {missing} are not in keys={keys}.')
+  short = _short_keys(keys)
+  name = (
+      ','.join(
+          f'{_safe(short[key])}={_safe(_format_value(overrides[key]))}'
+          for key in keys
+          if key in overrides
+      )
+      or 'base'
+  )
+  if len(name) > _MAX_NAME_LENGTH:
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    name = f'{name[:_MAX_NAME_LENGTH - 13]}~{digest}'
+  return name
+
+
+def plan_runs(
+    base_config: ml_collections.ConfigDict,
+    grid: Sequence[Mapping[str, Any]],
+    sweep_dir: str | os.PathLike[str],
+) -> list[Run]:
+  """Builds every run's config, name and workdir, checking them all first.
+
+  Args:
+    base_config: the config the overrides apply to.
+    grid: the sweep, one overrides dict per run.
+    sweep_dir: the directory holding one workdir per run.
+
+  Returns:
+    The runs, in sweep order.
+
+  Raises:
+    ValueError: an override is invalid (see `apply_overrides`) or two runs
+      have the same name (the sweep repeats a run).
+  """
+  keys = _sweep_keys(grid)
+  sweep_dir = epath.Path(sweep_dir)
+  runs, seen = [], {}
+  for i, overrides in enumerate(grid):
+    name = run_name(overrides, keys)
+    if name in seen:
+      raise ValueError(
+          f'Runs {seen[name]} and {i} of the sweep are both named {name!r}; '
+          'remove the repeated run from the sweep.'
+      )
+    seen[name] = i
+    runs.append(
+        Run(
+            name=name,
+            overrides=dict(overrides),
+            config=apply_overrides(base_config, overrides),
+            workdir=sweep_dir / name,
+        )
+    )
+  return runs
+
+
+def _jsonable(value: Any) -> Any:
+  """Converts metric values (numpy/JAX scalars and arrays) for json.dumps."""
+  if hasattr(value, 'tolist'):
+    return value.tolist()
+  return str(value)
+
+
+def _one_line(error: BaseException) -> str:
+  """`ValueError: first line of the message`, at most 300 characters."""
+  lines = str(error).strip().splitlines()
+  text = type(error).__name__ + (f': {lines[0]}' if lines else '')
+  return text[:300]
+
+
+def _is_chief() -> bool:
+  """Whether this process writes the sweep's files (JAX process 0).
+
+  Asked only after a run (or at the very end): the trainer may initialise
+  jax.distributed, which must happen before JAX picks its backend.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return jax.process_index() == 0
+
+
+def _default_train_fn() -> TrainFn:
+  # Imported here so that --dry_run and --summary_only need no trainer.
+  from nfnets import train  # pylint: disable=g-import-not-at-top
+
+  return train.train_and_evaluate
+
+
+def run_sweep(
+    base_config: ml_collections.ConfigDict,
+    grid: Sequence[Mapping[str, Any]],
+    sweep_dir: str | os.PathLike[str],
+    *,
+    train_fn: TrainFn | None = None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> str:
+  """Trains every unfinished run of a sweep, then writes the summary.
+
+  Every run's overrides are checked before the first run starts, so a typo in
+  the last run does not surface hours in.
+
+  Args:
+    base_config: the config the overrides apply to.
+    grid: the sweep, one overrides dict per run.
+    sweep_dir: the directory holding one workdir per run and the summary.
+    train_fn: `train_fn(config, workdir) -> final metrics dict`; defaults to
+      `nfnets.train.train_and_evaluate`.
+    metrics: metric columns of summary.md (see `write_summary`).
+
+  Returns:
+    The summary as a Markdown table.
+  """
+  runs = plan_runs(base_config, grid, sweep_dir)
+  if train_fn is None:
+    train_fn = _default_train_fn()
+  for i, run in enumerate(runs, start=1):
+    progress = f'[{i}/{len(runs)}] {run.name}'
+    if (run.workdir / DONE_FILE).exists():
+      logging.info('%s: already done, skipping.', progress)
+      continue
+    logging.info('%s: training in %s', progress, run.workdir)
+    try:
+      final_metrics = train_fn(run.config, os.fspath(run.workdir))
+    except Exception as e:  # pylint: disable=broad-except
+      # One failed run (divergence guard, OOM, bad combination) must not cost
+      # the rest of the sweep; the traceback goes to the log.
+      logging.exception('%s: failed.', progress)
+      if _is_chief():
+        run.workdir.mkdir(parents=True, exist_ok=True)
+        (run.workdir / FAILED_FILE).write_text(_one_line(e) + '\n')
+      continue
+    logging.info('%s: done: %s', progress, final_metrics)
+    if _is_chief():
+      run.workdir.mkdir(parents=True, exist_ok=True)
+      if not isinstance(final_metrics, Mapping):
+        final_metrics = {}  # The trainer's metrics.jsonl still has them.
+      (run.workdir / DONE_FILE).write_text(
+          json.dumps(dict(final_metrics), default=_jsonable) + '\n'
+      )
+      (run.workdir / FAILED_FILE).unlink(missing_ok=True)
+  if not _is_chief():
+    return ''
+  return write_summary(runs, sweep_dir, metrics)
+
+
+def _read_json(path: epath.Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except ValueError:
+    return None
+
+
+def _final_metrics(workdir: epath.Path) -> dict[str, Any]:
+  """A run's last scalar metrics: metrics.jsonl's, then DONE's on top."""
+  final = {}
+  metrics_file = workdir / METRICS_FILE
+  if metrics_file.exists():
+    for line in metrics_file.read_text().splitlines():
+      try:
+        event = json.loads(line)
+      except ValueError:
+        continue  # A line cut short by a preemption.
+      if isinstance(event, dict):
+        final.update(event)
+  done = workdir / DONE_FILE
+  if done.exists():
+    returned = _read_json(done)
+    if isinstance(returned, dict):
+      final.update(returned)
+  return {
+      key: value
+      for key, value in final.items()
+      if value is None or isinstance(value, (bool, int, float, str))
+  }
+
+
+def _run_row(run: Run) -> dict[str, Any]:
+  """Status, error and final metrics of one run, read from its workdir."""
+  error = ''
+  if (run.workdir / DONE_FILE).exists():
+    status = 'done'
+  elif (run.workdir / FAILED_FILE).exists():
+    status = 'failed'
+    error = (run.workdir / FAILED_FILE).read_text().strip()
+  else:
+    status = 'not run'
+  return {
+      'status': status,
+      'error': error,
+      'metrics': _final_metrics(run.workdir),
+  }
+
+
+def _markdown_cell(value: Any) -> str:
+  if isinstance(value, float) and math.isfinite(value):
+    text = f'{value:.4g}'
+  else:
+    text = str(value)
+  return text.replace('|', r'\|')
+
+
+def write_summary(
+    runs: Sequence[Run],
+    sweep_dir: str | os.PathLike[str],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> str:
+  """Writes summary.csv and summary.md for a sweep from its runs' workdirs.
+
+  One row per run: its name, one column per override key (empty where a run
+  does not set the key), its status (`done`, `failed` or `not run`), its final
+  metrics (the last value of each metric in its metrics.jsonl, replaced by the
+  metrics in DONE where the run finished) and the error of a failed run.
+  summary.md shows the `metrics` that some run reports; summary.csv has every
+  scalar metric, `metrics` first.
+
+  Args:
+    runs: the sweep's runs, from `plan_runs`.
+    sweep_dir: where the two files go.
+    metrics: the metric columns of summary.md.
+
+  Returns:
+    The Markdown table (the content of summary.md).
+  """
+  keys = _sweep_keys([run.overrides for run in runs])
+  rows = [_run_row(run) for run in runs]
+  reported = {key for row in rows for key in row['metrics']}
+  md_metrics = [key for key in metrics if key in reported]
+  csv_metrics = md_metrics + sorted(reported - set(md_metrics))
+  any_error = any(row['error'] for row in rows)
+
+  def cells(run, row, metric_keys):
+    overrides = [
+        _format_value(run.overrides[key]) if key in run.overrides else ''
+        for key in keys
+    ]
+    values = [row['metrics'].get(key, '') for key in metric_keys]
+    return [run.name, *overrides, row['status'], *values]
+
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator='\n')
+  writer.writerow(['run', *keys, 'status', *csv_metrics, 'error'])
+  for run, row in zip(runs, rows):
+    writer.writerow(cells(run, row, csv_metrics) + [row['error']])
+
+  header = ['run', *keys, 'status', *md_metrics] + (
+      ['error'] if any_error else []
+  )
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for run, row in zip(runs, rows):
+    row_cells = cells(run, row, md_metrics)
+    if any_error:
+      row_cells.append(row['error'])
+    lines.append('| ' + ' | '.join(_markdown_cell(c) for c in row_cells) + ' |')
+  markdown = '\n'.join(lines) + '\n'
+
+  sweep_dir = epath.Path(sweep_dir)
+  sweep_dir.mkdir(parents=True, exist_ok=True)
+  (sweep_dir / SUMMARY_CSV).write_text(buffer.getvalue())
+  (sweep_dir / SUMMARY_MD).write_text(markdown)
+  return markdown
+
+
+def _define_flags():
+  """Defines the command-line flags (only when run as a program).
+
+  Kept out of import time so that importing this module next to
+  experiment.py, which defines --config too, does not clash.
+  """
+  config_flags.DEFINE_config_file(
+      'config', None, 'Base config: configs/<name>.py[:arg].', lock_config=True
+  )
+  flags.DEFINE_string(
+      'sweep', None, 'Sweep to run: the config file defines sweep_<name>().'
+  )
+  flags.DEFINE_bool(
+      'dry_run', False, 'Print the runs (name, workdir, overrides) and exit.'
+  )
+  flags.DEFINE_bool(
+      'summary_only',
+      False,
+      "Only rewrite summary.csv/md from the runs' workdirs, then print it.",
+  )
+  flags.DEFINE_string(
+      'workdir_root',
+      'workdirs/sweeps',
+      'Runs go to <workdir_root>/<sweep>/<run name>.',
+  )
+  flags.DEFINE_list(
+      'metrics',
+      list(DEFAULT_METRICS),
+      'Metric columns of summary.md, where runs report them.',
+  )
+  flags.mark_flags_as_required(['config', 'sweep'])
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  flag_values = flags.FLAGS
+  sweep = flag_values.sweep.removeprefix(_SWEEP_PREFIX)
+  sweep_dir = epath.Path(flag_values.workdir_root) / sweep
+  try:
+    grid = load_sweep(flag_values['config'].config_filename, sweep)
+    runs = plan_runs(flag_values.config, grid, sweep_dir)
+  except (OSError, TypeError, ValueError) as e:
+    # Mistakes in the command line or the sweep: one line, no traceback.
+    sys.exit(f'nfnets.sweep: error: {e}')
+
+  if flag_values.dry_run:
+    done = 0
+    for run in runs:
+      finished = (run.workdir / DONE_FILE).exists()
+      done += finished
+      print(
+          f'{run.name}  {run.workdir}  {run.overrides!r}'
+          + ('  [done]' if finished else '')
+      )
+    print(f'{len(runs)} runs in sweep {sweep!r} ({done} done).')
+  elif flag_values.summary_only:
+    print(write_summary(runs, sweep_dir, flag_values.metrics), end='')
+  else:
+    markdown = run_sweep(
+        flag_values.config, grid, sweep_dir, metrics=flag_values.metrics
+    )
+    if markdown:
+      print(markdown, end='')
+      print(f'Wrote {sweep_dir / SUMMARY_CSV} and {sweep_dir / SUMMARY_MD}.')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
