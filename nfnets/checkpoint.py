@@ -137,3 +137,71 @@ def load_deepmind_params(path: str, model_name: str, num_classes: int = 1000,
   check_params(params, expected, where=f'{path} as {model_name}')
   return {m: {p: np.asarray(v, dtype=np.float32) for p, v in d.items()}
           for m, d in params.items()}
+
+
+class TrainCheckpointer:
+  """Orbax checkpoints of the training state in `<workdir>/checkpoints`.
+
+  Keeps the newest `keep` steps. `restore_latest` falls back to an older
+  step, with a warning, when the newest cannot be read (a job killed while
+  writing, a truncated file), so a corrupt checkpoint never loses the run.
+  """
+
+  def __init__(self, workdir: str, keep: int = 3):
+    """Opens (and creates) the checkpoint folder.
+
+    Args:
+      workdir: the run's folder, local or `gs://`.
+      keep: how many of the newest checkpoints to keep, >= 1.
+    """
+    # Imported here: orbax is slow to import and only training needs it.
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    if keep < 1:
+      raise ValueError(f'keep_checkpoints must be >= 1, got {keep}.')
+    self._ocp = ocp
+    self.directory = os.path.join(os.fspath(workdir), 'checkpoints')
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def all_steps(self) -> list[int]:
+    """Steps with a finished checkpoint, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, tree: Any, wait: bool = False) -> None:
+    """Saves `tree` (numpy or jax arrays) as step `step`."""
+    self._manager.save(step, args=self._ocp.args.StandardSave(tree),
+                       force=True)
+    if wait:
+      self._manager.wait_until_finished()
+
+  def restore_latest(self, target: Any, log=None):
+    """Restores the newest readable checkpoint into `target`'s structure.
+
+    Args:
+      target: a tree of arrays with the saved structure, shapes and dtypes.
+      log: a function of one string for warnings (default: print).
+
+    Returns:
+      `(tree, step)`, or `(None, None)` when there is no checkpoint at all.
+    """
+    log = log or print
+    self._manager.wait_until_finished()
+    abstract = jax.tree_util.tree_map(
+        lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), target)
+    for step in reversed(self.all_steps()):
+      try:
+        tree = self._manager.restore(
+            step, args=self._ocp.args.StandardRestore(abstract))
+      except Exception as e:  # pylint: disable=broad-except
+        log(f'WARNING: checkpoint {step} in {self.directory} is unreadable '
+            f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying '
+            'the previous one.')
+        continue
+      return jax.tree_util.tree_map(np.asarray, tree), step
+    return None, None
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -38,6 +38,7 @@ class ModelInfo:
     kwargs: constructor arguments that define this name.
     train_imsize: training resolution of the paper's recipe.
     test_imsize: evaluation resolution of the paper's recipe.
+    drop_rate: the variant's dropout before the classifier.
   """
   name: str
   family: str
@@ -46,43 +47,44 @@ class ModelInfo:
   kwargs: dict[str, Any]
   train_imsize: int
   test_imsize: int
+  drop_rate: float
 
 
 def _build_registry() -> dict[str, ModelInfo]:
   registry = {}
 
-  def add(name, family, variant, constructor, train, test, **kwargs):
-    registry[name] = ModelInfo(name, family, variant, constructor,
-                               dict(variant=variant, **kwargs), train, test)
+  def add(name, family, variant, constructor, spec, **kwargs):
+    registry[name] = ModelInfo(
+        name, family, variant, constructor, dict(variant=variant, **kwargs),
+        spec.get('train_imsize', 224), spec.get('test_imsize', 224),
+        spec.get('drop_rate', 0.0))
 
   for variant, spec in nfnet.VARIANTS.items():
     name = 'nfnet_' + variant.lower().replace('+', '_plus')
-    add(name, 'nfnet', variant, nfnet.NFNet, spec['train_imsize'],
-        spec['test_imsize'])
-  for variant in nf_resnet.VARIANTS:
+    add(name, 'nfnet', variant, nfnet.NFNet, spec)
+  for variant, spec in nf_resnet.VARIANTS.items():
     add('nf_' + variant.lower(), 'nf_resnet', variant, nf_resnet.NFResNet,
-        224, 224)
+        spec)
   for variant, spec in nf_regnet.VARIANTS.items():
     add('nf_regnet_' + variant.lower(), 'nf_regnet', variant,
-        nf_regnet.NFRegNet, spec['train_imsize'], spec['test_imsize'])
-  for variant in baselines.VARIANTS:
+        nf_regnet.NFRegNet, spec)
+  for variant, spec in baselines.VARIANTS.items():
     base = variant.lower()
-    add(base + '_bn', 'resnet_bn', variant, baselines.ResNet, 224, 224,
+    add(base + '_bn', 'resnet_bn', variant, baselines.ResNet, spec,
         norm='batchnorm')
     add(base + '_unnormalized', 'resnet_unnormalized', variant,
-        baselines.ResNet, 224, 224, norm=None)
+        baselines.ResNet, spec, norm=None)
     add(base + '_skipinit', 'resnet_skipinit', variant, baselines.ResNet,
-        224, 224, norm=None, skipinit='zeros')
+        spec, norm=None, skipinit='zeros')
     add(base + '_fixup', 'resnet_fixup', variant, baselines.FixupResNet,
-        224, 224)
+        spec)
   return registry
 
 
 _REGISTRY = _build_registry()
 
-# Family and variant keys as the release's checkpoints and fixtures name them.
-_FAMILY_PREFIX = {'nfnet': 'nfnet_', 'nf_resnet': 'nf_',
-                  'nf_regnet': 'nf_regnet_'}
+_BY_FAMILY_VARIANT = {(e.family, e.variant): e.name
+                      for e in _REGISTRY.values()}
 
 
 def names() -> list[str]:
@@ -100,14 +102,23 @@ def info(name: str) -> ModelInfo:
   return _REGISTRY[name]
 
 
+def families() -> list[str]:
+  """The model families, e.g. 'nfnet', 'nf_resnet', 'resnet_bn'."""
+  return sorted({family for family, _ in _BY_FAMILY_VARIANT})
+
+
 def name_for(family: str, variant: str) -> str:
-  """Registry name of a release (family, variant): ('nfnet', 'F3+') -> ..."""
-  if family not in _FAMILY_PREFIX:
-    raise ValueError(f'Unknown model family {family!r}; valid: '
-                     f'{sorted(_FAMILY_PREFIX)}.')
-  name = _FAMILY_PREFIX[family] + variant.lower().replace('+', '_plus')
-  info(name)
-  return name
+  """Registry name of (family, variant), e.g. ('nfnet', 'F3+') -> 'nfnet_f3_plus'.
+
+  Family and variant keys are those of the release's code and of the
+  reference fixtures ('nfnet'/'F0', 'nf_resnet'/'ResNet50', 'nf_regnet'/'B0').
+  """
+  if family not in families():
+    raise ValueError(f'Unknown model family {family!r}; valid: {families()}.')
+  if (family, variant) not in _BY_FAMILY_VARIANT:
+    valid = sorted(v for f, v in _BY_FAMILY_VARIANT if f == family)
+    raise ValueError(f'Unknown {family} variant {variant!r}; valid: {valid}.')
+  return _BY_FAMILY_VARIANT[(family, variant)]
 
 
 def create(name: str, num_classes: int = 1000, **overrides) -> hk.Module:

@@ -1,0 +1,95 @@
+"""Every default of the project, once.
+
+Experiment files start from `get_config()` here and change what differs.
+Fields set to 'auto' are derived when a run starts (`nfnets.resolve`), from
+the model variant and the global batch size, so that overriding either on the
+command line (`--config.model.variant=F3`, `--config.train.batch_size=1024`)
+gives a consistent configuration: nothing derived is stored here.
+"""
+
+import ml_collections
+
+AUTO = 'auto'
+
+
+def _section() -> ml_collections.ConfigDict:
+  # Not type safe: an 'auto' field takes a number in an experiment file, and
+  # a command-line number for it arrives as a string (parsed when resolved).
+  return ml_collections.ConfigDict(type_safe=False)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The paper's NFNet-F0 ImageNet recipe: the base every config edits."""
+  config = _section()
+  config.seed = 0
+
+  config.model = _section()
+  # Registry family and variant: ('nfnet', 'F0'), ('nf_resnet', 'ResNet50'),
+  # ('nf_regnet', 'B0'), ('resnet_bn', 'ResNet50'), ...
+  config.model.family = 'nfnet'
+  config.model.variant = 'F0'
+  # Constructor overrides (nfnets.models.create): width, alpha, activation...
+  config.model.overrides = _section()
+  # Dropout before the classifier: 'auto' = the variant's (Table 1).
+  config.model.drop_rate = AUTO
+  # NFNets: 0.25 at the last block, growing linearly with depth.
+  config.model.stochdepth_rate = 0.25
+
+  config.train = _section()
+  config.train.batch_size = 4096  # global, over every device of every host
+  config.train.num_epochs = 360
+  # Stops earlier than num_epochs when set (for smoke runs); None: no cap.
+  config.train.max_steps = None
+  config.train.label_smoothing = 0.1
+  # Forward/backward dtype; params, optimizer state and grads stay float32.
+  config.train.compute_dtype = 'bfloat16'
+  config.train.log_every_steps = 100
+  config.train.checkpoint_every_steps = 1000
+  config.train.keep_checkpoints = 3
+  # Evaluate every this many epochs (and at the end); 0: only at the end.
+  config.train.eval_every_epochs = 10
+
+  config.eval = _section()
+  config.eval.batch_size = 1000  # global; the last batch is padded and masked
+  config.eval.ema = True  # also evaluate the EMA of the parameters
+  # --mode=eval: a published DeepMind file (e.g. F0_haiku.npz); None: the
+  # workdir's latest checkpoint.
+  config.eval.checkpoint = None
+
+  config.optimizer = _section()
+  config.optimizer.name = 'sgd'
+  config.optimizer.base_lr = 0.1  # per 256 images: lr = 0.1 * batch / 256
+  config.optimizer.schedule = 'cosine'
+  config.optimizer.warmup_epochs = 5
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = True
+  config.optimizer.weight_decay = 2e-5
+  config.optimizer.b1 = 0.9  # adam-family only
+  config.optimizer.b2 = 0.999  # adam-family only
+  config.optimizer.ema_decay = 0.99999
+  config.optimizer.agc = _section()
+  # 'auto': from the global batch size (nfnets.agc.clipping_for_batch_size);
+  # a number overrides it; None (or 0, or 'none' on the command line) turns
+  # AGC off.
+  config.optimizer.agc.clipping = AUTO
+  config.optimizer.agc.eps = 1e-3
+  config.optimizer.agc.exclude = (r'^[^/]+/~/linear/w$',)
+
+  config.data = _section()
+  config.data.name = 'imagenet2012'
+  config.data.data_dir = None
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  # 'auto': the variant's train / test resolution (Table 1).
+  config.data.train_image_size = AUTO
+  config.data.eval_image_size = AUTO
+  # 'auto': the variant's RandAugment layers / magnitude (Table 1).
+  config.data.randaugment_layers = AUTO
+  config.data.randaugment_magnitude = AUTO
+  config.data.mixup_alpha = 0.2
+  config.data.cutmix = True
+  config.data.eval_resize = 'resize_crop'
+  config.data.strict = False
+  config.data.shuffle_buffer = 16_384
+  config.data.prefetch = -1
+  return config

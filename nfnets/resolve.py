@@ -1,0 +1,125 @@
+"""Resolving a config's derived ('auto') values when a run starts.
+
+Config files store only choices; whatever follows from the model variant or
+the global batch size (AGC's lambda, image sizes, RandAugment, dropout) and
+every duration in steps is computed here, once, from the final config. So
+`--config.model.variant=F3 --config.train.batch_size=1024` is consistent.
+"""
+
+import math
+from typing import Optional
+
+import ml_collections
+
+from nfnets import agc
+from nfnets import models
+from nfnets import nfnet
+
+AUTO = 'auto'
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def model_name(config: ml_collections.ConfigDict) -> str:
+  """Registry name of `config.model.family` / `config.model.variant`."""
+  return models.name_for(config.model.family, config.model.variant)
+
+
+def _number(value, field, cast):
+  """`value`, or a command-line string of it (an 'auto' field's override)."""
+  if isinstance(value, str):
+    try:
+      return cast(value)
+    except ValueError:
+      raise ValueError(f"{field} must be 'auto' or a number, got "
+                       f'{value!r}.') from None
+  return value
+
+
+def _positive_int(value, field):
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f'{field} must be a positive int, got {value!r}.')
+  return value
+
+
+def resolve(config: ml_collections.ConfigDict,
+            num_train_examples: Optional[int] = None
+            ) -> ml_collections.ConfigDict:
+  """Returns a copy of `config` with every 'auto' field made concrete.
+
+  Args:
+    config: an experiment config (see `configs/common.py`).
+    num_train_examples: size of the training split; when given, the
+      durations in epochs are converted to steps in `config.steps`
+      (`per_epoch`, `total`, `warmup`, `eval_every`).
+
+  Returns:
+    The resolved, locked copy. `config.model.name` holds the registry name.
+  """
+  # Not type safe: resolving turns the string 'auto' into numbers.
+  config = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+  name = model_name(config)
+  info = models.info(name)
+  _positive_int(config.train.batch_size, 'train.batch_size')
+  _positive_int(config.eval.batch_size, 'eval.batch_size')
+  if config.train.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f'train.compute_dtype must be one of {COMPUTE_DTYPES}, '
+                     f'got {config.train.compute_dtype!r}.')
+  config.model.name = name
+
+  derived = {
+      ('model', 'drop_rate'): (info.drop_rate, float),
+      ('data', 'train_image_size'): (info.train_imsize, int),
+      ('data', 'eval_image_size'): (info.test_imsize, int),
+  }
+  if info.family == 'nfnet':
+    spec = nfnet.variant_spec(info.variant)
+    ra_layers, ra_magnitude = spec['ra_layers'], spec['ra_magnitude']
+  else:
+    # The NF-ResNet / RegNet / baseline recipes use no RandAugment.
+    ra_layers, ra_magnitude = 0, 0
+  derived[('data', 'randaugment_layers')] = (ra_layers, int)
+  derived[('data', 'randaugment_magnitude')] = (ra_magnitude, int)
+  for (section, key), (value, cast) in derived.items():
+    current = config[section][key]
+    config[section][key] = (value if current == AUTO else
+                            _number(current, f'{section}.{key}', cast))
+  _positive_int(config.data.train_image_size, 'data.train_image_size')
+  _positive_int(config.data.eval_image_size, 'data.eval_image_size')
+  clipping = config.optimizer.agc.clipping
+  if clipping in ('None', 'none', 0, '0'):
+    # 0 too: a command line cannot turn a number field into None.
+    clipping = config.optimizer.agc.clipping = None
+  if clipping == AUTO:
+    config.optimizer.agc.clipping = agc.clipping_for_batch_size(
+        config.train.batch_size)
+  elif clipping is not None:
+    clipping = _number(clipping, 'optimizer.agc.clipping', float)
+    config.optimizer.agc.clipping = clipping
+  if clipping is not None and clipping != AUTO and clipping <= 0:
+    raise ValueError("optimizer.agc.clipping must be 'auto', a number > 0 or "
+                     f'None (no AGC), got {clipping!r}.')
+
+  if num_train_examples is not None:
+    config.steps = steps_from_epochs(config, num_train_examples)
+  config.lock()
+  return config
+
+
+def steps_from_epochs(config: ml_collections.ConfigDict,
+                      num_train_examples: int) -> ml_collections.ConfigDict:
+  """Converts the config's durations in epochs to steps, in one place."""
+  _positive_int(num_train_examples, 'num_train_examples')
+  per_epoch = num_train_examples / config.train.batch_size
+  # Whole steps only: 360 epochs of ImageNet at 4096 are 112,602 steps.
+  total = max(1, int(config.train.num_epochs * per_epoch))
+  if config.train.max_steps is not None:
+    total = min(total, _positive_int(config.train.max_steps,
+                                     'train.max_steps'))
+  warmup = min(round(config.optimizer.warmup_epochs * per_epoch), total - 1)
+  if config.train.eval_every_epochs:
+    eval_every = max(1, round(config.train.eval_every_epochs * per_epoch))
+  else:
+    eval_every = 0
+  return ml_collections.ConfigDict(dict(
+      per_epoch=per_epoch, total=total, warmup=max(0, warmup),
+      eval_every=eval_every))

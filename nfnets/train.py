@@ -1,0 +1,625 @@
+"""Training and evaluation: a pure, pmapped train step and the loop around it.
+
+    metrics = train_and_evaluate(config, workdir)
+
+Data parallel over every device of every process: each process reads its own
+shard of the global batch, shaped `[local_devices, per_device, ...]`; the
+gradients are averaged over the one named pmap axis (`AXIS_NAME`) before the
+optimizer (AGC included) sees them. The loop resumes from the workdir's
+latest checkpoint, saves on SIGTERM/SIGINT and exits cleanly, and since the
+data and the random numbers depend only on the step, a resumed run ends with
+exactly the parameters of an uninterrupted one.
+"""
+
+import functools
+import inspect
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from nfnets import agc
+from nfnets import checkpoint
+from nfnets import data
+from nfnets import models
+from nfnets import optim
+from nfnets import resolve
+
+# The one name of the data-parallel axis.
+AXIS_NAME = 'batch'
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
+           'float16': jnp.float16}
+# Codes of the first non-finite metric, kept in the train state.
+_NONFINITE_METRICS = {1: 'train_loss', 2: 'grad_norm'}
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or the gradients became non-finite; the params were not updated.
+
+  Attributes:
+    step: the first step whose loss or gradients were non-finite.
+    metric: 'train_loss' or 'grad_norm'.
+  """
+
+  def __init__(self, step: int, metric: str):
+    super().__init__(
+        f'Non-finite {metric} at step {step}: training stopped; no '
+        'checkpoint holds a non-finite value. Lower optimizer.base_lr or '
+        'enable AGC (optimizer.agc.clipping).')
+    self.step = step
+    self.metric = metric
+
+
+class TrainState(NamedTuple):
+  """Everything a step reads and writes; checkpointed whole."""
+  step: jax.Array  # int32 scalar: steps taken
+  params: Any
+  model_state: Any  # Haiku state (BatchNorm statistics), often empty
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array  # base key; each step folds in its step number
+  # First step with a non-finite loss/grad (-1: none) and which metric.
+  nonfinite_step: jax.Array
+  nonfinite_metric: jax.Array
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int
+                 ) -> hk.TransformedWithState:
+  """The Haiku-transformed model of a resolved config."""
+  overrides = dict(config.model.overrides)
+  accepted = inspect.signature(models.info(config.model.name).constructor)
+  # The recipe's regularization, where the family has it (baselines have no
+  # stochastic depth); an explicit override wins.
+  for key in ('drop_rate', 'stochdepth_rate'):
+    if key in accepted.parameters and key not in overrides:
+      overrides[key] = config.model[key]
+
+  def forward(images, is_training):
+    model = models.create(config.model.name, num_classes, **overrides)
+    return model(images, is_training=is_training)
+
+  return hk.transform_with_state(forward)
+
+
+def _optimizer_and_schedule(config):
+  kwargs = dict(batch_size=config.train.batch_size,
+                total_steps=config.steps.total,
+                warmup_steps=config.steps.warmup)
+  optimizer = optim.create_optimizer(config.optimizer, **kwargs)
+  lr_fn = optim.learning_rate_fn_from_config(config.optimizer, **kwargs)
+  return optimizer, lr_fn
+
+
+def create_train_state(rng: jax.Array, forward: hk.TransformedWithState,
+                       optimizer: optax.GradientTransformation,
+                       image_size: int) -> TrainState:
+  """A new (unreplicated) train state."""
+  init_rng, rng = jax.random.split(rng)
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  # Training mode: BatchNorm creates its moving averages there.
+  params, model_state = jax.jit(
+      functools.partial(forward.init, is_training=True))(init_rng, images)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+      opt_state=optimizer.init(params),
+      ema_params=jax.tree_util.tree_map(jnp.copy, params), rng=rng,
+      nonfinite_step=-jnp.ones((), jnp.int32),
+      nonfinite_metric=jnp.zeros((), jnp.int32))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                  label_smoothing: float) -> jax.Array:
+  """Per-example softmax cross-entropy with label smoothing, float32."""
+  targets = optax.smooth_labels(
+      jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _global_norm(tree):
+  return optax.global_norm(jax.tree_util.tree_map(
+      lambda x: x.astype(jnp.float32), tree))
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    forward: hk.TransformedWithState,
+    optimizer: optax.GradientTransformation,
+    lr_fn: Callable[[jax.Array], jax.Array],
+    num_classes: int,
+    label_smoothing: float,
+    compute_dtype: Any,
+    ema_decay: float,
+    agc_clipping: Optional[float],
+    agc_eps: float,
+    agc_exclude: Any,
+    with_metrics: bool = True,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on one device's share of the batch; run under pmap.
+
+  Pure: everything it depends on is an argument (hyperparameters are bound
+  with functools.partial), so it traces once and replays exactly.
+
+  Args:
+    state: this device's replica of the train state.
+    batch: `images [B, H, W, 3]`, `labels`, `labels2`, `mix_ratio` `[B]`.
+    forward: the transformed model.
+    optimizer: the optax chain (AGC, weight decay, SGD, schedule).
+    lr_fn: the learning-rate schedule, for logging.
+    num_classes: classifier outputs.
+    label_smoothing: label smoothing of both labels.
+    compute_dtype: dtype of the forward/backward pass.
+    ema_decay: maximum EMA decay.
+    agc_clipping: AGC's lambda (None: no AGC), for the clipped fraction.
+    agc_eps: AGC's eps.
+    agc_exclude: AGC's excluded paths.
+    with_metrics: compute the logged norms (off in pure-speed benchmarks).
+
+  Returns:
+    `(new_state, metrics)`, metrics averaged over the devices.
+  """
+  step = state.step
+  # Different dropout / stochastic depth on every device and every step.
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, step),
+                           jax.lax.axis_index(AXIS_NAME))
+  images = batch['images'].astype(compute_dtype)
+
+  def loss_fn(params):
+    logits, model_state = forward.apply(params, state.model_state, rng, images,
+                                        is_training=True)
+    logits = logits.astype(jnp.float32)
+    ratio = batch['mix_ratio']
+    losses = (ratio * cross_entropy(logits, batch['labels'], num_classes,
+                                    label_smoothing)
+              + (1.0 - ratio) * cross_entropy(logits, batch['labels2'],
+                                              num_classes, label_smoothing))
+    return jnp.mean(losses), (logits, model_state)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (logits, model_state)), grads = grad_fn(state.params)
+  # Float32 before the cross-device mean (params are float32 already).
+  grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
+  grads = jax.lax.pmean(grads, AXIS_NAME)
+  loss = jax.lax.pmean(loss, AXIS_NAME)
+  # Cross-replica BatchNorm statistics; integer counters are equal anyway.
+  model_state = jax.tree_util.tree_map(
+      lambda x: jax.lax.pmean(x, AXIS_NAME)
+      if jnp.issubdtype(x.dtype, jnp.floating) else x, model_state)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = optim.ema_update(state.ema_params, params, step, ema_decay)
+
+  grad_norm = _global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  first_bad = (state.nonfinite_step < 0) & ~finite
+  new_state = TrainState(
+      step=step + 1, params=params, model_state=model_state,
+      opt_state=opt_state, ema_params=ema_params, rng=state.rng,
+      nonfinite_step=jnp.where(first_bad, step, state.nonfinite_step),
+      nonfinite_metric=jnp.where(
+          first_bad, jnp.where(jnp.isfinite(loss), 2, 1),
+          state.nonfinite_metric))
+  # A non-finite step leaves every array as it was (but the step counter and
+  # the record of the failure), so no non-finite value is ever kept.
+  new_state = jax.tree_util.tree_map(
+      lambda new, old: jnp.where(finite, new, old), new_state,
+      state._replace(step=step + 1, nonfinite_step=new_state.nonfinite_step,
+                     nonfinite_metric=new_state.nonfinite_metric))
+
+  top1 = jnp.mean(jnp.argmax(logits, -1) == batch['labels'])
+  metrics = dict(train_loss=loss,
+                 train_top1=jax.lax.pmean(top1, AXIS_NAME),
+                 lr=lr_fn(step), grad_norm=grad_norm)
+  if with_metrics:
+    metrics.update(param_norm=_global_norm(params),
+                   update_norm=_global_norm(updates))
+    if agc_clipping is not None:
+      metrics['agc_clipped_fraction'] = agc.clipped_fraction(
+          grads, state.params, agc_clipping, agc_eps, agc_exclude)
+  return new_state, metrics
+
+
+def eval_step(params, model_state, batch, *, forward, num_classes,
+              compute_dtype) -> dict[str, jax.Array]:
+  """Sums of correct top-1/top-5, loss and count over real (mask=1) examples."""
+  logits, _ = forward.apply(params, model_state, None,
+                            batch['images'].astype(compute_dtype),
+                            is_training=False)
+  logits = logits.astype(jnp.float32)
+  mask = batch['mask']
+  labels = batch['labels']
+  top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
+  sums = dict(
+      top1=jnp.sum(mask * (jnp.argmax(logits, -1) == labels)),
+      top5=jnp.sum(mask * jnp.any(top5 == labels[:, None], axis=-1)),
+      loss=jnp.sum(mask * cross_entropy(logits, labels, num_classes, 0.0)),
+      count=jnp.sum(mask))
+  return jax.lax.psum(sums, AXIS_NAME)
+
+
+def evaluate(p_eval_step, params, model_state, dataset) -> dict[str, float]:
+  """One pass over an eval dataset: every example counted exactly once."""
+  totals = None
+  for batch in dataset:
+    sums = p_eval_step(params, model_state, batch)
+    sums = jax.tree_util.tree_map(lambda x: np.asarray(x[0], np.float64),
+                                  sums)
+    totals = sums if totals is None else jax.tree_util.tree_map(
+        np.add, totals, sums)
+  if totals is None or totals['count'] == 0:
+    raise ValueError('The eval split yielded no example.')
+  count = totals['count']
+  return dict(top1=float(totals['top1'] / count),
+              top5=float(totals['top5'] / count),
+              loss=float(totals['loss'] / count), count=int(count))
+
+
+def replicate(tree):
+  """Copies a host tree onto every local device (leading device axis)."""
+  n = jax.local_device_count()
+  return jax.tree_util.tree_map(
+      lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
+
+
+def unreplicate(tree):
+  """The first local device's copy, as numpy."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), tree)
+
+
+class _Logger:
+  """metrics.jsonl, TensorBoard events and a stdout progress line.
+
+  Only process 0 writes files.
+  """
+
+  def __init__(self, workdir: str, resume_step: int, enabled: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    self._workdir = workdir
+    if enabled and os.path.exists(self.path):
+      # Events after the restored checkpoint will be logged again: drop them
+      # so the file stays one continuous record with no duplicate step.
+      with open(self.path) as f:
+        kept = [line for line in f
+                if line.strip() and json.loads(line)['step'] <= resume_step]
+      with open(self.path + '.tmp', 'w') as f:
+        f.writelines(kept)
+      os.replace(self.path + '.tmp', self.path)
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {k: (float(v) if isinstance(v, (np.floating, np.integer, float))
+                  and k != 'step' else v) for k, v in record.items()}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    self._tensorboard(record)
+
+  def _tensorboard(self, record):
+    if self._tb is None:
+      # tensorboardX writes TensorBoard's event files without TensorFlow.
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._tb = tensorboardX.SummaryWriter(
+          os.path.join(self._workdir, 'tensorboard'))
+    for key, value in record.items():
+      if key != 'step' and isinstance(value, (int, float)):
+        self._tb.add_scalar(key, value, global_step=record['step'])
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+  def print(self, text: str) -> None:
+    if self.enabled:
+      print(text, flush=True)
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(seconds)
+  if seconds >= 3600:
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+  return f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+class _Preemption:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    print(f'Received signal {signum}: saving a checkpoint and exiting.',
+          flush=True)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _check_batch(global_batch: int, what: str) -> None:
+  devices = jax.device_count()
+  if global_batch % devices:
+    raise ValueError(
+        f'{what}={global_batch} is not divisible by the device count '
+        f'{devices}; use a multiple of {devices}.')
+
+
+def _save_config(config, workdir):
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def prepare(config: ml_collections.ConfigDict):
+  """Resolves the config against its dataset; returns (config, num_classes)."""
+  num_train = data.num_examples(config.data, 'train')
+  config = resolve.resolve(config, num_train)
+  return config, data.num_classes(config.data)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming there; returns the final metrics.
+
+  Args:
+    config: an experiment config (`configs/`), 'auto' fields unresolved.
+    workdir: where checkpoints, metrics.jsonl, TensorBoard events, the
+      resolved config and the curves PNG go.
+
+  Returns:
+    The final metrics: `step`, `train_loss`, `eval_top1`, `eval_top5`,
+    `eval_loss` (and `ema_eval_*`), `wall_time_s`, `preempted`.
+
+  Raises:
+    NonFiniteError: the loss or the gradients became non-finite.
+    ValueError: a batch size that the device count does not divide, or
+      another bad config value (named in the message).
+  """
+  start_time = time.time()
+  _check_batch(config.train.batch_size, 'train.batch_size')
+  _check_batch(config.eval.batch_size, 'eval.batch_size')
+  config, num_classes = prepare(config)
+  is_chief = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_chief:
+    _save_config(config, workdir)
+
+  forward = create_model(config, num_classes)
+  optimizer, lr_fn = _optimizer_and_schedule(config)
+  compute_dtype = _DTYPES[config.train.compute_dtype]
+  agc_cfg = config.optimizer.agc
+  state = create_train_state(jax.random.PRNGKey(config.seed), forward,
+                             optimizer, config.data.train_image_size)
+  checkpointer = checkpoint.TrainCheckpointer(workdir,
+                                              config.train.keep_checkpoints)
+  restored, restored_step = checkpointer.restore_latest(
+      jax.tree_util.tree_map(np.asarray, state._asdict()))
+  if restored is not None:
+    state = TrainState(**restored)
+  start_step = int(state.step)
+  logger = _Logger(workdir, start_step, is_chief)
+  if restored is not None:
+    logger.print(f'Resumed from the checkpoint of step {restored_step}.')
+
+  p_train_step = jax.pmap(
+      functools.partial(
+          train_step, forward=forward, optimizer=optimizer, lr_fn=lr_fn,
+          num_classes=num_classes,
+          label_smoothing=config.train.label_smoothing,
+          compute_dtype=compute_dtype, ema_decay=config.optimizer.ema_decay,
+          agc_clipping=agc_cfg.clipping, agc_eps=agc_cfg.eps,
+          agc_exclude=tuple(agc_cfg.exclude)),
+      axis_name=AXIS_NAME, donate_argnums=(0,))
+  p_eval_step = jax.pmap(
+      functools.partial(eval_step, forward=forward, num_classes=num_classes,
+                        compute_dtype=compute_dtype),
+      axis_name=AXIS_NAME)
+
+  def run_eval(replicated, step):
+    record = {'step': step}
+    dataset = data.create_dataset(
+        config.data, split='eval', global_batch_size=config.eval.batch_size,
+        image_size=config.data.eval_image_size, seed=config.seed)
+    results = evaluate(p_eval_step, replicated.params,
+                       replicated.model_state, dataset)
+    record.update({f'eval_{k}': v for k, v in results.items()})
+    if config.eval.ema:
+      dataset = data.create_dataset(
+          config.data, split='eval', global_batch_size=config.eval.batch_size,
+          image_size=config.data.eval_image_size, seed=config.seed)
+      results = evaluate(p_eval_step, replicated.ema_params,
+                         replicated.model_state, dataset)
+      record.update({f'ema_eval_{k}': v for k, v in results.items()})
+    logger.write(record)
+    logger.print(
+        f'eval  step {step}: top-1 {record["eval_top1"]:.4f}, top-5 '
+        f'{record["eval_top5"]:.4f}, loss {record["eval_loss"]:.4f}'
+        + (f' | EMA top-1 {record["ema_eval_top1"]:.4f}'
+           if config.eval.ema else '') + f' ({record["eval_count"]} images)')
+    return record
+
+  def check_finite(replicated):
+    bad_step = int(np.asarray(replicated.nonfinite_step)[0])
+    if bad_step >= 0:
+      metric = _NONFINITE_METRICS[int(
+          np.asarray(replicated.nonfinite_metric)[0])]
+      raise NonFiniteError(bad_step, metric)
+
+  def save(replicated, step, wait=False):
+    check_finite(replicated)
+    host = unreplicate(replicated._asdict())
+    # The step's own guard already kept non-finite values out; this makes it
+    # a property of every checkpoint, not of the step function alone.
+    for leaf in jax.tree_util.tree_leaves((host['params'],
+                                           host['ema_params'])):
+      if not np.all(np.isfinite(leaf)):
+        raise NonFiniteError(step, 'params')
+    checkpointer.save(step, host, wait=wait)
+
+  total = config.steps.total
+  train_ds = data.create_dataset(
+      config.data, split='train', global_batch_size=config.train.batch_size,
+      image_size=config.data.train_image_size, seed=config.seed,
+      start_step=start_step)
+  replicated = jax.device_put(replicate(state))
+  del state
+  logger.print(
+      f'Training {config.model.name} on {config.data.name} for {total} steps '
+      f'(batch {config.train.batch_size} on {jax.device_count()} devices, '
+      f'{config.train.compute_dtype}, AGC lambda {agc_cfg.clipping}).')
+  last_eval = {}
+  last_train = {}
+  preempted = False
+  step = start_step
+  window_start, window_step = time.time(), step
+  eval_every = config.steps.eval_every
+  try:
+    with _Preemption() as preemption:
+      while step < total:
+        batch = next(train_ds)
+        replicated, metrics = p_train_step(replicated, batch)
+        step += 1
+        if step % config.train.log_every_steps == 0 or step == total:
+          check_finite(replicated)
+          metrics = {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
+          now = time.time()
+          images_per_sec = ((step - window_step) * config.train.batch_size
+                            / max(now - window_start, 1e-9))
+          window_start, window_step = now, step
+          eta = (total - step) * config.train.batch_size / images_per_sec
+          last_train = dict(step=step, epoch=step / config.steps.per_epoch,
+                            images_per_sec=images_per_sec, **metrics)
+          logger.write(last_train)
+          logger.print(
+              f'train step {step}/{total} | loss {metrics["train_loss"]:.4f}'
+              f' | top-1 {metrics["train_top1"]:.3f} | lr {metrics["lr"]:.4g}'
+              f' | {images_per_sec:,.0f} img/s | ETA {_format_seconds(eta)}')
+        if eval_every and step % eval_every == 0 and step < total:
+          last_eval = run_eval(replicated, step)
+        if step % config.train.checkpoint_every_steps == 0 and step < total:
+          save(replicated, step)
+        if preemption.requested:
+          save(replicated, step, wait=True)
+          preempted = True
+          logger.print(f'Saved step {step}; exiting so the job can resume.')
+          break
+    if not preempted:
+      check_finite(replicated)
+      last_eval = run_eval(replicated, step)
+      save(replicated, step, wait=True)
+  finally:
+    checkpointer.close()
+    logger.close()
+
+  result = dict(step=step, preempted=preempted,
+                wall_time_s=time.time() - start_time)
+  result.update({k: v for k, v in last_train.items() if k != 'step'})
+  result.update({k: v for k, v in last_eval.items() if k != 'step'})
+  if is_chief and not preempted:
+    _plot_curves(workdir, logger)
+  return result
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict,
+                        workdir: str) -> dict[str, Any]:
+  """Evaluates the workdir's latest checkpoint, or `config.eval.checkpoint`.
+
+  `config.eval.checkpoint` may name a published DeepMind parameter file
+  (e.g. `F0_haiku.npz`), loaded with `checkpoint.load_deepmind_params`.
+  """
+  _check_batch(config.eval.batch_size, 'eval.batch_size')
+  config, num_classes = prepare(config)
+  forward = create_model(config, num_classes)
+  compute_dtype = _DTYPES[config.train.compute_dtype]
+  if config.eval.checkpoint:
+    params = checkpoint.load_deepmind_params(
+        config.eval.checkpoint, config.model.name, num_classes,
+        **dict(config.model.overrides))
+    model_state = {}
+    trees = {'params': params}
+  else:
+    optimizer, _ = _optimizer_and_schedule(config)
+    state = create_train_state(jax.random.PRNGKey(config.seed), forward,
+                               optimizer, config.data.eval_image_size)
+    checkpointer = checkpoint.TrainCheckpointer(workdir,
+                                                config.train.keep_checkpoints)
+    restored, step = checkpointer.restore_latest(
+        jax.tree_util.tree_map(np.asarray, state._asdict()))
+    checkpointer.close()
+    if restored is None:
+      raise FileNotFoundError(
+          f'No checkpoint in {workdir}/checkpoints to evaluate; train first '
+          'or set --config.eval.checkpoint=PATH.')
+    model_state = restored['model_state']
+    trees = {'params': restored['params'], 'ema_params': restored['ema_params']}
+    print(f'Evaluating the checkpoint of step {step}.')
+  p_eval_step = jax.pmap(
+      functools.partial(eval_step, forward=forward, num_classes=num_classes,
+                        compute_dtype=compute_dtype),
+      axis_name=AXIS_NAME)
+  result = {}
+  for name, params in trees.items():
+    dataset = data.create_dataset(
+        config.data, split='eval', global_batch_size=config.eval.batch_size,
+        image_size=config.data.eval_image_size, seed=config.seed)
+    metrics = evaluate(p_eval_step, replicate(params), replicate(model_state),
+                       dataset)
+    prefix = 'eval' if name == 'params' else 'ema_eval'
+    result.update({f'{prefix}_{k}': v for k, v in metrics.items()})
+  print(json.dumps(result))
+  return result
+
+
+def _plot_curves(workdir: str, logger: _Logger) -> Optional[str]:
+  """Writes `curves.png`: training loss and train/eval top-1 against step."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  with open(logger.path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  train = [r for r in records if 'train_loss' in r]
+  evals = [r for r in records if 'eval_top1' in r]
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+  ax_loss.plot([r['step'] for r in train], [r['train_loss'] for r in train])
+  ax_loss.set(xlabel='step', ylabel='training loss', title='Loss')
+  ax_acc.plot([r['step'] for r in train], [r['train_top1'] for r in train],
+              label='train top-1')
+  if evals:
+    ax_acc.plot([r['step'] for r in evals], [r['eval_top1'] for r in evals],
+                'o-', label='eval top-1')
+    if 'ema_eval_top1' in evals[0]:
+      ax_acc.plot([r['step'] for r in evals],
+                  [r['ema_eval_top1'] for r in evals], 's--',
+                  label='eval top-1 (EMA)')
+  ax_acc.set(xlabel='step', ylabel='accuracy', title='Accuracy', ylim=(0, 1))
+  ax_acc.legend()
+  fig.tight_layout()
+  path = os.path.join(workdir, 'curves.png')
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
