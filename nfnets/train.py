@@ -102,18 +102,22 @@ def _optimizer_and_schedule(config):
 def create_train_state(rng: jax.Array, forward: hk.TransformedWithState,
                        optimizer: optax.GradientTransformation,
                        image_size: int) -> TrainState:
-  """A new (unreplicated) train state."""
-  init_rng, rng = jax.random.split(rng)
-  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  # Training mode: BatchNorm creates its moving averages there.
-  params, model_state = jax.jit(
-      functools.partial(forward.init, is_training=True))(init_rng, images)
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-      opt_state=optimizer.init(params),
-      ema_params=jax.tree_util.tree_map(jnp.copy, params), rng=rng,
-      nonfinite_step=-jnp.ones((), jnp.int32),
-      nonfinite_metric=jnp.zeros((), jnp.int32))
+  """A new (unreplicated) train state, built by one compiled function."""
+
+  @jax.jit
+  def init(rng):
+    init_rng, rng = jax.random.split(rng)
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    # Training mode: BatchNorm creates its moving averages there.
+    params, model_state = forward.init(init_rng, images, is_training=True)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+        opt_state=optimizer.init(params),
+        ema_params=jax.tree_util.tree_map(jnp.copy, params), rng=rng,
+        nonfinite_step=-jnp.ones((), jnp.int32),
+        nonfinite_metric=jnp.zeros((), jnp.int32))
+
+  return init(rng)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
@@ -265,15 +269,22 @@ def evaluate(p_eval_step, params, model_state, dataset) -> dict[str, float]:
 
 
 def replicate(tree):
-  """Copies a host tree onto every local device (leading device axis)."""
+  """Copies a tree onto every local device, laid out as pmap's outputs are.
+
+  Placing it exactly as the train step returns it means the step compiles
+  once, not once for the first call and again for the rest.
+  """
   n = jax.local_device_count()
-  return jax.tree_util.tree_map(
+  stacked = jax.tree_util.tree_map(
       lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
+  return jax.pmap(lambda x: x, axis_name=AXIS_NAME)(stacked)
 
 
 def unreplicate(tree):
-  """The first local device's copy, as numpy."""
-  return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), tree)
+  """The first local device's copy, as numpy (no compiled gather per leaf)."""
+  return jax.tree_util.tree_map(
+      lambda x: np.asarray(x.addressable_shards[0].data)[0]
+      if isinstance(x, jax.Array) else np.asarray(x)[0], tree)
 
 
 class _Logger:
@@ -467,7 +478,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           np.asarray(replicated.nonfinite_metric)[0])]
       raise NonFiniteError(bad_step, metric)
 
+  saved_steps = set(checkpointer.all_steps())
+
   def save(replicated, step, wait=False):
+    if step in saved_steps:  # e.g. a preemption right after a periodic save
+      return
+    saved_steps.add(step)
     check_finite(replicated)
     host = unreplicate(replicated._asdict())
     # The step's own guard already kept non-finite values out; this makes it
@@ -483,7 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       config.data, split='train', global_batch_size=config.train.batch_size,
       image_size=config.data.train_image_size, seed=config.seed,
       start_step=start_step)
-  replicated = jax.device_put(replicate(state))
+  replicated = replicate(state)
   del state
   logger.print(
       f'Training {config.model.name} on {config.data.name} for {total} steps '

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 
 # Must run before the first `import jax`: XLA reads the flag once, at start-up.
 os.environ["XLA_FLAGS"] = " ".join(
@@ -11,3 +12,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Tests import the repository's packages (nfnets, configs) from its root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Compiled programs are cached on disk and shared by the test processes (and
+# the runs they launch): the runner's tests compile the same step many times.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), "nfnets_jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

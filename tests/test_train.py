@@ -1,0 +1,229 @@
+"""The runner: data parallelism, resume, preemption, guards, evaluation."""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from nfnets import checkpoint
+from nfnets import train
+import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(workdir, steps, *extra, devices=8, env=None):
+  cmd = [sys.executable, os.path.join(REPO, 'experiment.py'),
+         f'--config={os.path.join(REPO, "tests", "tiny_config.py")}:{steps}',
+         f'--workdir={workdir}', *extra]
+  run_env = dict(os.environ)
+  run_env['XLA_FLAGS'] = (
+      f'--xla_force_host_platform_device_count={devices}')
+  run_env['JAX_PLATFORMS'] = 'cpu'
+  run_env.update(env or {})
+  return cmd, run_env
+
+
+def _run(workdir, steps, *extra, **kw):
+  cmd, env = _cli(workdir, steps, *extra, **kw)
+  return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _saved_steps(workdir):
+  """Steps of finished checkpoints (orbax writes into '<step>.*-tmp' first)."""
+  names = os.listdir(os.path.join(workdir, 'checkpoints'))
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def _final_params(workdir):
+  """The params of the newest checkpoint, as a flat {path: array} dict."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  steps = _saved_steps(workdir)
+  path = os.path.join(workdir, 'checkpoints', str(steps[-1]), 'default')
+  tree = ocp.StandardCheckpointer().restore(path)
+  return steps[-1], {
+      f'{m}/{p}': np.asarray(v) for m, d in tree['params'].items()
+      for p, v in d.items()}
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+  path = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert proc.poll() is None, proc.communicate()
+    if os.path.exists(path):
+      with open(path) as f:
+        lines = [json.loads(x) for x in f if x.strip()]
+      if lines and lines[-1]['step'] >= step:
+        return
+    time.sleep(0.02)
+  raise TimeoutError(f'step {step} not reached')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  result = _run(workdir, 40)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_batch_not_divisible_by_devices_is_a_one_line_error(tmp_path):
+  assert jax.device_count() == 8
+  config = tiny_config.get_config()
+  config.train.batch_size = 60
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(e.value)
+  assert '\n' not in message
+  assert 'train.batch_size=60' in message and 'device count 8' in message
+
+
+def test_cli_reports_bad_batch_in_one_line(tmp_path):
+  result = _run(str(tmp_path), 4, '--config.train.batch_size=60')
+  assert result.returncode != 0
+  lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1 and '60' in lines[0] and '8' in lines[0], (
+      result.stderr[-2000:])
+
+
+def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
+  result = train.train_and_evaluate(tiny_config.get_config(5), str(tmp_path))
+  assert result['step'] == 5
+  # 360 test images, eval batch 64: the padded last batch is masked out.
+  assert result['eval_count'] == 360
+  assert 0.0 <= result['eval_top1'] <= 1.0
+  records = _metrics(str(tmp_path))
+  assert [r['step'] for r in records if 'train_loss' in r] == [1, 2, 3, 4, 5]
+  assert os.path.exists(os.path.join(str(tmp_path), 'curves.png'))
+  assert glob.glob(os.path.join(str(tmp_path), 'tensorboard', '*'))
+
+
+def test_sigterm_then_relaunch_equals_uninterrupted_bitwise(
+    uninterrupted, tmp_path):
+  workdir = str(tmp_path)
+  cmd, env = _cli(workdir, 40)
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_step(workdir, 15, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'Preempted at step' in out
+  stopped = max(r['step'] for r in _metrics(workdir))
+  assert stopped < 40
+
+  result = _run(workdir, 40)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'Resumed from the checkpoint of step {stopped}' in result.stdout
+  steps = [r['step'] for r in _metrics(workdir) if 'train_loss' in r]
+  assert steps == list(range(1, 41))  # continuous, no duplicates
+
+  step_a, params_a = _final_params(uninterrupted)
+  step_b, params_b = _final_params(workdir)
+  assert step_a == step_b == 40
+  assert params_a.keys() == params_b.keys()
+  for key in params_a:
+    np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
+
+
+def test_sigkill_then_relaunch_resumes_from_last_checkpoint(
+    uninterrupted, tmp_path):
+  workdir = str(tmp_path)
+  cmd, env = _cli(workdir, 40)
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_step(workdir, 10, proc)
+  proc.kill()
+  proc.communicate()
+  assert _saved_steps(workdir), 'no checkpoint was written before the kill'
+  result = _run(workdir, 40)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Resumed from the checkpoint of step' in result.stdout
+  steps = [r['step'] for r in _metrics(workdir) if 'train_loss' in r]
+  assert steps == list(range(1, 41))
+  _, params_a = _final_params(uninterrupted)
+  _, params_b = _final_params(workdir)
+  for key in params_a:
+    np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
+
+
+def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config.get_config(8), workdir)
+  latest = os.path.join(workdir, 'checkpoints', '8')
+  files = [p for p in glob.glob(os.path.join(latest, '**', '*'),
+                                recursive=True) if os.path.isfile(p)]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.truncate(os.path.getsize(largest) // 3)
+  capsys.readouterr()
+  result = train.train_and_evaluate(tiny_config.get_config(12), workdir)
+  out = capsys.readouterr().out
+  assert 'checkpoint 8' in out and 'unreadable' in out
+  assert 'Resumed from the checkpoint of step 4' in out
+  assert result['step'] == 12
+
+
+def test_absurd_learning_rate_stops_naming_the_step(tmp_path):
+  workdir = str(tmp_path)
+  result = _run(workdir, 30, '--config.optimizer.base_lr=1e8',
+                '--config.optimizer.agc.clipping=0',
+                '--config.train.checkpoint_every_steps=1')
+  assert result.returncode != 0
+  error = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert len(error) == 1 and 'at step' in error[0], result.stderr[-2000:]
+  checkpointer = checkpoint.TrainCheckpointer(workdir)
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  for step in checkpointer.all_steps():
+    tree = ocp.StandardCheckpointer().restore(
+        os.path.join(workdir, 'checkpoints', str(step), 'default'))
+    for leaf in jax.tree_util.tree_leaves(tree):
+      leaf = np.asarray(leaf)
+      if np.issubdtype(leaf.dtype, np.floating):
+        assert np.all(np.isfinite(leaf)), step
+  checkpointer.close()
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_with_all_devices(tmp_path):
+  single = str(tmp_path / 'single')
+  result = _run(single, 5)
+  assert result.returncode == 0, result.stderr[-3000:]
+  multi = str(tmp_path / 'multi')
+  port = _free_port()
+  procs = []
+  for rank in range(2):
+    cmd, env = _cli(multi, 5, f'--coordinator_address=127.0.0.1:{port}',
+                    '--num_processes=2', f'--process_id={rank}', devices=4)
+    procs.append(subprocess.Popen(cmd, env=env, cwd=REPO,
+                                  stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  for proc in procs:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+  _, params_1 = _final_params(single)
+  step, params_2 = _final_params(multi)
+  assert step == 5
+  for key in params_1:
+    np.testing.assert_allclose(params_1[key], params_2[key], rtol=1e-5,
+                               atol=1e-6, err_msg=key)
