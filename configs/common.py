@@ -93,3 +93,100 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.shuffle_buffer = 16_384
   config.data.prefetch = -1
   return config
+
+
+def parse_arg(arg, choices, default):
+  """Splits a config arg like 'F3,local' into (choice, flags set).
+
+  Args:
+    arg: the text after ':' in --config=file.py:ARG, or None.
+    choices: the valid first tokens (variants, depths).
+    default: the choice when `arg` gives none.
+
+  Returns:
+    `(choice, {other tokens})`.
+  """
+  tokens = [t.strip() for t in (arg or '').split(',') if t.strip()]
+  choice = default
+  if tokens and tokens[0] in choices:
+    choice = tokens.pop(0)
+  unknown = [t for t in tokens if t not in KNOWN_FLAGS]
+  if unknown:
+    raise ValueError(f'Unknown config arg {unknown} in {arg!r}: the first '
+                     f'token is one of {list(choices)}, then any of '
+                     f'{sorted(KNOWN_FLAGS)}.')
+  return choice, set(tokens)
+
+
+# 'local' shrinks a recipe to seconds on a CPU; '90ep'/'360ep' pick the
+# NF-ResNet schedule length.
+KNOWN_FLAGS = frozenset({'local', '90ep', '360ep'})
+
+
+def shrink(config: ml_collections.ConfigDict,
+           **model_overrides) -> ml_collections.ConfigDict:
+  """The same recipe, tiny: embedded data, 32 px, a few steps on any CPU.
+
+  Everything that defines the recipe (optimizer, schedule shape, AGC rule,
+  regularization, augmentations the data supports) is kept; sizes shrink.
+
+  Args:
+    config: a full experiment config.
+    **model_overrides: constructor overrides that make the model tiny.
+
+  Returns:
+    The same config, edited in place.
+  """
+  config.model.overrides.update(model_overrides)
+  config.data.name = 'digits'
+  config.data.train_image_size = 32
+  config.data.eval_image_size = 32
+  config.train.batch_size = 32
+  config.train.max_steps = 6
+  config.train.compute_dtype = 'float32'  # bfloat16 is slow on CPUs
+  config.train.log_every_steps = 2
+  config.train.checkpoint_every_steps = 6
+  config.train.eval_every_epochs = 0
+  config.eval.batch_size = 120
+  return config
+
+
+# The NF-ResNet / baseline ResNet ImageNet recipe (NF-ResNets paper).
+RESNET_DEPTHS = ('26', '50', '101', '152', '200', '288', '600')
+
+
+def resnet_config(family: str, arg=None,
+                  agc_clipping=AUTO) -> ml_collections.ConfigDict:
+  """The ResNet-family recipe: batch 1024, lr 0.4, 90 or 360 epochs.
+
+  Args:
+    family: registry family ('nf_resnet', 'resnet_bn', 'resnet_skipinit',
+      'resnet_fixup', 'resnet_unnormalized').
+    arg: '<depth>[,90ep|,360ep][,local]', e.g. '50' or '200,360ep,local'.
+    agc_clipping: AGC's lambda for this family by default.
+
+  Returns:
+    The config.
+  """
+  depth, flags = parse_arg(arg, RESNET_DEPTHS, '50')
+  config = get_config()
+  config.model.family = family
+  config.model.variant = f'ResNet{depth}'
+  config.model.overrides = _section()
+  config.model.drop_rate = AUTO if family == 'nf_resnet' else 0.0
+  config.model.stochdepth_rate = 0.1
+  config.train.batch_size = 1024
+  config.train.num_epochs = 360 if '360ep' in flags else 90
+  config.train.eval_every_epochs = 5
+  config.optimizer.base_lr = 0.1  # 0.4 at batch 1024
+  config.optimizer.weight_decay = 5e-5
+  config.optimizer.agc.clipping = agc_clipping
+  config.data.train_image_size = 224
+  config.data.eval_image_size = 224
+  config.data.mixup_alpha = 0.0
+  config.data.cutmix = False
+  config.data.randaugment_layers = 0
+  config.data.randaugment_magnitude = 0
+  if 'local' in flags:
+    shrink(config, width=0.25, depth=(1, 1, 1, 1))
+  return config

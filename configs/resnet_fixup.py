@@ -1,0 +1,17 @@
+"""Fixup ResNet: no normalization, Fixup initialization and scalar biases (Zhang et al., 2019).
+
+    python experiment.py --config=configs/resnet_fixup.py:50 --workdir=DIR
+    python experiment.py --config=configs/resnet_fixup.py:50,local --workdir=/tmp/x
+
+The NF-ResNet recipe of configs/nf_resnet.py (batch 1024, lr 0.4, 90 or 360
+epochs), so the papers' comparisons can be rerun side by side; AGC is off by
+default (`--config.optimizer.agc.clipping=auto` turns it on). Expected:
+Fixup ResNet-50: ~76% top-1 at 90 epochs with mixup in its paper. Runtime: not measured here.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  """'<depth>[,90ep|,360ep][,local]', depth in 26/50/101/152/200/288/600."""
+  return common.resnet_config('resnet_fixup', arg, agc_clipping=None)
