@@ -143,7 +143,7 @@ def train_step(
     num_classes: int,
     label_smoothing: float,
     compute_dtype: Any,
-    ema_decay: float,
+    ema_decay: Optional[float],
     agc_clipping: Optional[float],
     agc_eps: float,
     agc_exclude: Any,
@@ -163,7 +163,7 @@ def train_step(
     num_classes: classifier outputs.
     label_smoothing: label smoothing of both labels.
     compute_dtype: dtype of the forward/backward pass.
-    ema_decay: maximum EMA decay.
+    ema_decay: maximum EMA decay (None: no EMA, for benchmarks).
     agc_clipping: AGC's lambda (None: no AGC), for the clipped fraction.
     agc_eps: AGC's eps.
     agc_exclude: AGC's excluded paths.
@@ -201,7 +201,10 @@ def train_step(
       if jnp.issubdtype(x.dtype, jnp.floating) else x, model_state)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema_params = optim.ema_update(state.ema_params, params, step, ema_decay)
+  if ema_decay is None:
+    ema_params = state.ema_params
+  else:
+    ema_params = optim.ema_update(state.ema_params, params, step, ema_decay)
 
   grad_norm = _global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

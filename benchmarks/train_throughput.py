@@ -1,0 +1,297 @@
+"""Training throughput of the runner's own train step, on all local devices.
+
+Times `nfnets.train.train_step` (the function `experiment.py` runs, not a
+copy) pmapped over every local device, on synthetic batches already on the
+devices, and prints one JSON line per measurement: median step time over the
+timed steps after warm-up, images/s, compile time, peak device memory and
+model FLOPs utilization (3 x forward FLOPs per image / the device's peak).
+
+Modes:
+  minimal  forward/backward + AGC + SGD-Nesterov: the work peers'
+           benchmarks time.
+  full     everything experiment.py does per step: the config's optimizer
+           chain (AGC, masked weight decay, schedule), EMA, label smoothing,
+           MixUp/CutMix labels and the logged norms.
+
+With torch and timm importable (and a CUDA device), the same run also times
+timm's `dm_nfnet_f0` (channels_last, bf16 autocast, SGD with timm's AGC) and
+prints our ratio to it. `--thesis` also runs nf_resnet50 against resnet50_bn.
+
+    python benchmarks/train_throughput.py                  # device defaults
+    python benchmarks/train_throughput.py --model=nfnet_f1 --batch=128
+    python benchmarks/train_throughput.py --thesis         # NF vs BN ResNet-50
+
+Defaults: on an accelerator nfnet_f0, 192 px, global batch 256, bf16, both
+modes; on a CPU nfnet_tiny, 32 px, batch 8, float32 (well under 2 minutes).
+"""
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nfnets import agc  # pylint: disable=g-import-not-at-top
+from nfnets import models  # pylint: disable=g-import-not-at-top
+from nfnets import optim  # pylint: disable=g-import-not-at-top
+from nfnets import train  # pylint: disable=g-import-not-at-top
+
+# Dense bf16 peak FLOP/s per device (vendor figures), for MFU.
+PEAK_FLOPS = {
+    'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12,
+    'TPU v5p': 459e12, 'TPU v3': 123e12,
+}
+
+
+def peak_flops(device) -> float | None:
+  kind = device.device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  return None
+
+
+def _config(model, batch, image_size, dtype):
+  """An experiment config around the model, as the runner would resolve it."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from nfnets import resolve  # pylint: disable=g-import-not-at-top
+  config = common.get_config()
+  info = models.info(model)
+  config.model.family, config.model.variant = info.family, info.variant
+  if info.family != 'nfnet':
+    config.model.stochdepth_rate = 0.1
+  config.train.batch_size = batch
+  config.train.compute_dtype = dtype
+  config.data.train_image_size = image_size
+  config = resolve.resolve(config)
+  config.unlock()
+  config.steps = ml_collections.ConfigDict(
+      dict(per_epoch=1000, total=100_000, warmup=1000, eval_every=0))
+  config.lock()
+  return config
+
+
+def build_step(model, batch, image_size, dtype, mode, num_classes=1000):
+  """(pmapped step, replicated state, device batch, config) for one setup."""
+  config = _config(model, batch, image_size, dtype)
+  forward = train.create_model(config, num_classes)
+  agc_cfg = config.optimizer.agc
+  if mode == 'minimal':
+    optimizer = optax.chain(
+        agc.adaptive_grad_clip(agc_cfg.clipping, agc_cfg.eps,
+                               tuple(agc_cfg.exclude)),
+        optax.sgd(0.1, momentum=0.9, nesterov=True))
+    lr_fn = lambda step: jnp.float32(0.1)
+    kwargs = dict(label_smoothing=0.0, ema_decay=None, with_metrics=False)
+  else:
+    optimizer = optim.create_optimizer(
+        config.optimizer, batch_size=batch, total_steps=config.steps.total,
+        warmup_steps=config.steps.warmup)
+    lr_fn = optim.learning_rate_fn_from_config(
+        config.optimizer, batch_size=batch, total_steps=config.steps.total,
+        warmup_steps=config.steps.warmup)
+    kwargs = dict(label_smoothing=config.train.label_smoothing,
+                  ema_decay=config.optimizer.ema_decay, with_metrics=True)
+  step_fn = jax.pmap(
+      functools.partial(
+          train.train_step, forward=forward, optimizer=optimizer,
+          lr_fn=lr_fn, num_classes=num_classes,
+          compute_dtype=train._DTYPES[dtype],  # pylint: disable=protected-access
+          agc_clipping=agc_cfg.clipping, agc_eps=agc_cfg.eps,
+          agc_exclude=tuple(agc_cfg.exclude), **kwargs),
+      axis_name=train.AXIS_NAME, donate_argnums=(0,))
+  state = train.create_train_state(jax.random.PRNGKey(0), forward, optimizer,
+                                   image_size)
+  replicated = train.replicate(state)
+  devices = jax.local_device_count()
+  if batch % devices:
+    raise ValueError(f'--batch={batch} is not divisible by the {devices} '
+                     'local devices.')
+  per_device = batch // devices
+  rng = np.random.default_rng(0)
+  host = {
+      'images': rng.standard_normal(
+          (devices, per_device, image_size, image_size, 3), np.float32),
+      'labels': rng.integers(0, num_classes, (devices, per_device), np.int32),
+      'labels2': rng.integers(0, num_classes, (devices, per_device),
+                              np.int32),
+      'mix_ratio': rng.uniform(0.5, 1.0, (devices, per_device)).astype(
+          np.float32),
+  }
+  # On the devices once: the benchmark times compute, not host transfers.
+  device_batch = jax.pmap(lambda x: x, axis_name=train.AXIS_NAME)(host)
+  return step_fn, replicated, device_batch, config
+
+
+def _peak_memory_gib():
+  stats = [d.memory_stats() or {} for d in jax.local_devices()]
+  peaks = [s.get('peak_bytes_in_use') for s in stats]
+  if not all(peaks):
+    return None
+  return max(peaks) / 2**30
+
+
+def time_ours(model, batch, image_size, dtype, mode, steps, warmup):
+  """Measures one (model, mode) setup; returns the JSON record."""
+  step_fn, state, device_batch, _ = build_step(model, batch, image_size,
+                                               dtype, mode)
+  start = time.perf_counter()
+  state, metrics = step_fn(state, device_batch)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    state, metrics = step_fn(state, device_batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = step_fn(state, device_batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  median = statistics.median(times)
+  images_per_s = batch / median
+  flops = 2 * models.count_flops(model, image_size)  # multiply-adds x 2
+  peak = peak_flops(jax.devices()[0])
+  mfu = (3 * flops * images_per_s / (peak * jax.device_count())
+         if peak else None)
+  return dict(
+      benchmark='train_throughput', impl='nfnets-jax', mode=mode, model=model,
+      batch=batch, image_size=image_size, dtype=dtype, steps=steps,
+      step_ms=round(1000 * median, 3), images_per_s=round(images_per_s, 1),
+      compile_s=round(compile_s, 2), peak_memory_gib=_peak_memory_gib(),
+      mfu=None if mfu is None else round(mfu, 4),
+      devices=jax.local_device_count(),
+      device_kind=jax.devices()[0].device_kind, jax_version=jax.__version__)
+
+
+def time_timm(batch, image_size, steps, warmup):
+  """timm's dm_nfnet_f0 train step on one CUDA device, or None if absent."""
+  try:
+    import timm  # pylint: disable=g-import-not-at-top
+    from timm.utils import agc as timm_agc  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  if not torch.cuda.is_available():
+    return None
+  model = timm.create_model('dm_nfnet_f0').cuda().to(
+      memory_format=torch.channels_last)
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
+                              nesterov=True)
+  images = torch.randn(batch, 3, image_size, image_size, device='cuda').to(
+      memory_format=torch.channels_last)
+  labels = torch.randint(0, 1000, (batch,), device='cuda')
+  loss_fn = torch.nn.CrossEntropyLoss()
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+      loss = loss_fn(model(images), labels)
+    loss.backward()
+    timm_agc.adaptive_clip_grad(model.parameters(), clip_factor=0.01)
+    optimizer.step()
+
+  for _ in range(warmup + 1):
+    step()
+  torch.cuda.synchronize()
+  torch.cuda.reset_peak_memory_stats()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    times.append(time.perf_counter() - start)
+  median = statistics.median(times)
+  return dict(
+      benchmark='train_throughput', impl='timm', mode='minimal',
+      model='dm_nfnet_f0', batch=batch, image_size=image_size,
+      dtype='bfloat16', steps=steps, step_ms=round(1000 * median, 3),
+      images_per_s=round(batch / median, 1),
+      peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+      device_kind=torch.cuda.get_device_name(), timm_version=timm.__version__,
+      torch_version=torch.__version__)
+
+
+def main(argv=None):
+  on_accelerator = jax.devices()[0].platform != 'cpu'
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--model', default=None)
+  parser.add_argument('--batch', type=int, default=None,
+                      help='global batch over all local devices')
+  parser.add_argument('--image_size', type=int, default=None)
+  parser.add_argument('--dtype', default=None,
+                      choices=['bfloat16', 'float32', 'float16'])
+  parser.add_argument('--modes', default='minimal,full')
+  parser.add_argument('--steps', type=int, default=20)
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--thesis', action='store_true',
+                      help='also time nf_resnet50 vs resnet50_bn (224 px)')
+  parser.add_argument('--thesis_batch', type=int, default=None)
+  parser.add_argument('--no_timm', action='store_true')
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.warmup < 0:
+    parser.error('--steps must be >= 1 and --warmup >= 0')
+  defaults = (dict(model='nfnet_f0', batch=256, image_size=192,
+                   dtype='bfloat16') if on_accelerator else
+              dict(model='nfnet_tiny', batch=8, image_size=32,
+                   dtype='float32'))
+  model = args.model or defaults['model']
+  models.info(model)  # unknown names fail here, listing the valid ones
+  batch = args.batch or defaults['batch']
+  size = args.image_size or defaults['image_size']
+  dtype = args.dtype or defaults['dtype']
+
+  records = {}
+  for mode in [m for m in args.modes.split(',') if m]:
+    if mode not in ('minimal', 'full'):
+      parser.error(f'unknown mode {mode!r}: use minimal and/or full')
+    record = time_ours(model, batch, size, dtype, mode, args.steps,
+                       args.warmup)
+    records[mode] = record
+    print(json.dumps(record), flush=True)
+  if 'minimal' in records and 'full' in records:
+    print(json.dumps(dict(
+        benchmark='train_throughput', comparison='full_vs_minimal',
+        model=model, ratio=round(records['full']['images_per_s']
+                                 / records['minimal']['images_per_s'], 4))),
+          flush=True)
+  if not args.no_timm and model == 'nfnet_f0' and on_accelerator:
+    theirs = time_timm(batch, size, args.steps, args.warmup)
+    if theirs is not None:
+      print(json.dumps(theirs), flush=True)
+      if 'minimal' in records:
+        print(json.dumps(dict(
+            benchmark='train_throughput', comparison='ours_vs_timm',
+            model=model, ratio=round(records['minimal']['images_per_s']
+                                     / theirs['images_per_s'], 4))),
+              flush=True)
+  if args.thesis:
+    thesis_batch = args.thesis_batch or (256 if on_accelerator else 8)
+    thesis_size = 224 if on_accelerator else 32
+    results = {}
+    for name in ('nf_resnet50', 'resnet50_bn'):
+      record = time_ours(name, thesis_batch, thesis_size, dtype, 'minimal',
+                         args.steps, args.warmup)
+      results[name] = record
+      print(json.dumps(record), flush=True)
+    nf, bn = results['nf_resnet50'], results['resnet50_bn']
+    print(json.dumps(dict(
+        benchmark='train_throughput', comparison='nf_resnet50_vs_resnet50_bn',
+        speed_ratio=round(nf['images_per_s'] / bn['images_per_s'], 4),
+        nf_peak_memory_gib=nf['peak_memory_gib'],
+        bn_peak_memory_gib=bn['peak_memory_gib'])), flush=True)
+
+
+if __name__ == '__main__':
+  main()
