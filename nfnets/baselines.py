@@ -39,10 +39,7 @@ _HE_INIT = hk.initializers.VarianceScaling(2.0, 'fan_in', 'normal')
 
 def variant_spec(variant: str):
   """The table row of `variant` (e.g. 'ResNet50')."""
-  if variant not in VARIANTS:
-    raise ValueError(
-        f'Unknown ResNet variant {variant!r}; valid: {sorted(VARIANTS)}.')
-  return VARIANTS[variant]
+  return layers.lookup_variant(VARIANTS, variant, 'ResNet')
 
 
 def _conv(ch, k, stride=1, name=None, w_init=_HE_INIT):
@@ -101,10 +98,7 @@ class ResNet(hk.Module):
     spec = variant_spec(variant)
     if norm not in ('batchnorm', None):
       raise ValueError(f"norm must be 'batchnorm' or None, got {norm!r}.")
-    if num_classes < 1:
-      raise ValueError(f'num_classes must be >= 1, got {num_classes}.')
-    if not 0.0 <= drop_rate < 1.0:
-      raise ValueError(f'drop_rate must be in [0, 1), got {drop_rate}.')
+    layers.check_head_args(num_classes, drop_rate)
     self.norm = norm
     self.drop_rate = drop_rate
     skipinit = 'zeros' if skipinit is True else skipinit
@@ -134,28 +128,17 @@ class ResNet(hk.Module):
     averages otherwise (they live in Haiku state: use `transform_with_state`).
     """
     layers.check_nhwc(x, 'ResNet')
-    metrics = {}
     out = self.initial_conv(x)
     out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
                       padding='SAME')
-    if return_metrics:
-      metrics.update(layers.signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
-      out, res_var = block(out, is_training=is_training)
-      if return_metrics:
-        metrics.update(layers.signal_metrics(out, i + 1))
-        metrics[f'res_avg_var_{i}'] = res_var
+    metrics = layers.signal_metrics(out, 0) if return_metrics else None
+    out = layers.apply_blocks(self.blocks, out, is_training=is_training,
+                              metrics=metrics)
     if self.final_bn is not None:
       out = self.final_bn(out, is_training=is_training)
-    out = jax.nn.relu(out)
-    pool = jnp.mean(out, axis=(1, 2))
-    if self.drop_rate > 0.0 and is_training:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
-    logits = self.fc(pool)
-    if return_metrics:
-      metrics['pool'] = pool
-      return logits, metrics
-    return logits
+    pool = jnp.mean(jax.nn.relu(out), axis=(1, 2))
+    return layers.classify(pool, self.fc, self.drop_rate,
+                           is_training=is_training, metrics=metrics)
 
 
 class ResBlockV2(hk.Module):
@@ -222,10 +205,7 @@ class FixupResNet(hk.Module):
     """
     super().__init__(name=name)
     spec = variant_spec(variant)
-    if num_classes < 1:
-      raise ValueError(f'num_classes must be >= 1, got {num_classes}.')
-    if not 0.0 <= drop_rate < 1.0:
-      raise ValueError(f'drop_rate must be in [0, 1), got {drop_rate}.')
+    layers.check_head_args(num_classes, drop_rate)
     self.drop_rate = drop_rate
     depth_pattern = tuple(depth or spec['depth'])
     num_blocks = sum(depth_pattern)
@@ -246,28 +226,19 @@ class FixupResNet(hk.Module):
                return_metrics: bool = False):
     """Computes logits for images `x` of shape `[N, H, W, C]`."""
     layers.check_nhwc(x, 'FixUp_ResNet')
-    metrics = {}
     out = self.initial_conv(x)
     bias1 = hk.get_parameter('bias1', (), jnp.float32, init=jnp.zeros)
     out = jax.nn.relu(out + bias1.astype(out.dtype))
     out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
                       padding='SAME')
-    if return_metrics:
-      metrics.update(layers.signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
-      out, res_var = block(out, is_training=is_training)
-      if return_metrics:
-        metrics.update(layers.signal_metrics(out, i + 1))
-        metrics[f'res_avg_var_{i}'] = res_var
-    pool = jnp.mean(out, axis=(1, 2))
-    if self.drop_rate > 0.0 and is_training:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
+    metrics = layers.signal_metrics(out, 0) if return_metrics else None
+    out = layers.apply_blocks(self.blocks, out, is_training=is_training,
+                              metrics=metrics)
     bias2 = hk.get_parameter('bias2', (), jnp.float32, init=jnp.zeros)
-    logits = self.fc(pool + bias2.astype(pool.dtype))
-    if return_metrics:
-      metrics['pool'] = pool
-      return logits, metrics
-    return logits
+    # Fixup's scalar bias before the classifier.
+    pool = jnp.mean(out, axis=(1, 2)) + bias2.astype(out.dtype)
+    return layers.classify(pool, self.fc, self.drop_rate,
+                           is_training=is_training, metrics=metrics)
 
 
 class FixupBlock(hk.Module):

@@ -447,3 +447,59 @@ def signal_metrics(x: jax.Array, index: int) -> dict[str, jax.Array]:
 def residual_variance(x: jax.Array) -> jax.Array:
   """Average channel variance of a residual branch's output, float32."""
   return jnp.mean(jnp.var(x.astype(jnp.float32), axis=(0, 1, 2)))
+
+
+def lookup_variant(table: dict, variant: str, family: str) -> dict:
+  """`table[variant]`, or a ValueError listing the family's variants."""
+  if variant not in table:
+    raise ValueError(
+        f'Unknown {family} variant {variant!r}; valid: {sorted(table)}.')
+  return table[variant]
+
+
+def check_head_args(num_classes: int, drop_rate: float) -> None:
+  """Validates the classifier arguments every model takes."""
+  if num_classes < 1:
+    raise ValueError(f'num_classes must be >= 1, got {num_classes}.')
+  if not 0.0 <= drop_rate < 1.0:
+    raise ValueError(f'drop_rate must be in [0, 1), got {drop_rate}.')
+
+
+def apply_blocks(blocks, x: jax.Array, *, is_training: bool,
+                 metrics: Optional[dict]) -> jax.Array:
+  """Runs residual blocks in order, recording their signal statistics.
+
+  Args:
+    blocks: modules returning `(output, residual branch variance)`.
+    x: the stem's output.
+    is_training: passed to every block.
+    metrics: a dict to fill (`avg_sq_mean_i`, `avg_var_i` after block i >= 1,
+      `res_avg_var_i` of block i >= 0), or None to record nothing.
+
+  Returns:
+    The last block's output.
+  """
+  for i, block in enumerate(blocks):
+    x, res_var = block(x, is_training=is_training)
+    if metrics is not None:
+      metrics.update(signal_metrics(x, i + 1))
+      metrics[f'res_avg_var_{i}'] = res_var
+  return x
+
+
+def classify(pool: jax.Array, fc: hk.Module, drop_rate: float, *,
+             is_training: bool, metrics: Optional[dict]):
+  """Dropout (training only) and the classifier on pooled features.
+
+  Returns:
+    `logits`, or `(logits, metrics)` with `metrics['pool']` (before dropout)
+    when `metrics` is a dict.
+  """
+  logits_in = pool
+  if drop_rate > 0.0 and is_training:
+    logits_in = hk.dropout(hk.next_rng_key(), drop_rate, pool)
+  logits = fc(logits_in)
+  if metrics is None:
+    return logits
+  metrics['pool'] = pool
+  return logits, metrics

@@ -31,10 +31,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def variant_spec(variant: str) -> dict[str, Any]:
   """The table row of `variant` (e.g. 'ResNet50')."""
-  if variant not in VARIANTS:
-    raise ValueError(
-        f'Unknown NF-ResNet variant {variant!r}; valid: {sorted(VARIANTS)}.')
-  return VARIANTS[variant]
+  return layers.lookup_variant(VARIANTS, variant, 'NF-ResNet')
 
 
 class NFResNet(hk.Module):
@@ -80,13 +77,10 @@ class NFResNet(hk.Module):
     """
     super().__init__(name=name)
     spec = variant_spec(variant)
-    if num_classes < 1:
-      raise ValueError(f'num_classes must be >= 1, got {num_classes}.')
     self.num_classes = num_classes
     self.variant = variant
     self.drop_rate = spec['drop_rate'] if drop_rate is None else drop_rate
-    if not 0.0 <= self.drop_rate < 1.0:
-      raise ValueError(f'drop_rate must be in [0, 1), got {self.drop_rate}.')
+    layers.check_head_args(num_classes, self.drop_rate)
     depth_pattern = tuple(depth or spec['depth'])
     width_pattern = [int(c * width) for c in (64, 128, 256, 512)]
     self.activation = layers.nonlinearity(activation)
@@ -131,25 +125,15 @@ class NFResNet(hk.Module):
     See `nfnets.nfnet.NFNet.__call__` for the metrics returned.
     """
     layers.check_nhwc(x, 'NF_ResNet')
-    metrics = {}
     out = self.initial_conv(x)
     out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
                       padding='SAME')
-    if return_metrics:
-      metrics.update(layers.signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
-      out, res_var = block(out, is_training=is_training)
-      if return_metrics:
-        metrics.update(layers.signal_metrics(out, i + 1))
-        metrics[f'res_avg_var_{i}'] = res_var
+    metrics = layers.signal_metrics(out, 0) if return_metrics else None
+    out = layers.apply_blocks(self.blocks, out, is_training=is_training,
+                              metrics=metrics)
     pool = jnp.mean(self.activation(out), axis=(1, 2))
-    if self.drop_rate > 0.0 and is_training:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
-    logits = self.fc(pool)
-    if return_metrics:
-      metrics['pool'] = pool
-      return logits, metrics
-    return logits
+    return layers.classify(pool, self.fc, self.drop_rate,
+                           is_training=is_training, metrics=metrics)
 
 
 class NFResBlock(hk.Module):

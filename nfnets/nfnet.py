@@ -52,10 +52,7 @@ VARIANTS['tiny'] = dict(depth=(1, 1, 1, 1), drop_rate=0.0, train_imsize=32,
 
 def variant_spec(variant: str) -> dict[str, Any]:
   """The table row of `variant` (e.g. 'F0', 'F3+')."""
-  if variant not in VARIANTS:
-    raise ValueError(
-        f'Unknown NFNet variant {variant!r}; valid: {sorted(VARIANTS)}.')
-  return VARIANTS[variant]
+  return layers.lookup_variant(VARIANTS, variant, 'NFNet')
 
 
 class NFNet(hk.Module):
@@ -107,15 +104,12 @@ class NFNet(hk.Module):
     """
     super().__init__(name=name)
     spec = variant_spec(variant)
-    if num_classes < 1:
-      raise ValueError(f'num_classes must be >= 1, got {num_classes}.')
     self.num_classes = num_classes
     self.variant = variant
     self.train_imsize = spec['train_imsize']
     self.test_imsize = spec['test_imsize']
     self.drop_rate = spec['drop_rate'] if drop_rate is None else drop_rate
-    if not 0.0 <= self.drop_rate < 1.0:
-      raise ValueError(f'drop_rate must be in [0, 1), got {self.drop_rate}.')
+    layers.check_head_args(num_classes, self.drop_rate)
     depth_pattern = tuple(depth or spec['depth'])
     width_pattern = tuple(widths or spec['width'])
     if len(depth_pattern) != len(width_pattern):
@@ -187,28 +181,17 @@ class NFNet(hk.Module):
       `res_avg_var_i` of block i's residual branch (i>=0), and `pool`.
     """
     layers.check_nhwc(x, 'NFNet')
-    metrics = {}
     out = x
     for i, conv in enumerate(self.stem):
       out = conv(out)
       if i < len(self.stem) - 1:
         out = self.activation(out)
-    if return_metrics:
-      metrics.update(layers.signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
-      out, res_var = block(out, is_training=is_training)
-      if return_metrics:
-        metrics.update(layers.signal_metrics(out, i + 1))
-        metrics[f'res_avg_var_{i}'] = res_var
-    out = self.activation(self.final_conv(out))
-    pool = jnp.mean(out, axis=(1, 2))
-    if self.drop_rate > 0.0 and is_training:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
-    logits = self.fc(pool)
-    if return_metrics:
-      metrics['pool'] = pool
-      return logits, metrics
-    return logits
+    metrics = layers.signal_metrics(out, 0) if return_metrics else None
+    out = layers.apply_blocks(self.blocks, out, is_training=is_training,
+                              metrics=metrics)
+    pool = jnp.mean(self.activation(self.final_conv(out)), axis=(1, 2))
+    return layers.classify(pool, self.fc, self.drop_rate,
+                           is_training=is_training, metrics=metrics)
 
 
 class NFBlock(hk.Module):
