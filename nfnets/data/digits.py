@@ -124,52 +124,49 @@ def _translate(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _train_iterator(cfg, layout, image_size, seed, start_step) -> Iterator:
-  """Infinite train batches; batch k depends only on (seed, k)."""
+  """Infinite train batches; batch k depends only on (seed, k).
+
+  Every process draws the same GLOBAL batch of step k (epoch orders over the
+  whole split, shifts and mixing seeded without the process index) and keeps
+  its own contiguous slice of it. So a run on P processes x D devices sees
+  exactly the batches of a run on one process with P x D devices, and the
+  processes' slices are disjoint and together cover each epoch.
+  """
   images, labels = _split_arrays('train', image_size)
-  shard = batching.shard_indices(
-      len(labels), layout.process_index, layout.process_count
-  )
-  shard_size = len(shard)
+  num = len(labels)
+  global_batch = layout.global_batch_size
   per_process = layout.process_batch_size
+  first = layout.process_index * per_process
+  devices = layout.local_device_count
 
   @functools.lru_cache(maxsize=2)
   def epoch_order(epoch):
-    rng = np.random.default_rng(
-        [seed, _EPOCH_TAG, epoch, layout.process_index]
-    )
-    return shard[rng.permutation(shard_size)]
+    return np.random.default_rng([seed, _EPOCH_TAG, epoch]).permutation(num)
 
   step = start_step
   while True:
     # Positions of this step's examples in the endless sequence of epochs.
-    positions = np.arange(step * per_process, (step + 1) * per_process)
-    epochs, offsets = np.divmod(positions, shard_size)
-    index = np.empty(per_process, np.int64)
+    positions = np.arange(step * global_batch, (step + 1) * global_batch)
+    epochs, offsets = np.divmod(positions, num)
+    index = np.empty(global_batch, np.int64)
     for epoch in np.unique(epochs):
       in_epoch = epochs == epoch
       index[in_epoch] = epoch_order(int(epoch))[offsets[in_epoch]]
-
-    shift_rng = np.random.default_rng(
-        [seed, _SHIFT_TAG, step, layout.process_index]
-    )
-    batch_images = _to_host_batch(
-        _translate(images[index], shift_rng), layout
-    )
-    batch_labels = labels[index].reshape(batch_images.shape[:2])
-
-    mix_rng = np.random.default_rng(
-        [seed, _MIX_TAG, step, layout.process_index]
-    )
-    mixed = [
-        mixing.mix_batch(
-            batch_images[d],
-            batch_labels[d],
-            mix_rng,
-            mixup_alpha=cfg.mixup_alpha,
-            cutmix=cfg.cutmix,
-        )
-        for d in range(layout.local_device_count)
-    ]
+    # Shifts are drawn for the whole global batch, then sliced, so that they
+    # do not depend on how the batch is split over processes.
+    shift_rng = np.random.default_rng([seed, _SHIFT_TAG, step])
+    shifted = _translate(images[index], shift_rng)[first:first + per_process]
+    batch_images = _to_host_batch(shifted, layout)
+    batch_labels = labels[index][first:first + per_process].reshape(
+        batch_images.shape[:2])
+    mixed = []
+    for d in range(devices):
+      # Seeded by the device's place in the global batch, not by process.
+      global_device = layout.process_index * devices + d
+      mix_rng = np.random.default_rng([seed, _MIX_TAG, step, global_device])
+      mixed.append(mixing.mix_batch(
+          batch_images[d], batch_labels[d], mix_rng,
+          mixup_alpha=cfg.mixup_alpha, cutmix=cfg.cutmix))
     yield {
         'images': np.stack([m[0] for m in mixed]),
         'labels': np.stack([m[1] for m in mixed]),
