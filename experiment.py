@@ -17,41 +17,62 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file, e.g. configs/nfnet.py:F0.',
-    lock_config=True)
+    'config',
+    None,
+    'Experiment config file, e.g. configs/nfnet.py:F0.',
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Where checkpoints and logs go; a run resumes from it.')
+    'workdir', None, 'Where checkpoints and logs go; a run resumes from it.'
+)
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'eval', 'train_eval'],
+    'mode',
+    'train',
+    ['train', 'eval', 'train_eval'],
     'train (evaluating periodically and at the end; train_eval is the same), '
-    "or eval: the workdir's latest checkpoint or --config.eval.checkpoint.")
+    "or eval: the workdir's latest checkpoint or --config.eval.checkpoint.",
+)
 _COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None,
+    'coordinator_address',
+    None,
     'host:port of process 0, for multi-process runs outside TPU pods (where '
-    'JAX finds its peers by itself).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
-                                      'Processes in a multi-process run.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None,
-                                   'This process, in [0, num_processes).')
+    'JAX finds its peers by itself).',
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Processes in a multi-process run.'
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'This process, in [0, num_processes).'
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _print_summary(result, workdir):
   """The last lines of a run: what it reached, how long it took, where."""
-  print('Final: ' + json.dumps(
-      {k: v for k, v in result.items() if isinstance(v, (int, float))}))
+  print(
+      'Final: '
+      + json.dumps(
+          {k: v for k, v in result.items() if isinstance(v, (int, float))}
+      )
+  )
   if result.get('preempted'):
-    print(f'Preempted at step {result["step"]}: run the same command to '
-          'resume.')
+    print(
+        f'Preempted at step {result["step"]}: run the same command to '
+        'resume.'
+    )
     return
   minutes, seconds = divmod(int(result['wall_time_s']), 60)
-  line = (f'Done in {minutes}m{seconds:02d}s: step {result["step"]}, test '
-          f'top-1 {100 * result["eval_top1"]:.2f}%')
+  line = (
+      f'Done in {minutes}m{seconds:02d}s: step {result["step"]}, test '
+      f'top-1 {100 * result["eval_top1"]:.2f}%'
+  )
   if 'ema_eval_top1' in result:
     line += f' (EMA {100 * result["ema_eval_top1"]:.2f}%)'
   print(line + f' on {result["eval_count"]} images.')
-  print(f'Workdir: {workdir} (metrics.jsonl, tensorboard/, checkpoints/, '
-        'curves.png, config.json)')
+  print(
+      f'Workdir: {workdir} (metrics.jsonl, tensorboard/, checkpoints/, '
+      'curves.png, config.json)'
+  )
 
 
 def main(argv):
@@ -62,11 +83,15 @@ def main(argv):
     # Libraries (orbax) log every file operation at INFO; -v 0 brings it back.
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
+
   if _COORDINATOR.value:
     jax.distributed.initialize(
         coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
   from nfnets import train  # pylint: disable=g-import-not-at-top
+
   try:
     if _MODE.value == 'eval':
       train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)

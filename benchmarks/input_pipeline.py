@@ -37,11 +37,20 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import data
 from nfnets.data import testing
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # (width, height) and their weights: ImageNet's most common sizes.
-_SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (333, 500),
-          (640, 480), (400, 300), (500, 500))
+_SIZES = (
+    (500, 375),
+    (375, 500),
+    (500, 333),
+    (500, 400),
+    (333, 500),
+    (640, 480),
+    (400, 300),
+    (500, 500),
+)
 _SIZE_WEIGHTS = (0.40, 0.15, 0.15, 0.08, 0.06, 0.06, 0.05, 0.05)
 _NUM_CLASSES = 10
 
@@ -53,8 +62,9 @@ def _synthetic_image(rng: np.random.Generator) -> Image.Image:
   direction = rng.normal(size=2)
   ramp = (xs * direction[0] + ys * direction[1]) / max(width, height)
   start, end = rng.uniform(0, 255, (2, 3))
-  image = start + (end - start) * ((ramp - ramp.min()) / np.ptp(ramp))[
-      ..., None]
+  image = (
+      start + (end - start) * ((ramp - ramp.min()) / np.ptp(ramp))[..., None]
+  )
   canvas = Image.fromarray(image.astype(np.uint8))
   # ... some random shapes ...
   draw = ImageDraw.Draw(canvas)
@@ -65,8 +75,10 @@ def _synthetic_image(rng: np.random.Generator) -> Image.Image:
     if rng.random() < 0.5:
       draw.ellipse([x0, y0, x1, y1], fill=colour)
     else:
-      points = [(int(x), int(y)) for x, y in zip(rng.integers(0, width, 5),
-                                                 rng.integers(0, height, 5))]
+      points = [
+          (int(x), int(y))
+          for x, y in zip(rng.integers(0, width, 5), rng.integers(0, height, 5))
+      ]
       draw.polygon(points, fill=colour)
   # ... and sensor-like noise, which sets the JPEG size near ImageNet's.
   noise = rng.normal(0, 14, (height, width, 3))
@@ -104,13 +116,28 @@ def _cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def measure(root, name, *, batch_size, devices, image_size, num_batches,
-            warmup, **overrides) -> dict:
+def measure(
+    root,
+    name,
+    *,
+    batch_size,
+    devices,
+    image_size,
+    num_batches,
+    warmup,
+    **overrides,
+) -> dict:
   cfg = testing.config(name=f'folder:{root}', **overrides)
   ds = data.create_dataset(
-      cfg, split='train', global_batch_size=batch_size,
-      image_size=image_size, seed=0, process_index=0, process_count=1,
-      local_device_count=devices)
+      cfg,
+      split='train',
+      global_batch_size=batch_size,
+      image_size=image_size,
+      seed=0,
+      process_index=0,
+      process_count=1,
+      local_device_count=devices,
+  )
   for _ in range(warmup):  # Fills the buffers and lets tf.data autotune.
     next(ds)
   start, start_cpu = time.perf_counter(), _cpu_seconds()
@@ -144,16 +171,25 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--num_images', type=int, default=2000)
   parser.add_argument('--batch_size', type=int, default=256)
-  parser.add_argument('--devices', type=int, default=8,
-                      help='local devices the batch is split over')
+  parser.add_argument(
+      '--devices',
+      type=int,
+      default=8,
+      help='local devices the batch is split over',
+  )
   parser.add_argument('--image_size', type=int, default=192)
   parser.add_argument('--num_batches', type=int, default=12)
   parser.add_argument('--warmup', type=int, default=3)
-  parser.add_argument('--folder', default=None,
-                      help='reuse (or create) this folder instead of a '
-                      'temporary one')
-  parser.add_argument('--full_only', action='store_true',
-                      help='only the F0 configuration, not the breakdown')
+  parser.add_argument(
+      '--folder',
+      default=None,
+      help='reuse (or create) this folder instead of a ' 'temporary one',
+  )
+  parser.add_argument(
+      '--full_only',
+      action='store_true',
+      help='only the F0 configuration, not the breakdown',
+  )
   args = parser.parse_args(argv)
 
   root = args.folder or tempfile.mkdtemp(prefix='nfnets_bench_')
@@ -163,28 +199,48 @@ def main(argv=None):
       stats = write_folder(root, args.num_images)
     else:
       stats = {'num_images': sum(len(f) for _, _, f in os.walk(root))}
-    print(json.dumps({
-        'benchmark': 'input_pipeline', 'dataset': 'synthetic_jpeg_folder',
-        **stats, 'write_seconds': round(time.perf_counter() - start, 1),
-        'cpu': _cpu_model(), 'cpu_count': os.cpu_count(),
-        'affinity_cores': len(os.sched_getaffinity(0)),
-        'python': platform.python_version(),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                'benchmark': 'input_pipeline',
+                'dataset': 'synthetic_jpeg_folder',
+                **stats,
+                'write_seconds': round(time.perf_counter() - start, 1),
+                'cpu': _cpu_model(),
+                'cpu_count': os.cpu_count(),
+                'affinity_cores': len(os.sched_getaffinity(0)),
+                'python': platform.python_version(),
+            }
+        ),
+        flush=True,
+    )
 
-    f0 = dict(randaugment_layers=4, randaugment_magnitude=5, mixup_alpha=0.2,
-              cutmix=True)
+    f0 = dict(
+        randaugment_layers=4,
+        randaugment_magnitude=5,
+        mixup_alpha=0.2,
+        cutmix=True,
+    )
     configs = [('f0_full', f0)]
     if not args.full_only:
       configs += [
           ('f0_no_mixing', dict(f0, mixup_alpha=0.0, cutmix=False)),
-          ('crop_flip_resize_only', dict(f0, randaugment_layers=0,
-                                         mixup_alpha=0.0, cutmix=False)),
+          (
+              'crop_flip_resize_only',
+              dict(f0, randaugment_layers=0, mixup_alpha=0.0, cutmix=False),
+          ),
       ]
     for name, overrides in configs:
-      result = measure(root, name, batch_size=args.batch_size,
-                       devices=args.devices, image_size=args.image_size,
-                       num_batches=args.num_batches, warmup=args.warmup,
-                       **overrides)
+      result = measure(
+          root,
+          name,
+          batch_size=args.batch_size,
+          devices=args.devices,
+          image_size=args.image_size,
+          num_batches=args.num_batches,
+          warmup=args.warmup,
+          **overrides,
+      )
       print(json.dumps(result), flush=True)
   finally:
     if not args.folder:

@@ -48,9 +48,15 @@ from nfnets import train  # pylint: disable=g-import-not-at-top
 
 # Dense bf16 peak FLOP/s per device (vendor figures), for MFU.
 PEAK_FLOPS = {
-    'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12,
-    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12,
-    'TPU v5p': 459e12, 'TPU v3': 123e12,
+    'H100': 989e12,
+    'H200': 989e12,
+    'A100': 312e12,
+    'L4': 121e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v3': 123e12,
 }
 
 
@@ -66,6 +72,7 @@ def _config(model, batch, image_size, dtype):
   """An experiment config around the model, as the runner would resolve it."""
   from configs import common  # pylint: disable=g-import-not-at-top
   from nfnets import resolve  # pylint: disable=g-import-not-at-top
+
   config = common.get_config()
   info = models.info(model)
   config.model.family, config.model.variant = info.family, info.variant
@@ -77,7 +84,8 @@ def _config(model, batch, image_size, dtype):
   config = resolve.resolve(config)
   config.unlock()
   config.steps = ml_collections.ConfigDict(
-      dict(per_epoch=1000, total=100_000, warmup=1000, eval_every=0))
+      dict(per_epoch=1000, total=100_000, warmup=1000, eval_every=0)
+  )
   config.lock()
   return config
 
@@ -89,45 +97,67 @@ def build_step(model, batch, image_size, dtype, mode, num_classes=1000):
   agc_cfg = config.optimizer.agc
   if mode == 'minimal':
     optimizer = optax.chain(
-        agc.adaptive_grad_clip(agc_cfg.clipping, agc_cfg.eps,
-                               tuple(agc_cfg.exclude)),
-        optax.sgd(0.1, momentum=0.9, nesterov=True))
+        agc.adaptive_grad_clip(
+            agc_cfg.clipping, agc_cfg.eps, tuple(agc_cfg.exclude)
+        ),
+        optax.sgd(0.1, momentum=0.9, nesterov=True),
+    )
     lr_fn = lambda step: jnp.float32(0.1)
     kwargs = dict(label_smoothing=0.0, ema_decay=None, with_metrics=False)
   else:
     optimizer = optim.create_optimizer(
-        config.optimizer, batch_size=batch, total_steps=config.steps.total,
-        warmup_steps=config.steps.warmup)
+        config.optimizer,
+        batch_size=batch,
+        total_steps=config.steps.total,
+        warmup_steps=config.steps.warmup,
+    )
     lr_fn = optim.learning_rate_fn_from_config(
-        config.optimizer, batch_size=batch, total_steps=config.steps.total,
-        warmup_steps=config.steps.warmup)
-    kwargs = dict(label_smoothing=config.train.label_smoothing,
-                  ema_decay=config.optimizer.ema_decay, with_metrics=True)
+        config.optimizer,
+        batch_size=batch,
+        total_steps=config.steps.total,
+        warmup_steps=config.steps.warmup,
+    )
+    kwargs = dict(
+        label_smoothing=config.train.label_smoothing,
+        ema_decay=config.optimizer.ema_decay,
+        with_metrics=True,
+    )
   step_fn = jax.pmap(
       functools.partial(
-          train.train_step, forward=forward, optimizer=optimizer,
-          lr_fn=lr_fn, num_classes=num_classes,
+          train.train_step,
+          forward=forward,
+          optimizer=optimizer,
+          lr_fn=lr_fn,
+          num_classes=num_classes,
           compute_dtype=train._DTYPES[dtype],  # pylint: disable=protected-access
-          agc_clipping=agc_cfg.clipping, agc_eps=agc_cfg.eps,
-          agc_exclude=tuple(agc_cfg.exclude), **kwargs),
-      axis_name=train.AXIS_NAME, donate_argnums=(0,))
-  state = train.create_train_state(jax.random.PRNGKey(0), forward, optimizer,
-                                   image_size)
+          agc_clipping=agc_cfg.clipping,
+          agc_eps=agc_cfg.eps,
+          agc_exclude=tuple(agc_cfg.exclude),
+          **kwargs,
+      ),
+      axis_name=train.AXIS_NAME,
+      donate_argnums=(0,),
+  )
+  state = train.create_train_state(
+      jax.random.PRNGKey(0), forward, optimizer, image_size
+  )
   replicated = train.replicate(state)
   devices = jax.local_device_count()
   if batch % devices:
-    raise ValueError(f'--batch={batch} is not divisible by the {devices} '
-                     'local devices.')
+    raise ValueError(
+        f'--batch={batch} is not divisible by the {devices} ' 'local devices.'
+    )
   per_device = batch // devices
   rng = np.random.default_rng(0)
   host = {
       'images': rng.standard_normal(
-          (devices, per_device, image_size, image_size, 3), np.float32),
+          (devices, per_device, image_size, image_size, 3), np.float32
+      ),
       'labels': rng.integers(0, num_classes, (devices, per_device), np.int32),
-      'labels2': rng.integers(0, num_classes, (devices, per_device),
-                              np.int32),
-      'mix_ratio': rng.uniform(0.5, 1.0, (devices, per_device)).astype(
-          np.float32),
+      'labels2': rng.integers(0, num_classes, (devices, per_device), np.int32),
+      'mix_ratio': (
+          rng.uniform(0.5, 1.0, (devices, per_device)).astype(np.float32)
+      ),
   }
   # On the devices once: the benchmark times compute, not host transfers.
   device_batch = jax.pmap(lambda x: x, axis_name=train.AXIS_NAME)(host)
@@ -144,8 +174,9 @@ def _peak_memory_gib():
 
 def time_ours(model, batch, image_size, dtype, mode, steps, warmup):
   """Measures one (model, mode) setup; returns the JSON record."""
-  step_fn, state, device_batch, _ = build_step(model, batch, image_size,
-                                               dtype, mode)
+  step_fn, state, device_batch, _ = build_step(
+      model, batch, image_size, dtype, mode
+  )
   start = time.perf_counter()
   state, metrics = step_fn(state, device_batch)
   jax.block_until_ready(metrics)
@@ -163,16 +194,25 @@ def time_ours(model, batch, image_size, dtype, mode, steps, warmup):
   images_per_s = batch / median
   flops = 2 * models.count_flops(model, image_size)  # multiply-adds x 2
   peak = peak_flops(jax.devices()[0])
-  mfu = (3 * flops * images_per_s / (peak * jax.device_count())
-         if peak else None)
+  mfu = 3 * flops * images_per_s / (peak * jax.device_count()) if peak else None
   return dict(
-      benchmark='train_throughput', impl='nfnets-jax', mode=mode, model=model,
-      batch=batch, image_size=image_size, dtype=dtype, steps=steps,
-      step_ms=round(1000 * median, 3), images_per_s=round(images_per_s, 1),
-      compile_s=round(compile_s, 2), peak_memory_gib=_peak_memory_gib(),
+      benchmark='train_throughput',
+      impl='nfnets-jax',
+      mode=mode,
+      model=model,
+      batch=batch,
+      image_size=image_size,
+      dtype=dtype,
+      steps=steps,
+      step_ms=round(1000 * median, 3),
+      images_per_s=round(images_per_s, 1),
+      compile_s=round(compile_s, 2),
+      peak_memory_gib=_peak_memory_gib(),
       mfu=None if mfu is None else round(mfu, 4),
       devices=jax.local_device_count(),
-      device_kind=jax.devices()[0].device_kind, jax_version=jax.__version__)
+      device_kind=jax.devices()[0].device_kind,
+      jax_version=jax.__version__,
+  )
 
 
 def time_timm(batch, image_size, steps, warmup):
@@ -185,12 +225,17 @@ def time_timm(batch, image_size, steps, warmup):
     return None
   if not torch.cuda.is_available():
     return None
-  model = timm.create_model('dm_nfnet_f0').cuda().to(
-      memory_format=torch.channels_last)
-  optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
-                              nesterov=True)
+  model = (
+      timm.create_model('dm_nfnet_f0')
+      .cuda()
+      .to(memory_format=torch.channels_last)
+  )
+  optimizer = torch.optim.SGD(
+      model.parameters(), lr=0.1, momentum=0.9, nesterov=True
+  )
   images = torch.randn(batch, 3, image_size, image_size, device='cuda').to(
-      memory_format=torch.channels_last)
+      memory_format=torch.channels_last
+  )
   labels = torch.randint(0, 1000, (batch,), device='cuda')
   loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -214,38 +259,55 @@ def time_timm(batch, image_size, steps, warmup):
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
   return dict(
-      benchmark='train_throughput', impl='timm', mode='minimal',
-      model='dm_nfnet_f0', batch=batch, image_size=image_size,
-      dtype='bfloat16', steps=steps, step_ms=round(1000 * median, 3),
+      benchmark='train_throughput',
+      impl='timm',
+      mode='minimal',
+      model='dm_nfnet_f0',
+      batch=batch,
+      image_size=image_size,
+      dtype='bfloat16',
+      steps=steps,
+      step_ms=round(1000 * median, 3),
       images_per_s=round(batch / median, 1),
       peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
-      device_kind=torch.cuda.get_device_name(), timm_version=timm.__version__,
-      torch_version=torch.__version__)
+      device_kind=torch.cuda.get_device_name(),
+      timm_version=timm.__version__,
+      torch_version=torch.__version__,
+  )
 
 
 def main(argv=None):
   on_accelerator = jax.devices()[0].platform != 'cpu'
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--model', default=None)
-  parser.add_argument('--batch', type=int, default=None,
-                      help='global batch over all local devices')
+  parser.add_argument(
+      '--batch',
+      type=int,
+      default=None,
+      help='global batch over all local devices',
+  )
   parser.add_argument('--image_size', type=int, default=None)
-  parser.add_argument('--dtype', default=None,
-                      choices=['bfloat16', 'float32', 'float16'])
+  parser.add_argument(
+      '--dtype', default=None, choices=['bfloat16', 'float32', 'float16']
+  )
   parser.add_argument('--modes', default='minimal,full')
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--warmup', type=int, default=3)
-  parser.add_argument('--thesis', action='store_true',
-                      help='also time nf_resnet50 vs resnet50_bn (224 px)')
+  parser.add_argument(
+      '--thesis',
+      action='store_true',
+      help='also time nf_resnet50 vs resnet50_bn (224 px)',
+  )
   parser.add_argument('--thesis_batch', type=int, default=None)
   parser.add_argument('--no_timm', action='store_true')
   args = parser.parse_args(argv)
   if args.steps < 1 or args.warmup < 0:
     parser.error('--steps must be >= 1 and --warmup >= 0')
-  defaults = (dict(model='nfnet_f0', batch=256, image_size=192,
-                   dtype='bfloat16') if on_accelerator else
-              dict(model='nfnet_tiny', batch=8, image_size=32,
-                   dtype='float32'))
+  defaults = (
+      dict(model='nfnet_f0', batch=256, image_size=192, dtype='bfloat16')
+      if on_accelerator
+      else dict(model='nfnet_tiny', batch=8, image_size=32, dtype='float32')
+  )
   model = args.model or defaults['model']
   models.info(model)  # unknown names fail here, listing the valid ones
   batch = args.batch or defaults['batch']
@@ -256,41 +318,74 @@ def main(argv=None):
   for mode in [m for m in args.modes.split(',') if m]:
     if mode not in ('minimal', 'full'):
       parser.error(f'unknown mode {mode!r}: use minimal and/or full')
-    record = time_ours(model, batch, size, dtype, mode, args.steps,
-                       args.warmup)
+    record = time_ours(model, batch, size, dtype, mode, args.steps, args.warmup)
     records[mode] = record
     print(json.dumps(record), flush=True)
   if 'minimal' in records and 'full' in records:
-    print(json.dumps(dict(
-        benchmark='train_throughput', comparison='full_vs_minimal',
-        model=model, ratio=round(records['full']['images_per_s']
-                                 / records['minimal']['images_per_s'], 4))),
-          flush=True)
+    print(
+        json.dumps(
+            dict(
+                benchmark='train_throughput',
+                comparison='full_vs_minimal',
+                model=model,
+                ratio=round(
+                    records['full']['images_per_s']
+                    / records['minimal']['images_per_s'],
+                    4,
+                ),
+            )
+        ),
+        flush=True,
+    )
   if not args.no_timm and model == 'nfnet_f0' and on_accelerator:
     theirs = time_timm(batch, size, args.steps, args.warmup)
     if theirs is not None:
       print(json.dumps(theirs), flush=True)
       if 'minimal' in records:
-        print(json.dumps(dict(
-            benchmark='train_throughput', comparison='ours_vs_timm',
-            model=model, ratio=round(records['minimal']['images_per_s']
-                                     / theirs['images_per_s'], 4))),
-              flush=True)
+        print(
+            json.dumps(
+                dict(
+                    benchmark='train_throughput',
+                    comparison='ours_vs_timm',
+                    model=model,
+                    ratio=round(
+                        records['minimal']['images_per_s']
+                        / theirs['images_per_s'],
+                        4,
+                    ),
+                )
+            ),
+            flush=True,
+        )
   if args.thesis:
     thesis_batch = args.thesis_batch or (256 if on_accelerator else 8)
     thesis_size = 224 if on_accelerator else 32
     results = {}
     for name in ('nf_resnet50', 'resnet50_bn'):
-      record = time_ours(name, thesis_batch, thesis_size, dtype, 'minimal',
-                         args.steps, args.warmup)
+      record = time_ours(
+          name,
+          thesis_batch,
+          thesis_size,
+          dtype,
+          'minimal',
+          args.steps,
+          args.warmup,
+      )
       results[name] = record
       print(json.dumps(record), flush=True)
     nf, bn = results['nf_resnet50'], results['resnet50_bn']
-    print(json.dumps(dict(
-        benchmark='train_throughput', comparison='nf_resnet50_vs_resnet50_bn',
-        speed_ratio=round(nf['images_per_s'] / bn['images_per_s'], 4),
-        nf_peak_memory_gib=nf['peak_memory_gib'],
-        bn_peak_memory_gib=bn['peak_memory_gib'])), flush=True)
+    print(
+        json.dumps(
+            dict(
+                benchmark='train_throughput',
+                comparison='nf_resnet50_vs_resnet50_bn',
+                speed_ratio=round(nf['images_per_s'] / bn['images_per_s'], 4),
+                nf_peak_memory_gib=nf['peak_memory_gib'],
+                bn_peak_memory_gib=bn['peak_memory_gib'],
+            )
+        ),
+        flush=True,
+    )
 
 
 if __name__ == '__main__':

@@ -112,9 +112,11 @@ def parse_arg(arg, choices, default):
     choice = tokens.pop(0)
   unknown = [t for t in tokens if t not in KNOWN_FLAGS]
   if unknown:
-    raise ValueError(f'Unknown config arg {unknown} in {arg!r}: the first '
-                     f'token is one of {list(choices)}, then any of '
-                     f'{sorted(KNOWN_FLAGS)}.')
+    raise ValueError(
+        f'Unknown config arg {unknown} in {arg!r}: the first '
+        f'token is one of {list(choices)}, then any of '
+        f'{sorted(KNOWN_FLAGS)}.'
+    )
   return choice, set(tokens)
 
 
@@ -123,8 +125,9 @@ def parse_arg(arg, choices, default):
 KNOWN_FLAGS = frozenset({'local', '90ep', '360ep'})
 
 
-def shrink(config: ml_collections.ConfigDict,
-           **model_overrides) -> ml_collections.ConfigDict:
+def shrink(
+    config: ml_collections.ConfigDict, **model_overrides
+) -> ml_collections.ConfigDict:
   """The same recipe, tiny: embedded data, 32 px, a few steps on any CPU.
 
   Everything that defines the recipe (optimizer, schedule shape, AGC rule,
@@ -155,8 +158,9 @@ def shrink(config: ml_collections.ConfigDict,
 RESNET_DEPTHS = ('26', '50', '101', '152', '200', '288', '600')
 
 
-def resnet_config(family: str, arg=None,
-                  agc_clipping=AUTO) -> ml_collections.ConfigDict:
+def resnet_config(
+    family: str, arg=None, agc_clipping=AUTO
+) -> ml_collections.ConfigDict:
   """The ResNet-family recipe: batch 1024, lr 0.4, 90 or 360 epochs.
 
   Args:

@@ -27,7 +27,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # gain's update to lambda * eps per step, which ImageNet's 100k steps
   # outgrow but a demo of a few hundred steps would not (it stalls at ~45%).
   config.model.overrides = ml_collections.ConfigDict(
-      dict(width=1, skipinit='inv_sqrt'))
+      dict(width=1, skipinit='inv_sqrt')
+  )
   config.model.drop_rate = 0.0
   config.model.stochdepth_rate = 0.0
 

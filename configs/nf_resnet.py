@@ -27,9 +27,11 @@ def get_config(arg=None):
 
 def sweep_agc_batch():
   """Batch size x AGC lambda (None: no AGC), lr scaled 0.1 x batch / 256."""
-  return [{'train.batch_size': batch, 'optimizer.agc.clipping': clipping}
-          for batch in (256, 512, 1024, 2048, 4096)
-          for clipping in (0.01, 0.02, 0.04, 0.08, 0.16, None)]
+  return [
+      {'train.batch_size': batch, 'optimizer.agc.clipping': clipping}
+      for batch in (256, 512, 1024, 2048, 4096)
+      for clipping in (0.01, 0.02, 0.04, 0.08, 0.16, None)
+  ]
 
 
 def sweep_agc_on_off():
@@ -37,5 +39,7 @@ def sweep_agc_on_off():
 
   With ',local' this is a seconds-long check that a sweep works end to end.
   """
-  return [{'optimizer.agc.clipping': common.AUTO},
-          {'optimizer.agc.clipping': None}]
+  return [
+      {'optimizer.agc.clipping': common.AUTO},
+      {'optimizer.agc.clipping': None},
+  ]

@@ -35,25 +35,32 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # Declared so sweeps and the command line can set them (None: the
   # variant's own).
   config.model.overrides = ml_collections.ConfigDict(
-      dict(widths=None, use_two_convs=True), type_safe=False)
+      dict(widths=None, use_two_convs=True), type_safe=False
+  )
   if 'local' in flags:
-    common.shrink(config, widths=(32, 64, 128, 128), depth=(1, 1, 1, 1),
-                  group_width=16)
+    common.shrink(
+        config, widths=(32, 64, 128, 128), depth=(1, 1, 1, 1), group_width=16
+    )
   return config
 
 
 def sweep_ablation():
   """Table 2: from an NF-SE-ResNeXt-D-like baseline to NFNet-F0, one change
   at a time (paper's top-1: 80.4, 80.9, 81.3, 82.2, 83.2, 83.6)."""
-  baseline = {'model.overrides.widths': (256, 512, 1024, 2048),
-              'model.overrides.use_two_convs': False,
-              'data.mixup_alpha': 0.0, 'data.cutmix': False,
-              'data.randaugment_layers': 0}
+  baseline = {
+      'model.overrides.widths': (256, 512, 1024, 2048),
+      'model.overrides.use_two_convs': False,
+      'data.mixup_alpha': 0.0,
+      'data.cutmix': False,
+      'data.randaugment_layers': 0,
+  }
   rows = [dict(baseline)]
-  for change in ({'model.overrides.widths': None},
-                 {'model.overrides.use_two_convs': True},
-                 {'data.mixup_alpha': 0.2},
-                 {'data.randaugment_layers': common.AUTO},
-                 {'data.cutmix': True}):
+  for change in (
+      {'model.overrides.widths': None},
+      {'model.overrides.use_two_convs': True},
+      {'data.mixup_alpha': 0.2},
+      {'data.randaugment_layers': common.AUTO},
+      {'data.cutmix': True},
+  ):
     rows.append({**rows[-1], **change})
   return rows

@@ -44,8 +44,15 @@ def variant_spec(variant: str):
 
 def _conv(ch, k, stride=1, name=None, w_init=_HE_INIT):
   # A plain, bias-free conv whose float32 kernel follows the input's dtype.
-  return layers.WSConv2D(ch, k, stride=stride, standardize=False,
-                         with_bias=False, w_init=w_init, name=name)
+  return layers.WSConv2D(
+      ch,
+      k,
+      stride=stride,
+      standardize=False,
+      with_bias=False,
+      w_init=w_init,
+      name=name,
+  )
 
 
 class _BatchNorm(hk.BatchNorm):
@@ -61,8 +68,9 @@ class _BatchNorm(hk.BatchNorm):
 
 
 def _batchnorm(name):
-  return _BatchNorm(create_scale=True, create_offset=True, decay_rate=0.9,
-                    eps=1e-5, name=name)
+  return _BatchNorm(
+      create_scale=True, create_offset=True, decay_rate=0.9, eps=1e-5, name=name
+  )
 
 
 class ResNet(hk.Module):
@@ -104,24 +112,28 @@ class ResNet(hk.Module):
     skipinit = 'zeros' if skipinit is True else skipinit
     depth_pattern = tuple(depth or spec['depth'])
     num_blocks = sum(depth_pattern)
-    self.initial_conv = _conv(int(16 * width), 7, stride=2,
-                              name='initial_conv')
+    self.initial_conv = _conv(int(16 * width), 7, stride=2, name='initial_conv')
     self.blocks = []
     for multiplier, stage_depth, stride in zip(
-        (64, 128, 256, 512), depth_pattern, (1, 2, 2, 2)):
+        (64, 128, 256, 512), depth_pattern, (1, 2, 2, 2)
+    ):
       for block_index in range(stage_depth):
-        self.blocks.append(ResBlockV2(
-            int(multiplier * width),
-            stride=stride if block_index == 0 else 1,
-            use_projection=block_index == 0,
-            norm=norm,
-            skipinit=skipinit,
-            num_blocks=num_blocks))
+        self.blocks.append(
+            ResBlockV2(
+                int(multiplier * width),
+                stride=stride if block_index == 0 else 1,
+                use_projection=block_index == 0,
+                norm=norm,
+                skipinit=skipinit,
+                num_blocks=num_blocks,
+            )
+        )
     self.final_bn = _batchnorm('final_bn') if norm else None
     self.fc = layers.Linear(num_classes, w_init=fc_init or jnp.zeros)
 
-  def __call__(self, x: jax.Array, *, is_training: bool,
-               return_metrics: bool = False):
+  def __call__(
+      self, x: jax.Array, *, is_training: bool, return_metrics: bool = False
+  ):
     """Computes logits for images `x` of shape `[N, H, W, C]`.
 
     BatchNorm uses batch statistics when `is_training` and its moving
@@ -129,25 +141,34 @@ class ResNet(hk.Module):
     """
     layers.check_nhwc(x, 'ResNet')
     out = self.initial_conv(x)
-    out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
-                      padding='SAME')
+    out = hk.max_pool(
+        out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME'
+    )
     metrics = layers.signal_metrics(out, 0) if return_metrics else None
-    out = layers.apply_blocks(self.blocks, out, is_training=is_training,
-                              metrics=metrics)
+    out = layers.apply_blocks(
+        self.blocks, out, is_training=is_training, metrics=metrics
+    )
     if self.final_bn is not None:
       out = self.final_bn(out, is_training=is_training)
     pool = jnp.mean(jax.nn.relu(out), axis=(1, 2))
-    return layers.classify(pool, self.fc, self.drop_rate,
-                           is_training=is_training, metrics=metrics)
+    return layers.classify(
+        pool, self.fc, self.drop_rate, is_training=is_training, metrics=metrics
+    )
 
 
 class ResBlockV2(hk.Module):
   """Pre-activation bottleneck block: (BN) relu 1x1, (BN) relu 3x3, 1x1."""
 
-  def __init__(self, out_ch: int, stride: int = 1,
-               use_projection: bool = False, norm: Optional[str] = 'batchnorm',
-               skipinit: Union[bool, str, float] = False, num_blocks: int = 1,
-               name: Optional[str] = None):
+  def __init__(
+      self,
+      out_ch: int,
+      stride: int = 1,
+      use_projection: bool = False,
+      norm: Optional[str] = 'batchnorm',
+      skipinit: Union[bool, str, float] = False,
+      num_blocks: int = 1,
+      name: Optional[str] = None,
+  ):
     """Constructs the block (see `ResNet` for the arguments)."""
     super().__init__(name=name)
     self.stride = stride
@@ -160,8 +181,7 @@ class ResBlockV2(hk.Module):
     self.conv1 = _conv(width, 3, stride=stride, name='conv1')
     self.conv2 = _conv(out_ch, 1, name='conv2')
     if use_projection:
-      self.conv_shortcut = _conv(out_ch, 1, stride=stride,
-                                 name='conv_shortcut')
+      self.conv_shortcut = _conv(out_ch, 1, stride=stride, name='conv_shortcut')
 
   def _norm_act(self, bn, x, is_training):
     if bn is not None:
@@ -213,39 +233,53 @@ class FixupResNet(hk.Module):
     self.initial_conv = _conv(ch, 7, stride=2, name='initial_conv')
     self.blocks = []
     for multiplier, stage_depth, stride in zip(
-        (64, 128, 256, 512), depth_pattern, (1, 2, 2, 2)):
+        (64, 128, 256, 512), depth_pattern, (1, 2, 2, 2)
+    ):
       for block_index in range(stage_depth):
         out_ch = int(multiplier * width)
-        self.blocks.append(FixupBlock(
-            ch, out_ch, num_blocks, stride=stride if block_index == 0 else 1))
+        self.blocks.append(
+            FixupBlock(
+                ch, out_ch, num_blocks, stride=stride if block_index == 0 else 1
+            )
+        )
         ch = out_ch
     # Fixup initializes the classifier to zero.
     self.fc = layers.Linear(num_classes, w_init=jnp.zeros)
 
-  def __call__(self, x: jax.Array, *, is_training: bool,
-               return_metrics: bool = False):
+  def __call__(
+      self, x: jax.Array, *, is_training: bool, return_metrics: bool = False
+  ):
     """Computes logits for images `x` of shape `[N, H, W, C]`."""
     layers.check_nhwc(x, 'FixUp_ResNet')
     out = self.initial_conv(x)
     bias1 = hk.get_parameter('bias1', (), jnp.float32, init=jnp.zeros)
     out = jax.nn.relu(out + bias1.astype(out.dtype))
-    out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
-                      padding='SAME')
+    out = hk.max_pool(
+        out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME'
+    )
     metrics = layers.signal_metrics(out, 0) if return_metrics else None
-    out = layers.apply_blocks(self.blocks, out, is_training=is_training,
-                              metrics=metrics)
+    out = layers.apply_blocks(
+        self.blocks, out, is_training=is_training, metrics=metrics
+    )
     bias2 = hk.get_parameter('bias2', (), jnp.float32, init=jnp.zeros)
     # Fixup's scalar bias before the classifier.
     pool = jnp.mean(out, axis=(1, 2)) + bias2.astype(out.dtype)
-    return layers.classify(pool, self.fc, self.drop_rate,
-                           is_training=is_training, metrics=metrics)
+    return layers.classify(
+        pool, self.fc, self.drop_rate, is_training=is_training, metrics=metrics
+    )
 
 
 class FixupBlock(hk.Module):
   """Post-activation Fixup bottleneck block."""
 
-  def __init__(self, in_ch: int, out_ch: int, num_blocks: int,
-               stride: int = 1, name: Optional[str] = None):
+  def __init__(
+      self,
+      in_ch: int,
+      out_ch: int,
+      num_blocks: int,
+      stride: int = 1,
+      name: Optional[str] = None,
+  ):
     """Constructs the block.
 
     Args:
@@ -259,25 +293,39 @@ class FixupBlock(hk.Module):
     super().__init__(name=name)
     self.stride = stride
     width = out_ch // 4
-    scale = num_blocks ** -0.25
-    self.conv0 = _conv(width, 1, name='conv0', w_init=hk.initializers.
-                       RandomNormal((2.0 / in_ch) ** 0.5 * scale))
-    self.conv1 = _conv(width, 3, stride=stride, name='conv1', w_init=hk.
-                       initializers.RandomNormal(
-                           (2.0 / (width * 9)) ** 0.5 * scale))
+    scale = num_blocks**-0.25
+    self.conv0 = _conv(
+        width,
+        1,
+        name='conv0',
+        w_init=hk.initializers.RandomNormal((2.0 / in_ch) ** 0.5 * scale),
+    )
+    self.conv1 = _conv(
+        width,
+        3,
+        stride=stride,
+        name='conv1',
+        w_init=hk.initializers.RandomNormal((2.0 / (width * 9)) ** 0.5 * scale),
+    )
     # The last conv of each branch starts at zero: the block is the identity.
     self.conv2 = _conv(out_ch, 1, name='conv2', w_init=jnp.zeros)
     self.use_projection = stride > 1 or in_ch != out_ch
     if self.use_projection:
       self.conv_shortcut = _conv(
-          out_ch, 1, stride=stride, name='conv_shortcut',
-          w_init=hk.initializers.RandomNormal((2.0 / in_ch) ** 0.5))
+          out_ch,
+          1,
+          stride=stride,
+          name='conv_shortcut',
+          w_init=hk.initializers.RandomNormal((2.0 / in_ch) ** 0.5),
+      )
 
   def __call__(self, x: jax.Array, *, is_training: bool):
     """Returns `(output, residual branch variance)`."""
     del is_training
+
     def scalar(name, init=jnp.zeros):
       return hk.get_parameter(name, (), jnp.float32, init=init).astype(x.dtype)
+
     out = x + scalar('bias1a')
     shortcut = self.conv_shortcut(out) if self.use_projection else out
     out = jax.nn.relu(self.conv0(out) + scalar('bias1b'))

@@ -20,17 +20,19 @@ import numpy as np
 from nfnets import models
 
 # The only globals a plain pickle of numpy arrays in dicts needs.
-_SAFE_GLOBALS = frozenset({
-    ('numpy.core.multiarray', '_reconstruct'),
-    ('numpy._core.multiarray', '_reconstruct'),
-    ('numpy.core.multiarray', 'scalar'),
-    ('numpy._core.multiarray', 'scalar'),
-    ('numpy', 'ndarray'),
-    ('numpy', 'dtype'),
-    ('_codecs', 'encode'),
-    ('collections', 'OrderedDict'),
-    ('builtins', 'dict'),
-})
+_SAFE_GLOBALS = frozenset(
+    {
+        ('numpy.core.multiarray', '_reconstruct'),
+        ('numpy._core.multiarray', '_reconstruct'),
+        ('numpy.core.multiarray', 'scalar'),
+        ('numpy._core.multiarray', 'scalar'),
+        ('numpy', 'ndarray'),
+        ('numpy', 'dtype'),
+        ('_codecs', 'encode'),
+        ('collections', 'OrderedDict'),
+        ('builtins', 'dict'),
+    }
+)
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -44,7 +46,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return super().find_class(module, name)
     raise UnsafePickleError(
         f'refusing to load {module}.{name}: only dicts, numpy arrays and '
-        'scalars are allowed in a parameter file')
+        'scalars are allowed in a parameter file'
+    )
 
 
 def safe_load_pickle(data: bytes) -> Any:
@@ -70,51 +73,74 @@ def _read_params_file(path: str) -> dict[str, dict[str, np.ndarray]]:
   except UnsafePickleError as e:
     raise UnsafePickleError(f'{path}: {e}') from None
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'{path} is not a readable parameter file '
-                     f'(corrupt or truncated?): {e}') from None
+    raise ValueError(
+        f'{path} is not a readable parameter file '
+        f'(corrupt or truncated?): {e}'
+    ) from None
   if not isinstance(tree, Mapping) or not all(
-      isinstance(v, Mapping) for v in tree.values()):
-    raise ValueError(f'{path} does not hold a {{module: {{param: array}}}} '
-                     'dict.')
+      isinstance(v, Mapping) for v in tree.values()
+  ):
+    raise ValueError(
+        f'{path} does not hold a {{module: {{param: array}}}} ' 'dict.'
+    )
   return {m: {p: np.asarray(v) for p, v in d.items()} for m, d in tree.items()}
 
 
-def expected_param_shapes(model_name: str, num_classes: int = 1000,
-                          **overrides) -> dict[str, dict[str, tuple]]:
+def expected_param_shapes(
+    model_name: str, num_classes: int = 1000, **overrides
+) -> dict[str, dict[str, tuple]]:
   """The parameter tree shapes of a registry model, without allocating."""
+
   def forward(x):
     return models.create(model_name, num_classes, **overrides)(
-        x, is_training=True)
+        x, is_training=True
+    )
+
   transformed = hk.transform_with_state(forward)
-  params, _ = jax.eval_shape(transformed.init, jax.random.PRNGKey(0),
-                             jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
-  return {m: {p: tuple(v.shape) for p, v in d.items()}
-          for m, d in params.items()}
+  params, _ = jax.eval_shape(
+      transformed.init,
+      jax.random.PRNGKey(0),
+      jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32),
+  )
+  return {
+      m: {p: tuple(v.shape) for p, v in d.items()} for m, d in params.items()
+  }
 
 
-def check_params(params: Mapping[str, Mapping[str, Any]],
-                 expected: Mapping[str, Mapping[str, tuple]],
-                 where: str = 'params') -> None:
+def check_params(
+    params: Mapping[str, Mapping[str, Any]],
+    expected: Mapping[str, Mapping[str, tuple]],
+    where: str = 'params',
+) -> None:
   """Raises ValueError naming the first path whose presence or shape differs."""
-  paths = sorted({(m, p) for m, d in expected.items() for p in d} |
-                 {(m, p) for m, d in params.items() for p in d})
+  paths = sorted(
+      {(m, p) for m, d in expected.items() for p in d}
+      | {(m, p) for m, d in params.items() for p in d}
+  )
   for module, name in paths:
     want = expected.get(module, {}).get(name)
     got = params.get(module, {}).get(name)
     got_shape = None if got is None else tuple(np.shape(got))
     if want is None:
-      raise ValueError(f'{where}: unexpected parameter {module}/{name} with '
-                       f'shape {got_shape} (the model has none).')
+      raise ValueError(
+          f'{where}: unexpected parameter {module}/{name} with '
+          f'shape {got_shape} (the model has none).'
+      )
     if got is None:
-      raise ValueError(f'{where}: missing parameter {module}/{name}; the model '
-                       f'expects shape {want}.')
+      raise ValueError(
+          f'{where}: missing parameter {module}/{name}; the model '
+          f'expects shape {want}.'
+      )
     if got_shape != tuple(want):
-      raise ValueError(f'{where}: {module}/{name} has shape {got_shape}, the '
-                       f'model expects {tuple(want)}.')
+      raise ValueError(
+          f'{where}: {module}/{name} has shape {got_shape}, the '
+          f'model expects {tuple(want)}.'
+      )
 
 
-def load_deepmind_params(path: str, model_name: str, num_classes: int = 1000,
-                         **overrides) -> dict[str, dict[str, np.ndarray]]:
+def load_deepmind_params(
+    path: str, model_name: str, num_classes: int = 1000, **overrides
+) -> dict[str, dict[str, np.ndarray]]:
   """Loads a published DeepMind parameter file for registry model `model_name`.
 
   Args:
@@ -135,8 +161,10 @@ def load_deepmind_params(path: str, model_name: str, num_classes: int = 1000,
   expected = expected_param_shapes(model_name, num_classes, **overrides)
   params = _read_params_file(path)
   check_params(params, expected, where=f'{path} as {model_name}')
-  return {m: {p: np.asarray(v, dtype=np.float32) for p, v in d.items()}
-          for m, d in params.items()}
+  return {
+      m: {p: np.asarray(v, dtype=np.float32) for p, v in d.items()}
+      for m, d in params.items()
+  }
 
 
 class TrainCheckpointer:
@@ -156,13 +184,15 @@ class TrainCheckpointer:
     """
     # Imported here: orbax is slow to import and only training needs it.
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
     if keep < 1:
       raise ValueError(f'keep_checkpoints must be >= 1, got {keep}.')
     self._ocp = ocp
     self.directory = os.path.join(os.fspath(workdir), 'checkpoints')
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+    )
 
   def all_steps(self) -> list[int]:
     """Steps with a finished checkpoint, oldest first."""
@@ -170,8 +200,7 @@ class TrainCheckpointer:
 
   def save(self, step: int, tree: Any, wait: bool = False) -> None:
     """Saves `tree` (numpy or jax arrays) as step `step`."""
-    self._manager.save(step, args=self._ocp.args.StandardSave(tree),
-                       force=True)
+    self._manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
     if wait:
       self._manager.wait_until_finished()
 
@@ -188,15 +217,19 @@ class TrainCheckpointer:
     log = log or print
     self._manager.wait_until_finished()
     abstract = jax.tree_util.tree_map(
-        lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), target)
+        lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), target
+    )
     for step in reversed(self.all_steps()):
       try:
         tree = self._manager.restore(
-            step, args=self._ocp.args.StandardRestore(abstract))
+            step, args=self._ocp.args.StandardRestore(abstract)
+        )
       except Exception as e:  # pylint: disable=broad-except
-        log(f'WARNING: checkpoint {step} in {self.directory} is unreadable '
+        log(
+            f'WARNING: checkpoint {step} in {self.directory} is unreadable '
             f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying '
-            'the previous one.')
+            'the previous one.'
+        )
         continue
       return jax.tree_util.tree_map(np.asarray, tree), step
     return None, None

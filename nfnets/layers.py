@@ -81,7 +81,8 @@ def _canonical(name: str) -> str:
   name = _ALIASES.get(name, name)
   if name not in _ACTIVATIONS:
     raise ValueError(
-        f'Unknown activation {name!r}; valid names: {activation_names()}.')
+        f'Unknown activation {name!r}; valid names: {activation_names()}.'
+    )
   return name
 
 
@@ -109,8 +110,9 @@ def nonlinearity(name: str, gamma: Optional[float] = None) -> Activation:
   return scaled
 
 
-def compute_gamma(fn: Union[str, Activation], num_points: int = 100_001
-                  ) -> float:
+def compute_gamma(
+    fn: Union[str, Activation], num_points: int = 100_001
+) -> float:
   """Computes gamma = 1 / std(g(z)), z ~ N(0, 1), by numerical integration.
 
   The mean and variance of g(z) are integrals against the normal density,
@@ -128,8 +130,10 @@ def compute_gamma(fn: Union[str, Activation], num_points: int = 100_001
   if isinstance(fn, str):
     name = _canonical(fn)
     if name in ('glu', 'log_softmax'):
-      raise ValueError(f'{name!r} is not elementwise; its gamma is only '
-                       'defined for the layout the release used.')
+      raise ValueError(
+          f'{name!r} is not elementwise; its gamma is only '
+          'defined for the layout the release used.'
+      )
     fn = _ACTIVATIONS[name]
   if num_points < 3:
     raise ValueError(f'num_points must be >= 3, got {num_points}.')
@@ -169,7 +173,8 @@ def standardize_weight(
   var = jnp.var(w, axis=axes, keepdims=True)
   # Fused: (w - mean) * scale, with the rsqrt and gain folded into one factor.
   scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain.astype(
-      jnp.float32)
+      jnp.float32
+  )
   return w * scale - mean * scale
 
 
@@ -187,7 +192,8 @@ def check_nhwc(x: jax.Array, where: str) -> None:
   if getattr(x, 'ndim', None) != 4:
     raise ValueError(
         f'{where} expects NHWC images of rank 4, but input has shape '
-        f'{getattr(x, "shape", None)}.')
+        f'{getattr(x, "shape", None)}.'
+    )
 
 
 class WSConv2D(hk.Module):
@@ -231,7 +237,8 @@ class WSConv2D(hk.Module):
     if feature_group_count < 1 or output_channels % feature_group_count:
       raise ValueError(
           f'feature_group_count={feature_group_count} must divide '
-          f'output_channels={output_channels}.')
+          f'output_channels={output_channels}.'
+      )
     self.output_channels = output_channels
     self.kernel_shape = _pair(kernel_shape, 'kernel_shape')
     self.stride = _pair(stride, 'stride')
@@ -241,17 +248,21 @@ class WSConv2D(hk.Module):
     self.with_bias = with_bias
     self.eps = eps
     self.w_init = w_init or hk.initializers.VarianceScaling(
-        1.0, 'fan_in', 'normal')
+        1.0, 'fan_in', 'normal'
+    )
 
   def kernel(self, in_channels: int) -> jax.Array:
     """The effective (standardized) kernel, float32, HWIO."""
     w_shape = self.kernel_shape + (
-        in_channels // self.feature_group_count, self.output_channels)
+        in_channels // self.feature_group_count,
+        self.output_channels,
+    )
     w = hk.get_parameter('w', w_shape, jnp.float32, init=self.w_init)
     if not self.standardize:
       return w
     gain = hk.get_parameter(
-        'gain', (self.output_channels,), jnp.float32, init=jnp.ones)
+        'gain', (self.output_channels,), jnp.float32, init=jnp.ones
+    )
     return standardize_weight(w, gain, self.eps)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -261,16 +272,22 @@ class WSConv2D(hk.Module):
     if in_channels % self.feature_group_count:
       raise ValueError(
           f'{self.module_name}: input channels {in_channels} are not divisible '
-          f'by feature_group_count={self.feature_group_count}.')
+          f'by feature_group_count={self.feature_group_count}.'
+      )
     w = self.kernel(in_channels).astype(x.dtype)
     out = jax.lax.conv_general_dilated(
-        x, w, window_strides=self.stride, padding=self.padding,
+        x,
+        w,
+        window_strides=self.stride,
+        padding=self.padding,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=self.feature_group_count)
+        feature_group_count=self.feature_group_count,
+    )
     if not self.with_bias:
       return out
     bias = hk.get_parameter(
-        'bias', (self.output_channels,), jnp.float32, init=jnp.zeros)
+        'bias', (self.output_channels,), jnp.float32, init=jnp.zeros
+    )
     return out + bias.astype(x.dtype)
 
 
@@ -312,13 +329,16 @@ class Linear(hk.Module):
     """Maps `[..., in]` to `[..., output_size]`."""
     fan_in = x.shape[-1]
     w_init = self.w_init or hk.initializers.TruncatedNormal(
-        1.0 / math.sqrt(fan_in))
-    w = hk.get_parameter('w', (fan_in, self.output_size), jnp.float32,
-                         init=w_init)
+        1.0 / math.sqrt(fan_in)
+    )
+    w = hk.get_parameter(
+        'w', (fan_in, self.output_size), jnp.float32, init=w_init
+    )
     out = jnp.dot(x, w.astype(x.dtype))
     if self.with_bias:
-      b = hk.get_parameter('b', (self.output_size,), jnp.float32,
-                           init=self.b_init)
+      b = hk.get_parameter(
+          'b', (self.output_size,), jnp.float32, init=self.b_init
+      )
       out = out + b.astype(x.dtype)
     return out
 
@@ -390,8 +410,10 @@ class StochDepth(hk.Module):
     if not is_training or self.drop_rate == 0.0:
       return x
     keep = jax.random.bernoulli(
-        hk.next_rng_key(), 1.0 - self.drop_rate,
-        (x.shape[0],) + (1,) * (x.ndim - 1))
+        hk.next_rng_key(),
+        1.0 - self.drop_rate,
+        (x.shape[0],) + (1,) * (x.ndim - 1),
+    )
     return x * keep.astype(x.dtype)
 
 
@@ -416,13 +438,18 @@ def skip_gain(
     if init not in SKIPINIT_INITS:
       raise ValueError(
           f'skipinit init must be one of {SKIPINIT_INITS} or a number, got '
-          f'{init!r}.')
-    value = {'zeros': 0.0, 'ones': 1.0,
-             'inv_sqrt': 1.0 / math.sqrt(max(num_blocks, 1))}[init]
+          f'{init!r}.'
+      )
+    value = {
+        'zeros': 0.0,
+        'ones': 1.0,
+        'inv_sqrt': 1.0 / math.sqrt(max(num_blocks, 1)),
+    }[init]
   else:
     value = float(init)
   gain = hk.get_parameter(
-      'skip_gain', (), jnp.float32, init=hk.initializers.Constant(value))
+      'skip_gain', (), jnp.float32, init=hk.initializers.Constant(value)
+  )
   return x * gain.astype(x.dtype)
 
 
@@ -453,7 +480,8 @@ def lookup_variant(table: dict, variant: str, family: str) -> dict:
   """`table[variant]`, or a ValueError listing the family's variants."""
   if variant not in table:
     raise ValueError(
-        f'Unknown {family} variant {variant!r}; valid: {sorted(table)}.')
+        f'Unknown {family} variant {variant!r}; valid: {sorted(table)}.'
+    )
   return table[variant]
 
 
@@ -465,8 +493,9 @@ def check_head_args(num_classes: int, drop_rate: float) -> None:
     raise ValueError(f'drop_rate must be in [0, 1), got {drop_rate}.')
 
 
-def apply_blocks(blocks, x: jax.Array, *, is_training: bool,
-                 metrics: Optional[dict]) -> jax.Array:
+def apply_blocks(
+    blocks, x: jax.Array, *, is_training: bool, metrics: Optional[dict]
+) -> jax.Array:
   """Runs residual blocks in order, recording their signal statistics.
 
   Args:
@@ -487,8 +516,14 @@ def apply_blocks(blocks, x: jax.Array, *, is_training: bool,
   return x
 
 
-def classify(pool: jax.Array, fc: hk.Module, drop_rate: float, *,
-             is_training: bool, metrics: Optional[dict]):
+def classify(
+    pool: jax.Array,
+    fc: hk.Module,
+    drop_rate: float,
+    *,
+    is_training: bool,
+    metrics: Optional[dict],
+):
   """Dropout (training only) and the classifier on pooled features.
 
   Returns:

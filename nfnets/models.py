@@ -40,6 +40,7 @@ class ModelInfo:
     test_imsize: evaluation resolution of the paper's recipe.
     drop_rate: the variant's dropout before the classifier.
   """
+
   name: str
   family: str
   variant: str
@@ -55,36 +56,63 @@ def _build_registry() -> dict[str, ModelInfo]:
 
   def add(name, family, variant, constructor, spec, **kwargs):
     registry[name] = ModelInfo(
-        name, family, variant, constructor, dict(variant=variant, **kwargs),
-        spec.get('train_imsize', 224), spec.get('test_imsize', 224),
-        spec.get('drop_rate', 0.0))
+        name,
+        family,
+        variant,
+        constructor,
+        dict(variant=variant, **kwargs),
+        spec.get('train_imsize', 224),
+        spec.get('test_imsize', 224),
+        spec.get('drop_rate', 0.0),
+    )
 
   for variant, spec in nfnet.VARIANTS.items():
     name = 'nfnet_' + variant.lower().replace('+', '_plus')
     add(name, 'nfnet', variant, nfnet.NFNet, spec)
   for variant, spec in nf_resnet.VARIANTS.items():
-    add('nf_' + variant.lower(), 'nf_resnet', variant, nf_resnet.NFResNet,
-        spec)
+    add('nf_' + variant.lower(), 'nf_resnet', variant, nf_resnet.NFResNet, spec)
   for variant, spec in nf_regnet.VARIANTS.items():
-    add('nf_regnet_' + variant.lower(), 'nf_regnet', variant,
-        nf_regnet.NFRegNet, spec)
+    add(
+        'nf_regnet_' + variant.lower(),
+        'nf_regnet',
+        variant,
+        nf_regnet.NFRegNet,
+        spec,
+    )
   for variant, spec in baselines.VARIANTS.items():
     base = variant.lower()
-    add(base + '_bn', 'resnet_bn', variant, baselines.ResNet, spec,
-        norm='batchnorm')
-    add(base + '_unnormalized', 'resnet_unnormalized', variant,
-        baselines.ResNet, spec, norm=None)
-    add(base + '_skipinit', 'resnet_skipinit', variant, baselines.ResNet,
-        spec, norm=None, skipinit='zeros')
-    add(base + '_fixup', 'resnet_fixup', variant, baselines.FixupResNet,
-        spec)
+    add(
+        base + '_bn',
+        'resnet_bn',
+        variant,
+        baselines.ResNet,
+        spec,
+        norm='batchnorm',
+    )
+    add(
+        base + '_unnormalized',
+        'resnet_unnormalized',
+        variant,
+        baselines.ResNet,
+        spec,
+        norm=None,
+    )
+    add(
+        base + '_skipinit',
+        'resnet_skipinit',
+        variant,
+        baselines.ResNet,
+        spec,
+        norm=None,
+        skipinit='zeros',
+    )
+    add(base + '_fixup', 'resnet_fixup', variant, baselines.FixupResNet, spec)
   return registry
 
 
 _REGISTRY = _build_registry()
 
-_BY_FAMILY_VARIANT = {(e.family, e.variant): e.name
-                      for e in _REGISTRY.values()}
+_BY_FAMILY_VARIANT = {(e.family, e.variant): e.name for e in _REGISTRY.values()}
 
 
 def names() -> list[str]:
@@ -98,7 +126,8 @@ def info(name: str) -> ModelInfo:
     close = difflib.get_close_matches(name, _REGISTRY, n=3)
     hint = f' Did you mean {close}?' if close else ''
     raise ValueError(
-        f'Unknown model name {name!r}.{hint} Valid names: {names()}.')
+        f'Unknown model name {name!r}.{hint} Valid names: {names()}.'
+    )
   return _REGISTRY[name]
 
 
@@ -139,19 +168,24 @@ def create(name: str, num_classes: int = 1000, **overrides) -> hk.Module:
   if unknown:
     raise ValueError(
         f'Model {name!r} does not take {unknown}; it takes '
-        f'{sorted(accepted - {"name"})}.')
+        f'{sorted(accepted - {"name"})}.'
+    )
   if 'variant' in overrides:
-    raise ValueError(f'Pick the variant by name, not override: got '
-                     f'variant={overrides["variant"]!r} for {name!r}.')
+    raise ValueError(
+        f'Pick the variant by name, not override: got '
+        f'variant={overrides["variant"]!r} for {name!r}.'
+    )
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f'num_classes must be a positive int, got {num_classes}.')
-  return entry.constructor(num_classes=num_classes,
-                           **{**entry.kwargs, **overrides})
+  return entry.constructor(
+      num_classes=num_classes, **{**entry.kwargs, **overrides}
+  )
 
 
 def _forward_fn(name, num_classes, overrides):
   def forward(x, is_training):
     return create(name, num_classes, **overrides)(x, is_training=is_training)
+
   return forward
 
 
@@ -159,7 +193,9 @@ def _init_shapes(forward, x):
   # Initialize in training mode: BatchNorm creates its moving averages there.
   return jax.eval_shape(
       lambda rng, x: forward.init(rng, x, is_training=True),
-      jax.random.PRNGKey(0), x)
+      jax.random.PRNGKey(0),
+      x,
+  )
 
 
 def count_params(name: str, num_classes: int = 1000, **overrides) -> int:
@@ -170,8 +206,12 @@ def count_params(name: str, num_classes: int = 1000, **overrides) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
 
 
-def count_flops(name: str, image_size: Optional[int] = None,
-                num_classes: int = 1000, **overrides) -> int:
+def count_flops(
+    name: str,
+    image_size: Optional[int] = None,
+    num_classes: int = 1000,
+    **overrides,
+) -> int:
   """Multiply-adds of one image's forward pass, counted as in the papers.
 
   Counts the convolutions and dense layers (Squeeze-Excite and classifier
@@ -217,16 +257,24 @@ def count_flops(name: str, image_size: Optional[int] = None,
   counts.clear()  # init traced the network once already
   jax.eval_shape(
       lambda p, s, x: forward.apply(p, s, None, x, is_training=False),
-      params, state, x)
+      params,
+      state,
+      x,
+  )
   return int(sum(counts))
 
 
-def summary(name: str, image_size: Optional[int] = None, **overrides
-            ) -> dict[str, Any]:
+def summary(
+    name: str, image_size: Optional[int] = None, **overrides
+) -> dict[str, Any]:
   """Parameters (M) and FLOPs (B multiply-adds) of a model, for tables."""
   entry = info(name)
   size = image_size or entry.test_imsize
-  return dict(name=name, family=entry.family, variant=entry.variant,
-              image_size=size,
-              params_m=count_params(name, **overrides) / 1e6,
-              flops_b=count_flops(name, size, **overrides) / 1e9)
+  return dict(
+      name=name,
+      family=entry.family,
+      variant=entry.variant,
+      image_size=size,
+      params_m=count_params(name, **overrides) / 1e6,
+      flops_b=count_flops(name, size, **overrides) / 1e9,
+  )

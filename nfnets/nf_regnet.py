@@ -16,24 +16,69 @@ import jax.numpy as jnp
 from nfnets import layers
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    'B0': dict(width=(48, 104, 208, 440), depth=(1, 3, 6, 6),
-               train_imsize=192, test_imsize=224, drop_rate=0.2),
-    'B1': dict(width=(48, 104, 208, 440), depth=(2, 4, 7, 7),
-               train_imsize=224, test_imsize=256, drop_rate=0.2),
-    'B2': dict(width=(56, 112, 232, 488), depth=(2, 4, 8, 8),
-               train_imsize=240, test_imsize=272, drop_rate=0.3),
-    'B3': dict(width=(56, 128, 248, 528), depth=(2, 5, 9, 9),
-               train_imsize=288, test_imsize=320, drop_rate=0.3),
-    'B4': dict(width=(64, 144, 288, 616), depth=(2, 6, 11, 11),
-               train_imsize=320, test_imsize=384, drop_rate=0.4),
-    'B5': dict(width=(80, 168, 336, 704), depth=(3, 7, 14, 14),
-               train_imsize=384, test_imsize=456, drop_rate=0.4),
-    'B6': dict(width=(88, 184, 376, 792), depth=(3, 8, 16, 16),
-               train_imsize=448, test_imsize=528, drop_rate=0.5),
-    'B7': dict(width=(96, 208, 416, 880), depth=(4, 10, 19, 19),
-               train_imsize=512, test_imsize=600, drop_rate=0.5),
-    'B8': dict(width=(104, 232, 456, 968), depth=(4, 11, 22, 22),
-               train_imsize=600, test_imsize=672, drop_rate=0.5),
+    'B0': dict(
+        width=(48, 104, 208, 440),
+        depth=(1, 3, 6, 6),
+        train_imsize=192,
+        test_imsize=224,
+        drop_rate=0.2,
+    ),
+    'B1': dict(
+        width=(48, 104, 208, 440),
+        depth=(2, 4, 7, 7),
+        train_imsize=224,
+        test_imsize=256,
+        drop_rate=0.2,
+    ),
+    'B2': dict(
+        width=(56, 112, 232, 488),
+        depth=(2, 4, 8, 8),
+        train_imsize=240,
+        test_imsize=272,
+        drop_rate=0.3,
+    ),
+    'B3': dict(
+        width=(56, 128, 248, 528),
+        depth=(2, 5, 9, 9),
+        train_imsize=288,
+        test_imsize=320,
+        drop_rate=0.3,
+    ),
+    'B4': dict(
+        width=(64, 144, 288, 616),
+        depth=(2, 6, 11, 11),
+        train_imsize=320,
+        test_imsize=384,
+        drop_rate=0.4,
+    ),
+    'B5': dict(
+        width=(80, 168, 336, 704),
+        depth=(3, 7, 14, 14),
+        train_imsize=384,
+        test_imsize=456,
+        drop_rate=0.4,
+    ),
+    'B6': dict(
+        width=(88, 184, 376, 792),
+        depth=(3, 8, 16, 16),
+        train_imsize=448,
+        test_imsize=528,
+        drop_rate=0.5,
+    ),
+    'B7': dict(
+        width=(96, 208, 416, 880),
+        depth=(4, 10, 19, 19),
+        train_imsize=512,
+        test_imsize=600,
+        drop_rate=0.5,
+    ),
+    'B8': dict(
+        width=(104, 232, 456, 968),
+        depth=(4, 11, 22, 22),
+        train_imsize=600,
+        test_imsize=672,
+        drop_rate=0.5,
+    ),
 }
 
 
@@ -101,31 +146,37 @@ class NFRegNet(hk.Module):
     for block_width, stage_depth in zip(spec['width'], depth_pattern):
       for block_index in range(stage_depth):
         out_ch = int(block_width * width)
-        self.blocks.append(NFRegBlock(
-            ch, out_ch,
-            # The first block does not expand, following EfficientNet.
-            expansion=1 if index == 0 else expansion,
-            se_ratio=se_ratio,
-            group_size=group_size,
-            stride=2 if block_index == 0 else 1,
-            beta=1.0 / expected_std,
-            alpha=alpha,
-            activation=self.activation,
-            stochdepth_rate=stochdepth_rate * index / num_blocks,
-            skipinit=skipinit,
-            num_blocks=num_blocks))
+        self.blocks.append(
+            NFRegBlock(
+                ch,
+                out_ch,
+                # The first block does not expand, following EfficientNet.
+                expansion=1 if index == 0 else expansion,
+                se_ratio=se_ratio,
+                group_size=group_size,
+                stride=2 if block_index == 0 else 1,
+                beta=1.0 / expected_std,
+                alpha=alpha,
+                activation=self.activation,
+                stochdepth_rate=stochdepth_rate * index / num_blocks,
+                skipinit=skipinit,
+                num_blocks=num_blocks,
+            )
+        )
         ch = out_ch
         index += 1
         if block_index == 0:
           expected_std = 1.0
         expected_std = (expected_std**2 + alpha**2) ** 0.5
     # Head width as in EfficientNets: 1280 for a 440-wide last stage.
-    self.final_conv = layers.WSConv2D(int(1280 * ch // 440), 1,
-                                      name='final_conv')
+    self.final_conv = layers.WSConv2D(
+        int(1280 * ch // 440), 1, name='final_conv'
+    )
     self.fc = layers.Linear(num_classes, w_init=fc_init or jnp.zeros)
 
-  def __call__(self, x: jax.Array, *, is_training: bool,
-               return_metrics: bool = False):
+  def __call__(
+      self, x: jax.Array, *, is_training: bool, return_metrics: bool = False
+  ):
     """Computes logits for images `x` of shape `[N, H, W, C]`.
 
     See `nfnets.nfnet.NFNet.__call__` for the metrics returned.
@@ -133,11 +184,13 @@ class NFRegNet(hk.Module):
     layers.check_nhwc(x, 'NF_RegNet')
     out = self.initial_conv(x)
     metrics = layers.signal_metrics(out, 0) if return_metrics else None
-    out = layers.apply_blocks(self.blocks, out, is_training=is_training,
-                              metrics=metrics)
+    out = layers.apply_blocks(
+        self.blocks, out, is_training=is_training, metrics=metrics
+    )
     pool = jnp.mean(self.activation(self.final_conv(out)), axis=(1, 2))
-    return layers.classify(pool, self.fc, self.drop_rate,
-                           is_training=is_training, metrics=metrics)
+    return layers.classify(
+        pool, self.fc, self.drop_rate, is_training=is_training, metrics=metrics
+    )
 
 
 class NFRegBlock(hk.Module):
@@ -189,8 +242,13 @@ class NFRegBlock(hk.Module):
     self.groups = max(1, width // group_size)
     self.width = group_size * self.groups
     self.conv0 = layers.WSConv2D(self.width, 1, name='conv0')
-    self.conv1 = layers.WSConv2D(self.width, kernel_size, stride=stride,
-                                 feature_group_count=self.groups, name='conv1')
+    self.conv1 = layers.WSConv2D(
+        self.width,
+        kernel_size,
+        stride=stride,
+        feature_group_count=self.groups,
+        name='conv1',
+    )
     self.conv2 = layers.WSConv2D(out_ch, 1, name='conv2')
     self.use_projection = stride > 1 or in_ch != out_ch
     if self.use_projection:
@@ -204,8 +262,9 @@ class NFRegBlock(hk.Module):
     """Returns `(output, residual branch variance)`."""
     out = self.activation(x) * self.beta
     if self.stride > 1:
-      shortcut = hk.avg_pool(out, window_shape=(1, 2, 2, 1),
-                             strides=(1, 2, 2, 1), padding='SAME')
+      shortcut = hk.avg_pool(
+          out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1), padding='SAME'
+      )
       if self.use_projection:
         shortcut = self.conv_shortcut(shortcut)
     elif self.use_projection:

@@ -95,45 +95,54 @@ class NFResNet(hk.Module):
     num_blocks = sum(depth_pattern)
     index = 0
     for block_width, stage_depth, stride in zip(
-        width_pattern, depth_pattern, (1, 2, 2, 2)):
+        width_pattern, depth_pattern, (1, 2, 2, 2)
+    ):
       for block_index in range(stage_depth):
-        self.blocks.append(NFResBlock(
-            ch, block_width,
-            stride=stride if block_index == 0 else 1,
-            beta=1.0 / expected_std,
-            alpha=alpha,
-            activation=self.activation,
-            conv=conv,
-            stochdepth_rate=stochdepth_rate * index / num_blocks,
-            skipinit=skipinit,
-            num_blocks=num_blocks,
-            use_se=use_se,
-            se_ratio=se_ratio))
+        self.blocks.append(
+            NFResBlock(
+                ch,
+                block_width,
+                stride=stride if block_index == 0 else 1,
+                beta=1.0 / expected_std,
+                alpha=alpha,
+                activation=self.activation,
+                conv=conv,
+                stochdepth_rate=stochdepth_rate * index / num_blocks,
+                skipinit=skipinit,
+                num_blocks=num_blocks,
+                use_se=use_se,
+                se_ratio=se_ratio,
+            )
+        )
         ch = block_width
         index += 1
         if block_index == 0:
           expected_std = 1.0
         expected_std = (expected_std**2 + alpha**2) ** 0.5
     self.fc = layers.Linear(
-        num_classes,
-        w_init=fc_init or hk.initializers.RandomNormal(stddev=0.01))
+        num_classes, w_init=fc_init or hk.initializers.RandomNormal(stddev=0.01)
+    )
 
-  def __call__(self, x: jax.Array, *, is_training: bool,
-               return_metrics: bool = False):
+  def __call__(
+      self, x: jax.Array, *, is_training: bool, return_metrics: bool = False
+  ):
     """Computes logits for images `x` of shape `[N, H, W, C]`.
 
     See `nfnets.nfnet.NFNet.__call__` for the metrics returned.
     """
     layers.check_nhwc(x, 'NF_ResNet')
     out = self.initial_conv(x)
-    out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
-                      padding='SAME')
+    out = hk.max_pool(
+        out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME'
+    )
     metrics = layers.signal_metrics(out, 0) if return_metrics else None
-    out = layers.apply_blocks(self.blocks, out, is_training=is_training,
-                              metrics=metrics)
+    out = layers.apply_blocks(
+        self.blocks, out, is_training=is_training, metrics=metrics
+    )
     pool = jnp.mean(self.activation(out), axis=(1, 2))
-    return layers.classify(pool, self.fc, self.drop_rate,
-                           is_training=is_training, metrics=metrics)
+    return layers.classify(
+        pool, self.fc, self.drop_rate, is_training=is_training, metrics=metrics
+    )
 
 
 class NFResBlock(hk.Module):

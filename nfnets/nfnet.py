@@ -20,22 +20,70 @@ _PLUS_WIDTHS = (384, 768, 2048, 2048)
 # Table 1 of the NFNets paper (F7 from the release). RandAugment: layers and
 # magnitude; sizes in pixels.
 _BASE_VARIANTS = {
-    'F0': dict(depth=(1, 2, 6, 3), drop_rate=0.2, train_imsize=192,
-               test_imsize=256, ra_layers=4, ra_magnitude=5),
-    'F1': dict(depth=(2, 4, 12, 6), drop_rate=0.3, train_imsize=224,
-               test_imsize=320, ra_layers=4, ra_magnitude=10),
-    'F2': dict(depth=(3, 6, 18, 9), drop_rate=0.4, train_imsize=256,
-               test_imsize=352, ra_layers=4, ra_magnitude=10),
-    'F3': dict(depth=(4, 8, 24, 12), drop_rate=0.4, train_imsize=320,
-               test_imsize=416, ra_layers=4, ra_magnitude=15),
-    'F4': dict(depth=(5, 10, 30, 15), drop_rate=0.5, train_imsize=384,
-               test_imsize=512, ra_layers=4, ra_magnitude=15),
-    'F5': dict(depth=(6, 12, 36, 18), drop_rate=0.5, train_imsize=416,
-               test_imsize=544, ra_layers=4, ra_magnitude=15),
-    'F6': dict(depth=(7, 14, 42, 21), drop_rate=0.5, train_imsize=448,
-               test_imsize=576, ra_layers=4, ra_magnitude=15),
-    'F7': dict(depth=(8, 16, 48, 24), drop_rate=0.5, train_imsize=480,
-               test_imsize=608, ra_layers=4, ra_magnitude=15),
+    'F0': dict(
+        depth=(1, 2, 6, 3),
+        drop_rate=0.2,
+        train_imsize=192,
+        test_imsize=256,
+        ra_layers=4,
+        ra_magnitude=5,
+    ),
+    'F1': dict(
+        depth=(2, 4, 12, 6),
+        drop_rate=0.3,
+        train_imsize=224,
+        test_imsize=320,
+        ra_layers=4,
+        ra_magnitude=10,
+    ),
+    'F2': dict(
+        depth=(3, 6, 18, 9),
+        drop_rate=0.4,
+        train_imsize=256,
+        test_imsize=352,
+        ra_layers=4,
+        ra_magnitude=10,
+    ),
+    'F3': dict(
+        depth=(4, 8, 24, 12),
+        drop_rate=0.4,
+        train_imsize=320,
+        test_imsize=416,
+        ra_layers=4,
+        ra_magnitude=15,
+    ),
+    'F4': dict(
+        depth=(5, 10, 30, 15),
+        drop_rate=0.5,
+        train_imsize=384,
+        test_imsize=512,
+        ra_layers=4,
+        ra_magnitude=15,
+    ),
+    'F5': dict(
+        depth=(6, 12, 36, 18),
+        drop_rate=0.5,
+        train_imsize=416,
+        test_imsize=544,
+        ra_layers=4,
+        ra_magnitude=15,
+    ),
+    'F6': dict(
+        depth=(7, 14, 42, 21),
+        drop_rate=0.5,
+        train_imsize=448,
+        test_imsize=576,
+        ra_layers=4,
+        ra_magnitude=15,
+    ),
+    'F7': dict(
+        depth=(8, 16, 48, 24),
+        drop_rate=0.5,
+        train_imsize=480,
+        test_imsize=608,
+        ra_layers=4,
+        ra_magnitude=15,
+    ),
 }
 
 VARIANTS: dict[str, dict[str, Any]] = {}
@@ -45,9 +93,15 @@ for _name, _spec in _BASE_VARIANTS.items():
   # level, here they share their base variant's recipe explicitly.
   VARIANTS[_name + '+'] = dict(_spec, width=_PLUS_WIDTHS)
 # Test-only: the same architecture, small enough for CPU tests and demos.
-VARIANTS['tiny'] = dict(depth=(1, 1, 1, 1), drop_rate=0.0, train_imsize=32,
-                        test_imsize=32, ra_layers=0, ra_magnitude=0,
-                        width=(32, 64, 128, 128))
+VARIANTS['tiny'] = dict(
+    depth=(1, 1, 1, 1),
+    drop_rate=0.0,
+    train_imsize=32,
+    test_imsize=32,
+    ra_layers=0,
+    ra_magnitude=0,
+    width=(32, 64, 128, 128),
+)
 
 
 def variant_spec(variant: str) -> dict[str, Any]:
@@ -113,8 +167,10 @@ class NFNet(hk.Module):
     depth_pattern = tuple(depth or spec['depth'])
     width_pattern = tuple(widths or spec['width'])
     if len(depth_pattern) != len(width_pattern):
-      raise ValueError(f'depth {depth_pattern} and widths {width_pattern} '
-                       'must have one entry per stage.')
+      raise ValueError(
+          f'depth {depth_pattern} and widths {width_pattern} '
+          'must have one entry per stage.'
+      )
     self.activation = layers.nonlinearity(activation)
 
     ch = width_pattern[0] // 2
@@ -131,23 +187,28 @@ class NFNet(hk.Module):
     index = 0
     strides = (1, 2, 2, 2) + (2,) * max(0, len(depth_pattern) - 4)
     for block_width, stage_depth, stride in zip(
-        width_pattern, depth_pattern, strides):
+        width_pattern, depth_pattern, strides
+    ):
       for block_index in range(stage_depth):
         out_ch = int(block_width * width)
-        self.blocks.append(NFBlock(
-            ch, out_ch,
-            bottleneck_ratio=bottleneck_ratio,
-            se_ratio=se_ratio,
-            group_width=group_width,
-            stride=stride if block_index == 0 else 1,
-            # Scales each block's input to unit variance at init.
-            beta=1.0 / expected_std,
-            alpha=alpha,
-            activation=self.activation,
-            stochdepth_rate=stochdepth_rate * index / num_blocks,
-            use_two_convs=use_two_convs,
-            skipinit=skipinit,
-            num_blocks=num_blocks))
+        self.blocks.append(
+            NFBlock(
+                ch,
+                out_ch,
+                bottleneck_ratio=bottleneck_ratio,
+                se_ratio=se_ratio,
+                group_width=group_width,
+                stride=stride if block_index == 0 else 1,
+                # Scales each block's input to unit variance at init.
+                beta=1.0 / expected_std,
+                alpha=alpha,
+                activation=self.activation,
+                stochdepth_rate=stochdepth_rate * index / num_blocks,
+                use_two_convs=use_two_convs,
+                skipinit=skipinit,
+                num_blocks=num_blocks,
+            )
+        )
         ch = out_ch
         index += 1
         # A transition block resets the variance, plus its own growth.
@@ -163,11 +224,12 @@ class NFNet(hk.Module):
       ch = int(final_conv_mult * ch)
     self.final_conv = layers.WSConv2D(ch, 1, name='final_conv')
     self.fc = layers.Linear(
-        num_classes,
-        w_init=fc_init or hk.initializers.RandomNormal(stddev=0.01))
+        num_classes, w_init=fc_init or hk.initializers.RandomNormal(stddev=0.01)
+    )
 
-  def __call__(self, x: jax.Array, *, is_training: bool,
-               return_metrics: bool = False):
+  def __call__(
+      self, x: jax.Array, *, is_training: bool, return_metrics: bool = False
+  ):
     """Computes logits for images `x` of shape `[N, H, W, C]`.
 
     Args:
@@ -187,11 +249,13 @@ class NFNet(hk.Module):
       if i < len(self.stem) - 1:
         out = self.activation(out)
     metrics = layers.signal_metrics(out, 0) if return_metrics else None
-    out = layers.apply_blocks(self.blocks, out, is_training=is_training,
-                              metrics=metrics)
+    out = layers.apply_blocks(
+        self.blocks, out, is_training=is_training, metrics=metrics
+    )
     pool = jnp.mean(self.activation(self.final_conv(out)), axis=(1, 2))
-    return layers.classify(pool, self.fc, self.drop_rate,
-                           is_training=is_training, metrics=metrics)
+    return layers.classify(
+        pool, self.fc, self.drop_rate, is_training=is_training, metrics=metrics
+    )
 
 
 class NFBlock(hk.Module):
@@ -245,13 +309,21 @@ class NFBlock(hk.Module):
     self.groups = max(1, width // group_width)
     self.width = group_width * self.groups
     self.conv0 = layers.WSConv2D(self.width, 1, name='conv0')
-    self.conv1 = layers.WSConv2D(self.width, kernel_shape, stride=stride,
-                                 feature_group_count=self.groups, name='conv1')
+    self.conv1 = layers.WSConv2D(
+        self.width,
+        kernel_shape,
+        stride=stride,
+        feature_group_count=self.groups,
+        name='conv1',
+    )
     self.conv1b = None
     if use_two_convs:
-      self.conv1b = layers.WSConv2D(self.width, kernel_shape,
-                                    feature_group_count=self.groups,
-                                    name='conv1b')
+      self.conv1b = layers.WSConv2D(
+          self.width,
+          kernel_shape,
+          feature_group_count=self.groups,
+          name='conv1b',
+      )
     self.conv2 = layers.WSConv2D(out_ch, 1, name='conv2')
     self.use_projection = stride > 1 or in_ch != out_ch
     if self.use_projection:
@@ -266,8 +338,9 @@ class NFBlock(hk.Module):
     out = self.activation(x) * self.beta
     if self.stride > 1:
       # Transition: average-pool, then project, on the shortcut.
-      shortcut = hk.avg_pool(out, window_shape=(1, 2, 2, 1),
-                             strides=(1, 2, 2, 1), padding='SAME')
+      shortcut = hk.avg_pool(
+          out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1), padding='SAME'
+      )
       if self.use_projection:
         shortcut = self.conv_shortcut(shortcut)
     elif self.use_projection:

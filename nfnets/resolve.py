@@ -30,8 +30,9 @@ def _number(value, field, cast):
     try:
       return cast(value)
     except ValueError:
-      raise ValueError(f"{field} must be 'auto' or a number, got "
-                       f'{value!r}.') from None
+      raise ValueError(
+          f"{field} must be 'auto' or a number, got " f'{value!r}.'
+      ) from None
   return value
 
 
@@ -41,9 +42,9 @@ def _positive_int(value, field):
   return value
 
 
-def resolve(config: ml_collections.ConfigDict,
-            num_train_examples: Optional[int] = None
-            ) -> ml_collections.ConfigDict:
+def resolve(
+    config: ml_collections.ConfigDict, num_train_examples: Optional[int] = None
+) -> ml_collections.ConfigDict:
   """Returns a copy of `config` with every 'auto' field made concrete.
 
   Args:
@@ -62,8 +63,10 @@ def resolve(config: ml_collections.ConfigDict,
   _positive_int(config.train.batch_size, 'train.batch_size')
   _positive_int(config.eval.batch_size, 'eval.batch_size')
   if config.train.compute_dtype not in COMPUTE_DTYPES:
-    raise ValueError(f'train.compute_dtype must be one of {COMPUTE_DTYPES}, '
-                     f'got {config.train.compute_dtype!r}.')
+    raise ValueError(
+        f'train.compute_dtype must be one of {COMPUTE_DTYPES}, '
+        f'got {config.train.compute_dtype!r}.'
+    )
   config.model.name = name
 
   derived = {
@@ -81,8 +84,9 @@ def resolve(config: ml_collections.ConfigDict,
   derived[('data', 'randaugment_magnitude')] = (ra_magnitude, int)
   for (section, key), (value, cast) in derived.items():
     current = config[section][key]
-    config[section][key] = (value if current == AUTO else
-                            _number(current, f'{section}.{key}', cast))
+    config[section][key] = (
+        value if current == AUTO else _number(current, f'{section}.{key}', cast)
+    )
   _positive_int(config.data.train_image_size, 'data.train_image_size')
   _positive_int(config.data.eval_image_size, 'data.eval_image_size')
   clipping = config.optimizer.agc.clipping
@@ -91,13 +95,16 @@ def resolve(config: ml_collections.ConfigDict,
     clipping = config.optimizer.agc.clipping = None
   if clipping == AUTO:
     config.optimizer.agc.clipping = agc.clipping_for_batch_size(
-        config.train.batch_size)
+        config.train.batch_size
+    )
   elif clipping is not None:
     clipping = _number(clipping, 'optimizer.agc.clipping', float)
     config.optimizer.agc.clipping = clipping
   if clipping is not None and clipping != AUTO and clipping <= 0:
-    raise ValueError("optimizer.agc.clipping must be 'auto', a number > 0 or "
-                     f'None (no AGC), got {clipping!r}.')
+    raise ValueError(
+        "optimizer.agc.clipping must be 'auto', a number > 0 or "
+        f'None (no AGC), got {clipping!r}.'
+    )
 
   if num_train_examples is not None:
     config.steps = steps_from_epochs(config, num_train_examples)
@@ -105,21 +112,26 @@ def resolve(config: ml_collections.ConfigDict,
   return config
 
 
-def steps_from_epochs(config: ml_collections.ConfigDict,
-                      num_train_examples: int) -> ml_collections.ConfigDict:
+def steps_from_epochs(
+    config: ml_collections.ConfigDict, num_train_examples: int
+) -> ml_collections.ConfigDict:
   """Converts the config's durations in epochs to steps, in one place."""
   _positive_int(num_train_examples, 'num_train_examples')
   per_epoch = num_train_examples / config.train.batch_size
   # Whole steps only: 360 epochs of ImageNet at 4096 are 112,602 steps.
   total = max(1, int(config.train.num_epochs * per_epoch))
   if config.train.max_steps is not None:
-    total = min(total, _positive_int(config.train.max_steps,
-                                     'train.max_steps'))
+    total = min(total, _positive_int(config.train.max_steps, 'train.max_steps'))
   warmup = min(round(config.optimizer.warmup_epochs * per_epoch), total - 1)
   if config.train.eval_every_epochs:
     eval_every = max(1, round(config.train.eval_every_epochs * per_epoch))
   else:
     eval_every = 0
-  return ml_collections.ConfigDict(dict(
-      per_epoch=per_epoch, total=total, warmup=max(0, warmup),
-      eval_every=eval_every))
+  return ml_collections.ConfigDict(
+      dict(
+          per_epoch=per_epoch,
+          total=total,
+          warmup=max(0, warmup),
+          eval_every=eval_every,
+      )
+  )

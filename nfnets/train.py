@@ -36,8 +36,11 @@ from nfnets import resolve
 # The one name of the data-parallel axis.
 AXIS_NAME = 'batch'
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
-           'float16': jnp.float16}
+_DTYPES = {
+    'float32': jnp.float32,
+    'bfloat16': jnp.bfloat16,
+    'float16': jnp.float16,
+}
 # Codes of the first non-finite metric, kept in the train state.
 _NONFINITE_METRICS = {1: 'train_loss', 2: 'grad_norm'}
 
@@ -54,13 +57,15 @@ class NonFiniteError(RuntimeError):
     super().__init__(
         f'Non-finite {metric} at step {step}: training stopped; no '
         'checkpoint holds a non-finite value. Lower optimizer.base_lr or '
-        'enable AGC (optimizer.agc.clipping).')
+        'enable AGC (optimizer.agc.clipping).'
+    )
     self.step = step
     self.metric = metric
 
 
 class TrainState(NamedTuple):
   """Everything a step reads and writes; checkpointed whole."""
+
   step: jax.Array  # int32 scalar: steps taken
   params: Any
   model_state: Any  # Haiku state (BatchNorm statistics), often empty
@@ -72,8 +77,9 @@ class TrainState(NamedTuple):
   nonfinite_metric: jax.Array
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int
-                 ) -> hk.TransformedWithState:
+def create_model(
+    config: ml_collections.ConfigDict, num_classes: int
+) -> hk.TransformedWithState:
   """The Haiku-transformed model of a resolved config."""
   overrides = dict(config.model.overrides)
   accepted = inspect.signature(models.info(config.model.name).constructor)
@@ -91,17 +97,22 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int
 
 
 def _optimizer_and_schedule(config):
-  kwargs = dict(batch_size=config.train.batch_size,
-                total_steps=config.steps.total,
-                warmup_steps=config.steps.warmup)
+  kwargs = dict(
+      batch_size=config.train.batch_size,
+      total_steps=config.steps.total,
+      warmup_steps=config.steps.warmup,
+  )
   optimizer = optim.create_optimizer(config.optimizer, **kwargs)
   lr_fn = optim.learning_rate_fn_from_config(config.optimizer, **kwargs)
   return optimizer, lr_fn
 
 
-def create_train_state(rng: jax.Array, forward: hk.TransformedWithState,
-                       optimizer: optax.GradientTransformation,
-                       image_size: int) -> TrainState:
+def create_train_state(
+    rng: jax.Array,
+    forward: hk.TransformedWithState,
+    optimizer: optax.GradientTransformation,
+    image_size: int,
+) -> TrainState:
   """A new (unreplicated) train state, built by one compiled function."""
 
   @jax.jit
@@ -111,26 +122,36 @@ def create_train_state(rng: jax.Array, forward: hk.TransformedWithState,
     # Training mode: BatchNorm creates its moving averages there.
     params, model_state = forward.init(init_rng, images, is_training=True)
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state=model_state,
         opt_state=optimizer.init(params),
-        ema_params=jax.tree_util.tree_map(jnp.copy, params), rng=rng,
+        ema_params=jax.tree_util.tree_map(jnp.copy, params),
+        rng=rng,
         nonfinite_step=-jnp.ones((), jnp.int32),
-        nonfinite_metric=jnp.zeros((), jnp.int32))
+        nonfinite_metric=jnp.zeros((), jnp.int32),
+    )
 
   return init(rng)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
-                  label_smoothing: float) -> jax.Array:
+def cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    num_classes: int,
+    label_smoothing: float,
+) -> jax.Array:
   """Per-example softmax cross-entropy with label smoothing, float32."""
   targets = optax.smooth_labels(
-      jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), label_smoothing)
+      jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), label_smoothing
+  )
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
 def _global_norm(tree):
-  return optax.global_norm(jax.tree_util.tree_map(
-      lambda x: x.astype(jnp.float32), tree))
+  return optax.global_norm(
+      jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree)
+  )
 
 
 def train_step(
@@ -174,19 +195,22 @@ def train_step(
   """
   step = state.step
   # Different dropout / stochastic depth on every device and every step.
-  rng = jax.random.fold_in(jax.random.fold_in(state.rng, step),
-                           jax.lax.axis_index(AXIS_NAME))
+  rng = jax.random.fold_in(
+      jax.random.fold_in(state.rng, step), jax.lax.axis_index(AXIS_NAME)
+  )
   images = batch['images'].astype(compute_dtype)
 
   def loss_fn(params):
-    logits, model_state = forward.apply(params, state.model_state, rng, images,
-                                        is_training=True)
+    logits, model_state = forward.apply(
+        params, state.model_state, rng, images, is_training=True
+    )
     logits = logits.astype(jnp.float32)
     ratio = batch['mix_ratio']
-    losses = (ratio * cross_entropy(logits, batch['labels'], num_classes,
-                                    label_smoothing)
-              + (1.0 - ratio) * cross_entropy(logits, batch['labels2'],
-                                              num_classes, label_smoothing))
+    losses = ratio * cross_entropy(
+        logits, batch['labels'], num_classes, label_smoothing
+    ) + (1.0 - ratio) * cross_entropy(
+        logits, batch['labels2'], num_classes, label_smoothing
+    )
     return jnp.mean(losses), (logits, model_state)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -198,7 +222,10 @@ def train_step(
   # Cross-replica BatchNorm statistics; integer counters are equal anyway.
   model_state = jax.tree_util.tree_map(
       lambda x: jax.lax.pmean(x, AXIS_NAME)
-      if jnp.issubdtype(x.dtype, jnp.floating) else x, model_state)
+      if jnp.issubdtype(x.dtype, jnp.floating)
+      else x,
+      model_state,
+  )
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if ema_decay is None:
@@ -210,38 +237,58 @@ def train_step(
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   first_bad = (state.nonfinite_step < 0) & ~finite
   new_state = TrainState(
-      step=step + 1, params=params, model_state=model_state,
-      opt_state=opt_state, ema_params=ema_params, rng=state.rng,
+      step=step + 1,
+      params=params,
+      model_state=model_state,
+      opt_state=opt_state,
+      ema_params=ema_params,
+      rng=state.rng,
       nonfinite_step=jnp.where(first_bad, step, state.nonfinite_step),
       nonfinite_metric=jnp.where(
-          first_bad, jnp.where(jnp.isfinite(loss), 2, 1),
-          state.nonfinite_metric))
+          first_bad, jnp.where(jnp.isfinite(loss), 2, 1), state.nonfinite_metric
+      ),
+  )
   # A non-finite step leaves every array as it was (but the step counter and
   # the record of the failure), so no non-finite value is ever kept.
   new_state = jax.tree_util.tree_map(
-      lambda new, old: jnp.where(finite, new, old), new_state,
-      state._replace(step=step + 1, nonfinite_step=new_state.nonfinite_step,
-                     nonfinite_metric=new_state.nonfinite_metric))
+      lambda new, old: jnp.where(finite, new, old),
+      new_state,
+      state._replace(
+          step=step + 1,
+          nonfinite_step=new_state.nonfinite_step,
+          nonfinite_metric=new_state.nonfinite_metric,
+      ),
+  )
 
   top1 = jnp.mean(jnp.argmax(logits, -1) == batch['labels'])
-  metrics = dict(train_loss=loss,
-                 train_top1=jax.lax.pmean(top1, AXIS_NAME),
-                 lr=lr_fn(step), grad_norm=grad_norm)
+  metrics = dict(
+      train_loss=loss,
+      train_top1=jax.lax.pmean(top1, AXIS_NAME),
+      lr=lr_fn(step),
+      grad_norm=grad_norm,
+  )
   if with_metrics:
-    metrics.update(param_norm=_global_norm(params),
-                   update_norm=_global_norm(updates))
+    metrics.update(
+        param_norm=_global_norm(params), update_norm=_global_norm(updates)
+    )
     if agc_clipping is not None:
       metrics['agc_clipped_fraction'] = agc.clipped_fraction(
-          grads, state.params, agc_clipping, agc_eps, agc_exclude)
+          grads, state.params, agc_clipping, agc_eps, agc_exclude
+      )
   return new_state, metrics
 
 
-def eval_step(params, model_state, batch, *, forward, num_classes,
-              compute_dtype) -> dict[str, jax.Array]:
+def eval_step(
+    params, model_state, batch, *, forward, num_classes, compute_dtype
+) -> dict[str, jax.Array]:
   """Sums of correct top-1/top-5, loss and count over real (mask=1) examples."""
-  logits, _ = forward.apply(params, model_state, None,
-                            batch['images'].astype(compute_dtype),
-                            is_training=False)
+  logits, _ = forward.apply(
+      params,
+      model_state,
+      None,
+      batch['images'].astype(compute_dtype),
+      is_training=False,
+  )
   logits = logits.astype(jnp.float32)
   mask = batch['mask']
   labels = batch['labels']
@@ -250,7 +297,8 @@ def eval_step(params, model_state, batch, *, forward, num_classes,
       top1=jnp.sum(mask * (jnp.argmax(logits, -1) == labels)),
       top5=jnp.sum(mask * jnp.any(top5 == labels[:, None], axis=-1)),
       loss=jnp.sum(mask * cross_entropy(logits, labels, num_classes, 0.0)),
-      count=jnp.sum(mask))
+      count=jnp.sum(mask),
+  )
   return jax.lax.psum(sums, AXIS_NAME)
 
 
@@ -259,16 +307,19 @@ def evaluate(p_eval_step, params, model_state, dataset) -> dict[str, float]:
   totals = None
   for batch in dataset:
     sums = p_eval_step(params, model_state, batch)
-    sums = jax.tree_util.tree_map(lambda x: np.asarray(x[0], np.float64),
-                                  sums)
-    totals = sums if totals is None else jax.tree_util.tree_map(
-        np.add, totals, sums)
+    sums = jax.tree_util.tree_map(lambda x: np.asarray(x[0], np.float64), sums)
+    totals = (
+        sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
+    )
   if totals is None or totals['count'] == 0:
     raise ValueError('The eval split yielded no example.')
   count = totals['count']
-  return dict(top1=float(totals['top1'] / count),
-              top5=float(totals['top5'] / count),
-              loss=float(totals['loss'] / count), count=int(count))
+  return dict(
+      top1=float(totals['top1'] / count),
+      top5=float(totals['top5'] / count),
+      loss=float(totals['loss'] / count),
+      count=int(count),
+  )
 
 
 def replicate(tree):
@@ -279,7 +330,8 @@ def replicate(tree):
   """
   n = jax.local_device_count()
   stacked = jax.tree_util.tree_map(
-      lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
+      lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree
+  )
   return jax.pmap(lambda x: x, axis_name=AXIS_NAME)(stacked)
 
 
@@ -287,7 +339,10 @@ def unreplicate(tree):
   """The first local device's copy, as numpy (no compiled gather per leaf)."""
   return jax.tree_util.tree_map(
       lambda x: np.asarray(x.addressable_shards[0].data)[0]
-      if isinstance(x, jax.Array) else np.asarray(x)[0], tree)
+      if isinstance(x, jax.Array)
+      else np.asarray(x)[0],
+      tree,
+  )
 
 
 class _Logger:
@@ -305,8 +360,11 @@ class _Logger:
       # Events after the restored checkpoint will be logged again: drop them
       # so the file stays one continuous record with no duplicate step.
       with open(self.path) as f:
-        kept = [line for line in f
-                if line.strip() and json.loads(line)['step'] <= resume_step]
+        kept = [
+            line
+            for line in f
+            if line.strip() and json.loads(line)['step'] <= resume_step
+        ]
       with open(self.path + '.tmp', 'w') as f:
         f.writelines(kept)
       os.replace(self.path + '.tmp', self.path)
@@ -314,8 +372,14 @@ class _Logger:
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    record = {k: (float(v) if isinstance(v, (np.floating, np.integer, float))
-                  and k != 'step' else v) for k, v in record.items()}
+    record = {
+        k: (
+            float(v)
+            if isinstance(v, (np.floating, np.integer, float)) and k != 'step'
+            else v
+        )
+        for k, v in record.items()
+    }
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     self._tensorboard(record)
@@ -324,8 +388,10 @@ class _Logger:
     if self._tb is None:
       # tensorboardX writes TensorBoard's event files without TensorFlow.
       import tensorboardX  # pylint: disable=g-import-not-at-top
+
       self._tb = tensorboardX.SummaryWriter(
-          os.path.join(self._workdir, 'tensorboard'))
+          os.path.join(self._workdir, 'tensorboard')
+      )
     for key, value in record.items():
       if key != 'step' and isinstance(value, (int, float)):
         self._tb.add_scalar(key, value, global_step=record['step'])
@@ -365,8 +431,10 @@ class _Preemption:
   def _handle(self, signum, frame):
     del frame
     self.requested = True
-    print(f'Received signal {signum}: saving a checkpoint and exiting.',
-          flush=True)
+    print(
+        f'Received signal {signum}: saving a checkpoint and exiting.',
+        flush=True,
+    )
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -378,7 +446,8 @@ def _check_batch(global_batch: int, what: str) -> None:
   if global_batch % devices:
     raise ValueError(
         f'{what}={global_batch} is not divisible by the device count '
-        f'{devices}; use a multiple of {devices}.')
+        f'{devices}; use a multiple of {devices}.'
+    )
 
 
 def _save_config(config, workdir):
@@ -393,8 +462,9 @@ def prepare(config: ml_collections.ConfigDict):
   return config, data.num_classes(config.data)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming there; returns the final metrics.
 
   Args:
@@ -424,12 +494,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   optimizer, lr_fn = _optimizer_and_schedule(config)
   compute_dtype = _DTYPES[config.train.compute_dtype]
   agc_cfg = config.optimizer.agc
-  state = create_train_state(jax.random.PRNGKey(config.seed), forward,
-                             optimizer, config.data.train_image_size)
-  checkpointer = checkpoint.TrainCheckpointer(workdir,
-                                              config.train.keep_checkpoints)
+  state = create_train_state(
+      jax.random.PRNGKey(config.seed),
+      forward,
+      optimizer,
+      config.data.train_image_size,
+  )
+  checkpointer = checkpoint.TrainCheckpointer(
+      workdir, config.train.keep_checkpoints
+  )
   restored, restored_step = checkpointer.restore_latest(
-      jax.tree_util.tree_map(np.asarray, state._asdict()))
+      jax.tree_util.tree_map(np.asarray, state._asdict())
+  )
   if restored is not None:
     state = TrainState(**restored)
   start_step = int(state.step)
@@ -439,46 +515,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   p_train_step = jax.pmap(
       functools.partial(
-          train_step, forward=forward, optimizer=optimizer, lr_fn=lr_fn,
+          train_step,
+          forward=forward,
+          optimizer=optimizer,
+          lr_fn=lr_fn,
           num_classes=num_classes,
           label_smoothing=config.train.label_smoothing,
-          compute_dtype=compute_dtype, ema_decay=config.optimizer.ema_decay,
-          agc_clipping=agc_cfg.clipping, agc_eps=agc_cfg.eps,
-          agc_exclude=tuple(agc_cfg.exclude)),
-      axis_name=AXIS_NAME, donate_argnums=(0,))
+          compute_dtype=compute_dtype,
+          ema_decay=config.optimizer.ema_decay,
+          agc_clipping=agc_cfg.clipping,
+          agc_eps=agc_cfg.eps,
+          agc_exclude=tuple(agc_cfg.exclude),
+      ),
+      axis_name=AXIS_NAME,
+      donate_argnums=(0,),
+  )
   p_eval_step = jax.pmap(
-      functools.partial(eval_step, forward=forward, num_classes=num_classes,
-                        compute_dtype=compute_dtype),
-      axis_name=AXIS_NAME)
+      functools.partial(
+          eval_step,
+          forward=forward,
+          num_classes=num_classes,
+          compute_dtype=compute_dtype,
+      ),
+      axis_name=AXIS_NAME,
+  )
 
   def run_eval(replicated, step):
     record = {'step': step}
     dataset = data.create_dataset(
-        config.data, split='eval', global_batch_size=config.eval.batch_size,
-        image_size=config.data.eval_image_size, seed=config.seed)
-    results = evaluate(p_eval_step, replicated.params,
-                       replicated.model_state, dataset)
+        config.data,
+        split='eval',
+        global_batch_size=config.eval.batch_size,
+        image_size=config.data.eval_image_size,
+        seed=config.seed,
+    )
+    results = evaluate(
+        p_eval_step, replicated.params, replicated.model_state, dataset
+    )
     record.update({f'eval_{k}': v for k, v in results.items()})
     if config.eval.ema:
       dataset = data.create_dataset(
-          config.data, split='eval', global_batch_size=config.eval.batch_size,
-          image_size=config.data.eval_image_size, seed=config.seed)
-      results = evaluate(p_eval_step, replicated.ema_params,
-                         replicated.model_state, dataset)
+          config.data,
+          split='eval',
+          global_batch_size=config.eval.batch_size,
+          image_size=config.data.eval_image_size,
+          seed=config.seed,
+      )
+      results = evaluate(
+          p_eval_step, replicated.ema_params, replicated.model_state, dataset
+      )
       record.update({f'ema_eval_{k}': v for k, v in results.items()})
     logger.write(record)
     logger.print(
         f'eval  step {step}: top-1 {record["eval_top1"]:.4f}, top-5 '
         f'{record["eval_top5"]:.4f}, loss {record["eval_loss"]:.4f}'
-        + (f' | EMA top-1 {record["ema_eval_top1"]:.4f}'
-           if config.eval.ema else '') + f' ({record["eval_count"]} images)')
+        + (
+            f' | EMA top-1 {record["ema_eval_top1"]:.4f}'
+            if config.eval.ema
+            else ''
+        )
+        + f' ({record["eval_count"]} images)'
+    )
     return record
 
   def check_finite(replicated):
     bad_step = int(np.asarray(replicated.nonfinite_step)[0])
     if bad_step >= 0:
-      metric = _NONFINITE_METRICS[int(
-          np.asarray(replicated.nonfinite_metric)[0])]
+      metric = _NONFINITE_METRICS[
+          int(np.asarray(replicated.nonfinite_metric)[0])
+      ]
       raise NonFiniteError(bad_step, metric)
 
   saved_steps = set(checkpointer.all_steps())
@@ -491,23 +596,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     host = unreplicate(replicated._asdict())
     # The step's own guard already kept non-finite values out; this makes it
     # a property of every checkpoint, not of the step function alone.
-    for leaf in jax.tree_util.tree_leaves((host['params'],
-                                           host['ema_params'])):
+    for leaf in jax.tree_util.tree_leaves((host['params'], host['ema_params'])):
       if not np.all(np.isfinite(leaf)):
         raise NonFiniteError(step, 'params')
     checkpointer.save(step, host, wait=wait)
 
   total = config.steps.total
   train_ds = data.create_dataset(
-      config.data, split='train', global_batch_size=config.train.batch_size,
-      image_size=config.data.train_image_size, seed=config.seed,
-      start_step=start_step)
+      config.data,
+      split='train',
+      global_batch_size=config.train.batch_size,
+      image_size=config.data.train_image_size,
+      seed=config.seed,
+      start_step=start_step,
+  )
   replicated = replicate(state)
   del state
   logger.print(
       f'Training {config.model.name} on {config.data.name} for {total} steps '
       f'(batch {config.train.batch_size} on {jax.device_count()} devices, '
-      f'{config.train.compute_dtype}, AGC lambda {agc_cfg.clipping}).')
+      f'{config.train.compute_dtype}, AGC lambda {agc_cfg.clipping}).'
+  )
   last_eval = {}
   last_train = {}
   preempted = False
@@ -524,17 +633,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           check_finite(replicated)
           metrics = {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
           now = time.time()
-          images_per_sec = ((step - window_step) * config.train.batch_size
-                            / max(now - window_start, 1e-9))
+          images_per_sec = (
+              (step - window_step)
+              * config.train.batch_size
+              / max(now - window_start, 1e-9)
+          )
           window_start, window_step = now, step
           eta = (total - step) * config.train.batch_size / images_per_sec
-          last_train = dict(step=step, epoch=step / config.steps.per_epoch,
-                            images_per_sec=images_per_sec, **metrics)
+          last_train = dict(
+              step=step,
+              epoch=step / config.steps.per_epoch,
+              images_per_sec=images_per_sec,
+              **metrics,
+          )
           logger.write(last_train)
           logger.print(
               f'train step {step}/{total} | loss {metrics["train_loss"]:.4f}'
               f' | top-1 {metrics["train_top1"]:.3f} | lr {metrics["lr"]:.4g}'
-              f' | {images_per_sec:,.0f} img/s | ETA {_format_seconds(eta)}')
+              f' | {images_per_sec:,.0f} img/s | ETA {_format_seconds(eta)}'
+          )
         if eval_every and step % eval_every == 0 and step < total:
           last_eval = run_eval(replicated, step)
         if step % config.train.checkpoint_every_steps == 0 and step < total:
@@ -552,8 +669,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     checkpointer.close()
     logger.close()
 
-  result = dict(step=step, preempted=preempted,
-                wall_time_s=time.time() - start_time)
+  result = dict(
+      step=step, preempted=preempted, wall_time_s=time.time() - start_time
+  )
   result.update({k: v for k, v in last_train.items() if k != 'step'})
   result.update({k: v for k, v in last_eval.items() if k != 'step'})
   if is_chief and not preempted:
@@ -561,8 +679,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   return result
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict,
-                        workdir: str) -> dict[str, Any]:
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, Any]:
   """Evaluates the workdir's latest checkpoint, or `config.eval.checkpoint`.
 
   `config.eval.checkpoint` may name a published DeepMind parameter file
@@ -574,37 +693,57 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
   compute_dtype = _DTYPES[config.train.compute_dtype]
   if config.eval.checkpoint:
     params = checkpoint.load_deepmind_params(
-        config.eval.checkpoint, config.model.name, num_classes,
-        **dict(config.model.overrides))
+        config.eval.checkpoint,
+        config.model.name,
+        num_classes,
+        **dict(config.model.overrides),
+    )
     model_state = {}
     trees = {'params': params}
   else:
     optimizer, _ = _optimizer_and_schedule(config)
-    state = create_train_state(jax.random.PRNGKey(config.seed), forward,
-                               optimizer, config.data.eval_image_size)
-    checkpointer = checkpoint.TrainCheckpointer(workdir,
-                                                config.train.keep_checkpoints)
+    state = create_train_state(
+        jax.random.PRNGKey(config.seed),
+        forward,
+        optimizer,
+        config.data.eval_image_size,
+    )
+    checkpointer = checkpoint.TrainCheckpointer(
+        workdir, config.train.keep_checkpoints
+    )
     restored, step = checkpointer.restore_latest(
-        jax.tree_util.tree_map(np.asarray, state._asdict()))
+        jax.tree_util.tree_map(np.asarray, state._asdict())
+    )
     checkpointer.close()
     if restored is None:
       raise FileNotFoundError(
           f'No checkpoint in {workdir}/checkpoints to evaluate; train first '
-          'or set --config.eval.checkpoint=PATH.')
+          'or set --config.eval.checkpoint=PATH.'
+      )
     model_state = restored['model_state']
     trees = {'params': restored['params'], 'ema_params': restored['ema_params']}
     print(f'Evaluating the checkpoint of step {step}.')
   p_eval_step = jax.pmap(
-      functools.partial(eval_step, forward=forward, num_classes=num_classes,
-                        compute_dtype=compute_dtype),
-      axis_name=AXIS_NAME)
+      functools.partial(
+          eval_step,
+          forward=forward,
+          num_classes=num_classes,
+          compute_dtype=compute_dtype,
+      ),
+      axis_name=AXIS_NAME,
+  )
   result = {}
   for name, params in trees.items():
     dataset = data.create_dataset(
-        config.data, split='eval', global_batch_size=config.eval.batch_size,
-        image_size=config.data.eval_image_size, seed=config.seed)
-    metrics = evaluate(p_eval_step, replicate(params), replicate(model_state),
-                       dataset)
+        config.data,
+        split='eval',
+        global_batch_size=config.eval.batch_size,
+        image_size=config.data.eval_image_size,
+        seed=config.seed,
+    )
+    metrics = evaluate(
+        p_eval_step, replicate(params), replicate(model_state), dataset
+    )
     prefix = 'eval' if name == 'params' else 'ema_eval'
     result.update({f'{prefix}_{k}': v for k, v in metrics.items()})
   print(json.dumps(result))
@@ -615,6 +754,7 @@ def _plot_curves(workdir: str, logger: _Logger) -> Optional[str]:
   """Writes `curves.png`: training loss and train/eval top-1 against step."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
+
     matplotlib.use('Agg')
     from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -626,15 +766,25 @@ def _plot_curves(workdir: str, logger: _Logger) -> Optional[str]:
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
   ax_loss.plot([r['step'] for r in train], [r['train_loss'] for r in train])
   ax_loss.set(xlabel='step', ylabel='training loss', title='Loss')
-  ax_acc.plot([r['step'] for r in train], [r['train_top1'] for r in train],
-              label='train top-1')
+  ax_acc.plot(
+      [r['step'] for r in train],
+      [r['train_top1'] for r in train],
+      label='train top-1',
+  )
   if evals:
-    ax_acc.plot([r['step'] for r in evals], [r['eval_top1'] for r in evals],
-                'o-', label='eval top-1')
+    ax_acc.plot(
+        [r['step'] for r in evals],
+        [r['eval_top1'] for r in evals],
+        'o-',
+        label='eval top-1',
+    )
     if 'ema_eval_top1' in evals[0]:
-      ax_acc.plot([r['step'] for r in evals],
-                  [r['ema_eval_top1'] for r in evals], 's--',
-                  label='eval top-1 (EMA)')
+      ax_acc.plot(
+          [r['step'] for r in evals],
+          [r['ema_eval_top1'] for r in evals],
+          's--',
+          label='eval top-1 (EMA)',
+      )
   ax_acc.set(xlabel='step', ylabel='accuracy', title='Accuracy', ylim=(0, 1))
   ax_acc.legend()
   fig.tight_layout()

@@ -6,8 +6,11 @@ import tempfile
 
 # Must run before the first `import jax`: XLA reads the flag once, at start-up.
 os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""),
-     "--xla_force_host_platform_device_count=8"]).strip()
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        "--xla_force_host_platform_device_count=8",
+    ]
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Tests import the repository's packages (nfnets, configs) from its root.
@@ -16,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the runs they launch): the runner's tests compile the same step many times.
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
-    os.path.join(tempfile.gettempdir(), "nfnets_jax_test_cache"))
+    os.path.join(tempfile.gettempdir(), "nfnets_jax_test_cache"),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

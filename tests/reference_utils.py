@@ -10,19 +10,26 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (scale, offset) of the deterministic fixture values, by parameter name.
-_VALUE_SPECS = {'w': (0.1, 0.0), 'gain': (0.1, 1.0), 'bias': (0.1, 0.0),
-                'b': (0.1, 0.0), 'skip_gain': (0.1, 0.5)}
+_VALUE_SPECS = {
+    'w': (0.1, 0.0),
+    'gain': (0.1, 1.0),
+    'bias': (0.1, 0.0),
+    'b': (0.1, 0.0),
+    'skip_gain': (0.1, 0.5),
+}
 
 
 def reference_dir() -> str:
-  return os.environ.get('NFNETS_REFERENCE_DIR',
-                        os.path.join(REPO_ROOT, '..', 'shared', 'fixtures'))
+  return os.environ.get(
+      'NFNETS_REFERENCE_DIR',
+      os.path.join(REPO_ROOT, '..', 'shared', 'fixtures'),
+  )
 
 
 def fixture_tags() -> list[str]:
   """Tags `<tag>` of every `<tag>_params.json` in the reference folder."""
   paths = sorted(glob.glob(os.path.join(reference_dir(), '*_params.json')))
-  return [os.path.basename(p)[:-len('_params.json')] for p in paths]
+  return [os.path.basename(p)[: -len('_params.json')] for p in paths]
 
 
 def load_fixture(tag: str):
@@ -37,6 +44,7 @@ def load_fixture(tag: str):
       rng = np.random.default_rng(zlib.crc32(f'{module}/{name}'.encode()))
       value = rng.standard_normal(tuple(shape)) * scale + offset
       params[module][name] = value.astype(np.float32)
-  reference = dict(np.load(os.path.join(reference_dir(),
-                                        f'{tag}_reference.npz')))
+  reference = dict(
+      np.load(os.path.join(reference_dir(), f'{tag}_reference.npz'))
+  )
   return spec, params, reference

@@ -17,15 +17,18 @@ from nfnets import models
 @functools.lru_cache(maxsize=1)
 def _init_tiny():
   f = hk.transform_with_state(
-      lambda x: models.create('nfnet_tiny')(x, is_training=True))
+      lambda x: models.create('nfnet_tiny')(x, is_training=True)
+  )
   params, _ = jax.jit(f.init)(jax.random.PRNGKey(0), jnp.ones((1, 32, 32, 3)))
   return params
 
 
 def _tiny_params():
   # Plain numpy in plain dicts: what the original files hold.
-  return {m: {p: np.asarray(v) for p, v in d.items()}
-          for m, d in _init_tiny().items()}
+  return {
+      m: {p: np.asarray(v) for p, v in d.items()}
+      for m, d in _init_tiny().items()
+  }
 
 
 def test_round_trips_a_file_in_the_original_format(tmp_path):
@@ -63,8 +66,9 @@ def test_wrong_shape_names_the_path_and_both_shapes(tmp_path):
   path = tmp_path / 'bad.npz'
   with open(path, 'wb') as f:
     pickle.dump(params, f)
-  with pytest.raises(ValueError, match=r'NFNet/~/linear/w.*\(3, 3\).*'
-                     r'\(256, 1000\)'):
+  with pytest.raises(
+      ValueError, match=r'NFNet/~/linear/w.*\(3, 3\).*' r'\(256, 1000\)'
+  ):
     checkpoint.load_deepmind_params(str(path), 'nfnet_tiny')
 
 

@@ -19,12 +19,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(
     os.path.basename(p)[:-3]
     for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
-    if not os.path.basename(p).startswith(('_', 'common')))
+    if not os.path.basename(p).startswith(('_', 'common'))
+)
 IMAGENET_TRAIN = 1_281_167
 
 VARIANT_ARGS = {
-    'nfnet': [f'F{i}{p}' for p in ('', '+') for i in range(8)] + [
-        'F0,local', 'F7+,local'],
+    'nfnet': (
+        [f'F{i}{p}' for p in ('', '+') for i in range(8)]
+        + ['F0,local', 'F7+,local']
+    ),
     'nf_resnet': ['26', '50', '101', '152', '200', '50,360ep', '50,local'],
     'nf_regnet': [f'B{i}' for i in range(9)] + ['B0,local'],
     'resnet_bn': ['50', '101,local'],
@@ -39,8 +42,10 @@ def test_every_config_file_is_covered():
   assert sorted(VARIANT_ARGS) == CONFIG_FILES
 
 
-@pytest.mark.parametrize('name,arg', [
-    (name, arg) for name, args in VARIANT_ARGS.items() for arg in args])
+@pytest.mark.parametrize(
+    'name,arg',
+    [(name, arg) for name, args in VARIANT_ARGS.items() for arg in args],
+)
 def test_every_config_and_variant_loads_and_resolves(name, arg):
   module = importlib.import_module(f'configs.{name}')
   config = module.get_config(arg)
@@ -61,9 +66,14 @@ def _parse(argv):
   """Parses an experiment command line the way experiment.py does."""
   values = flags.FlagValues()
   # The overrides (--config.x=y) are read from sys_argv, as from sys.argv.
-  config_flags.DEFINE_config_file('config', None, 'config',
-                                  flag_values=values, lock_config=True,
-                                  sys_argv=['prog'] + argv)
+  config_flags.DEFINE_config_file(
+      'config',
+      None,
+      'config',
+      flag_values=values,
+      lock_config=True,
+      sys_argv=['prog'] + argv,
+  )
   flags.DEFINE_string('workdir', None, 'workdir', flag_values=values)
   flags.DEFINE_string('sweep', None, 'sweep', flag_values=values)
   flags.DEFINE_bool('dry_run', False, 'dry run', flag_values=values)
@@ -92,48 +102,67 @@ def test_docstring_commands_parse(name, monkeypatch):
 
 def test_overriding_variant_and_batch_updates_derived_values(monkeypatch):
   monkeypatch.chdir(REPO)
-  base = resolve.resolve(_parse(['--config=configs/nfnet.py:F0']).config,
-                         IMAGENET_TRAIN)
+  base = resolve.resolve(
+      _parse(['--config=configs/nfnet.py:F0']).config, IMAGENET_TRAIN
+  )
   assert (base.data.train_image_size, base.data.eval_image_size) == (192, 256)
   assert base.model.drop_rate == 0.2
   assert base.data.randaugment_magnitude == 5
   assert base.optimizer.agc.clipping == 0.01
   assert base.steps.total == 112_602
 
-  config = _parse(['--config=configs/nfnet.py:F0',
-                   '--config.model.variant=F3',
-                   '--config.train.batch_size=1024']).config
+  config = _parse(
+      [
+          '--config=configs/nfnet.py:F0',
+          '--config.model.variant=F3',
+          '--config.train.batch_size=1024',
+      ]
+  ).config
   resolved = resolve.resolve(config, IMAGENET_TRAIN)
   assert resolved.model.name == 'nfnet_f3'
-  assert (resolved.data.train_image_size,
-          resolved.data.eval_image_size) == (320, 416)
+  assert (resolved.data.train_image_size, resolved.data.eval_image_size) == (
+      320,
+      416,
+  )
   assert resolved.model.drop_rate == 0.4
   assert resolved.data.randaugment_magnitude == 15
   assert resolved.optimizer.agc.clipping == 0.01
   assert resolved.steps.total == 360 * IMAGENET_TRAIN // 1024
   lr_fn = optim.create_learning_rate_fn(
-      resolved.optimizer.base_lr, resolved.train.batch_size,
-      resolved.steps.warmup, resolved.steps.total)
+      resolved.optimizer.base_lr,
+      resolved.train.batch_size,
+      resolved.steps.warmup,
+      resolved.steps.total,
+  )
   assert float(lr_fn(resolved.steps.warmup)) == pytest.approx(0.4)
 
-  small = resolve.resolve(_parse(['--config=configs/nfnet.py:F0',
-                                  '--config.train.batch_size=256']).config)
+  small = resolve.resolve(
+      _parse(
+          ['--config=configs/nfnet.py:F0', '--config.train.batch_size=256']
+      ).config
+  )
   assert small.optimizer.agc.clipping > 0.01
 
 
 def test_command_line_numbers_and_none_for_auto_fields(monkeypatch):
   monkeypatch.chdir(REPO)
-  config = _parse(['--config=configs/nfnet.py:F0',
-                   '--config.optimizer.agc.clipping=0.03',
-                   '--config.data.train_image_size=160']).config
+  config = _parse(
+      [
+          '--config=configs/nfnet.py:F0',
+          '--config.optimizer.agc.clipping=0.03',
+          '--config.data.train_image_size=160',
+      ]
+  ).config
   resolved = resolve.resolve(config)
   assert resolved.optimizer.agc.clipping == 0.03
   assert resolved.data.train_image_size == 160
-  config = _parse(['--config=configs/nfnet.py:F0',
-                   '--config.optimizer.agc.clipping=None']).config
+  config = _parse(
+      ['--config=configs/nfnet.py:F0', '--config.optimizer.agc.clipping=None']
+  ).config
   assert resolve.resolve(config).optimizer.agc.clipping is None
-  config = _parse(['--config=configs/nfnet.py:F0',
-                   '--config.data.train_image_size=big']).config
+  config = _parse(
+      ['--config=configs/nfnet.py:F0', '--config.data.train_image_size=big']
+  ).config
   with pytest.raises(ValueError, match='data.train_image_size'):
     resolve.resolve(config)
 
@@ -147,26 +176,48 @@ def test_auto_clipping_is_001_at_batch_4096():
 
 def test_agc_batch_sweep_dry_run_lists_the_whole_grid(tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'nfnets.sweep',
-       '--config=configs/nf_resnet.py:50', '--sweep=agc_batch', '--dry_run',
-       f'--workdir_root={tmp_path}'],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          '-m',
+          'nfnets.sweep',
+          '--config=configs/nf_resnet.py:50',
+          '--sweep=agc_batch',
+          '--dry_run',
+          f'--workdir_root={tmp_path}',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   for batch in (256, 512, 1024, 2048, 4096):
     for clipping in ('0.01', '0.02', '0.04', '0.08', '0.16', 'None'):
-      assert re.search(rf'batch_size={batch},clipping={clipping}\b',
-                       result.stdout), (batch, clipping)
+      assert re.search(
+          rf'batch_size={batch},clipping={clipping}\b', result.stdout
+      ), (batch, clipping)
   assert '30' in result.stdout
 
 
 def test_tiny_sweep_runs_end_to_end_and_writes_the_summary(tmp_path):
   env = dict(os.environ)
   result = subprocess.run(
-      [sys.executable, '-m', 'nfnets.sweep',
-       '--config=configs/nf_resnet.py:50,local', '--sweep=agc_on_off',
-       '--config.train.max_steps=3', '--config.train.batch_size=64',
-       f'--workdir_root={tmp_path}'],
-      cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+      [
+          sys.executable,
+          '-m',
+          'nfnets.sweep',
+          '--config=configs/nf_resnet.py:50,local',
+          '--sweep=agc_on_off',
+          '--config.train.max_steps=3',
+          '--config.train.batch_size=64',
+          f'--workdir_root={tmp_path}',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=env,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   summary = tmp_path / 'agc_on_off' / 'summary.csv'
   assert summary.exists()

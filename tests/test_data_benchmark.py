@@ -7,8 +7,13 @@ import sys
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'benchmarks'))
+sys.path.insert(
+    0,
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        'benchmarks',
+    ),
+)
 
 import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -23,12 +28,23 @@ def test_synthetic_images_look_like_imagenet(tmp_path):
 
 
 def test_benchmark_prints_json_lines(tmp_path, capsys):
-  input_pipeline.main([
-      '--num_images=24', '--batch_size=8', '--devices=2', '--image_size=32',
-      '--num_batches=2', '--warmup=1', '--full_only',
-      f'--folder={tmp_path}'])
-  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
-           if line.startswith('{')]
+  input_pipeline.main(
+      [
+          '--num_images=24',
+          '--batch_size=8',
+          '--devices=2',
+          '--image_size=32',
+          '--num_batches=2',
+          '--warmup=1',
+          '--full_only',
+          f'--folder={tmp_path}',
+      ]
+  )
+  lines = [
+      json.loads(line)
+      for line in capsys.readouterr().out.splitlines()
+      if line.startswith('{')
+  ]
   assert lines[0]['dataset'] == 'synthetic_jpeg_folder'
   assert lines[0]['num_images'] == 24
   (result,) = [line for line in lines if line.get('config') == 'f0_full']

@@ -15,9 +15,18 @@ from nfnets import data
 from nfnets.data import testing
 
 
-def _digits(split, global_batch_size, *, image_size=32, seed=0,
-            start_step=0, process_index=0, process_count=1,
-            local_device_count=2, **overrides):
+def _digits(
+    split,
+    global_batch_size,
+    *,
+    image_size=32,
+    seed=0,
+    start_step=0,
+    process_index=0,
+    process_count=1,
+    local_device_count=2,
+    **overrides,
+):
   return data.create_dataset(
       testing.config(name='digits', **overrides),
       split=split,
@@ -43,15 +52,17 @@ def test_train_batch_layout_and_ranges():
   assert batch['images'].dtype == np.float32
   for key in ('labels', 'labels2'):
     assert batch[key].shape == (2, 8) and batch[key].dtype == np.int32
-    assert ((batch[key] >= 0) & (batch[key] < data.num_classes(
-        testing.config()))).all()
+    assert (
+        (batch[key] >= 0) & (batch[key] < data.num_classes(testing.config()))
+    ).all()
   assert batch['mix_ratio'].shape == (2, 8)
   assert batch['mix_ratio'].dtype == np.float32
   assert ((batch['mix_ratio'] >= 0) & (batch['mix_ratio'] <= 1)).all()
   assert np.isfinite(batch['images']).all()
   # Greyscale replicated to RGB, standardised with the digits' statistics.
-  np.testing.assert_array_equal(batch['images'][..., 0],
-                                batch['images'][..., 2])
+  np.testing.assert_array_equal(
+      batch['images'][..., 0], batch['images'][..., 2]
+  )
   assert abs(batch['images'].mean()) < 0.5
   assert 0.5 < batch['images'].std() < 1.5
 
@@ -64,9 +75,19 @@ def test_no_mixing_returns_own_labels_and_unit_ratio():
 
 def test_image_size_other_than_32_resizes():
   assert next(_digits('train', 4, image_size=48))['images'].shape == (
-      2, 2, 48, 48, 3)
+      2,
+      2,
+      48,
+      48,
+      3,
+  )
   assert next(_digits('eval', 4, image_size=20))['images'].shape == (
-      2, 2, 20, 20, 3)
+      2,
+      2,
+      20,
+      20,
+      3,
+  )
 
 
 def test_num_examples_and_classes():
@@ -97,14 +118,33 @@ def test_process_slices_are_disjoint_and_make_the_global_batch():
   # Two processes x 1 device see exactly one process x 2 devices' batches,
   # augmentation and mixing included: multi-host runs equal one host's.
   for step in (0, 7, 44):
-    whole = next(_digits('train', 32, start_step=step, process_index=0,
-                         process_count=1, local_device_count=2))
-    parts = [next(_digits('train', 32, start_step=step, process_index=p,
-                          process_count=2, local_device_count=1))
-             for p in (0, 1)]
+    whole = next(
+        _digits(
+            'train',
+            32,
+            start_step=step,
+            process_index=0,
+            process_count=1,
+            local_device_count=2,
+        )
+    )
+    parts = [
+        next(
+            _digits(
+                'train',
+                32,
+                start_step=step,
+                process_index=p,
+                process_count=2,
+                local_device_count=1,
+            )
+        )
+        for p in (0, 1)
+    ]
     for key in whole:
       np.testing.assert_array_equal(
-          np.concatenate([part[key] for part in parts]), whole[key])
+          np.concatenate([part[key] for part in parts]), whole[key]
+      )
     keys0 = _image_keys(parts[0]['images'])
     keys1 = _image_keys(parts[1]['images'])
     assert not set(keys0) & set(keys1)
@@ -112,9 +152,16 @@ def test_process_slices_are_disjoint_and_make_the_global_batch():
 
 def test_one_epoch_of_the_global_stream_covers_the_split():
   # At 8 px the translation range is 0, and mixing is off: images are exact.
-  stream = _digits('train', 479, image_size=8, process_index=0,
-                   process_count=1, local_device_count=1, mixup_alpha=0.0,
-                   cutmix=False)
+  stream = _digits(
+      'train',
+      479,
+      image_size=8,
+      process_index=0,
+      process_count=1,
+      local_device_count=1,
+      mixup_alpha=0.0,
+      cutmix=False,
+  )
   keys = []
   for _ in range(3):  # 3 x 479 = 1437, the whole split
     keys += _image_keys(next(stream)['images'])
@@ -125,16 +172,20 @@ def test_one_epoch_of_the_global_stream_covers_the_split():
 def test_eval_yields_every_example_exactly_once(process_count):
   # 360 examples; 64 per step does not divide it.
   reference = collections.Counter(
-      _image_keys(np.concatenate(
-          [b['images'] for b in _digits('eval', 360, local_device_count=1)]
-      )))
+      _image_keys(
+          np.concatenate(
+              [b['images'] for b in _digits('eval', 360, local_device_count=1)]
+          )
+      )
+  )
   seen = collections.Counter()
   labels_seen = collections.Counter()
   num_batches = set()
   total_mask = 0.0
   for process_index in range(process_count):
-    ds = _digits('eval', 64, process_index=process_index,
-                 process_count=process_count)
+    ds = _digits(
+        'eval', 64, process_index=process_index, process_count=process_count
+    )
     batches = list(ds)
     num_batches.add(len(batches))
     assert len(batches) == ds.num_batches
@@ -178,16 +229,26 @@ def test_device_count_defaults_to_jax():
   import jax  # pylint: disable=g-import-not-at-top
 
   devices = jax.local_device_count()
-  ds = data.create_dataset(testing.config(), split='train',
-                           global_batch_size=2 * devices, image_size=16,
-                           seed=0)
+  ds = data.create_dataset(
+      testing.config(),
+      split='train',
+      global_batch_size=2 * devices,
+      image_size=16,
+      seed=0,
+  )
   assert next(ds)['images'].shape[:2] == (devices, 2)
 
 
 def test_import_is_light():
-  code = ('import sys, nfnets.data; '
-          'print("tensorflow" in sys.modules, "sklearn" in sys.modules)')
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                       text=True, check=True,
-                       cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+  code = (
+      'import sys, nfnets.data; '
+      'print("tensorflow" in sys.modules, "sklearn" in sys.modules)'
+  )
+  out = subprocess.run(
+      [sys.executable, '-c', code],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=os.path.dirname(os.path.dirname(__file__)),
+  ).stdout
   assert out.split() == ['False', 'False']

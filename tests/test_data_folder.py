@@ -33,12 +33,15 @@ def _write_images(directory, ids, fmt='png'):
 def _make_folder(root, *, corrupt=False):
   """train: 3 classes x 7 (ids 0..20); val: 2 classes x 5 (ids 0..9)."""
   for label, name in enumerate(('cat', 'dog', 'emu')):
-    _write_images(os.path.join(root, 'train', name),
-                  range(7 * label, 7 * label + 7), fmt='jpeg' if label else
-                  'png')
+    _write_images(
+        os.path.join(root, 'train', name),
+        range(7 * label, 7 * label + 7),
+        fmt='jpeg' if label else 'png',
+    )
   for label, name in enumerate(('cat', 'dog')):
-    _write_images(os.path.join(root, 'val', name),
-                  range(5 * label, 5 * label + 5))
+    _write_images(
+        os.path.join(root, 'val', name), range(5 * label, 5 * label + 5)
+    )
   with open(os.path.join(root, 'train', 'cat', 'notes.txt'), 'w') as f:
     f.write('not an image, not listed')
   if corrupt:
@@ -53,8 +56,7 @@ def _make_folder(root, *, corrupt=False):
 def _ids(batch):
   """The id (blue channel) of every image of a batch; checks solidity."""
   images = batch['images'].reshape((-1,) + batch['images'].shape[2:])
-  pixels = images * np.array(batching.STDDEV_RGB) + np.array(
-      batching.MEAN_RGB)
+  pixels = images * np.array(batching.STDDEV_RGB) + np.array(batching.MEAN_RGB)
   ids = []
   for image in pixels:
     # JPEG colours drift by a few levels; PNGs are exact.
@@ -63,13 +65,29 @@ def _ids(batch):
   return ids
 
 
-def _folder(root, split, global_batch_size, *, process_index=0,
-            process_count=1, local_device_count=1, start_step=0, **overrides):
+def _folder(
+    root,
+    split,
+    global_batch_size,
+    *,
+    process_index=0,
+    process_count=1,
+    local_device_count=1,
+    start_step=0,
+    **overrides,
+):
   cfg = testing.config(name=f'folder:{root}', **overrides)
   return data.create_dataset(
-      cfg, split=split, global_batch_size=global_batch_size, image_size=8,
-      seed=0, start_step=start_step, process_index=process_index,
-      process_count=process_count, local_device_count=local_device_count)
+      cfg,
+      split=split,
+      global_batch_size=global_batch_size,
+      image_size=8,
+      seed=0,
+      start_step=start_step,
+      process_index=process_index,
+      process_count=process_count,
+      local_device_count=local_device_count,
+  )
 
 
 def test_layout_counts_and_classes(tmp_path):
@@ -89,8 +107,7 @@ def test_corrupt_file_is_skipped_with_one_warning(tmp_path):
     ds = _folder(root, 'train', 4, **_PLAIN)
     batch = next(ds)
     data.num_examples(testing.config(name=f'folder:{root}'), 'train')
-  messages = [str(w.message) for w in record if 'undecodable' in
-              str(w.message)]
+  messages = [str(w.message) for w in record if 'undecodable' in str(w.message)]
   assert len(messages) == 1
   assert 'Skipping 1 undecodable' in messages[0]
   assert 'broken.jpg' in messages[0]
@@ -110,7 +127,8 @@ def test_structural_check(tmp_path):
   assert folder.is_decodable(os.path.join(root, 'train', 'dog', '007.jpeg'))
   assert folder.is_decodable(os.path.join(root, 'train', 'cat', '000.png'))
   assert not folder.is_decodable(
-      os.path.join(root, 'train', 'dog', 'broken.jpg'))
+      os.path.join(root, 'train', 'dog', 'broken.jpg')
+  )
   empty = os.path.join(root, 'empty.png')
   open(empty, 'wb').close()
   assert not folder.is_decodable(empty)
@@ -121,8 +139,9 @@ def test_two_process_shards_are_disjoint_and_cover(tmp_path):
   root = _make_folder(str(tmp_path))
   shards = []
   for process_index, size in ((0, 11), (1, 10)):
-    stream = _folder(root, 'train', 2, process_index=process_index,
-                     process_count=2, **_PLAIN)
+    stream = _folder(
+        root, 'train', 2, process_index=process_index, process_count=2, **_PLAIN
+    )
     ids = []
     while len(ids) < size:
       ids += _ids(next(stream))
@@ -130,8 +149,7 @@ def test_two_process_shards_are_disjoint_and_cover(tmp_path):
   assert not set(shards[0]) & set(shards[1])
   assert sorted(shards[0] + shards[1]) == list(range(21))
   # The shards are strided over the class-sorted files: both see all classes.
-  assert {i // 7 for i in shards[0]} == {i // 7 for i in shards[1]} == {
-      0, 1, 2}
+  assert {i // 7 for i in shards[0]} == {i // 7 for i in shards[1]} == {0, 1, 2}
 
 
 @pytest.mark.parametrize('process_count', [1, 2])
@@ -139,8 +157,14 @@ def test_eval_yields_every_example_exactly_once(tmp_path, process_count):
   root = _make_folder(str(tmp_path))
   ids, total, num_batches = [], 0.0, set()
   for process_index in range(process_count):
-    ds = _folder(root, 'eval', 4 * process_count, local_device_count=2,
-                 process_index=process_index, process_count=process_count)
+    ds = _folder(
+        root,
+        'eval',
+        4 * process_count,
+        local_device_count=2,
+        process_index=process_index,
+        process_count=process_count,
+    )
     batches = list(ds)
     num_batches.add(len(batches))
     for batch in batches:
@@ -181,7 +205,8 @@ def test_root_without_split_folders_is_split_90_10(tmp_path):
 def test_missing_folder_and_missing_eval_folder(tmp_path):
   with pytest.raises(FileNotFoundError, match='does not exist'):
     data.num_examples(
-        testing.config(name=f'folder:{tmp_path}/nowhere'), 'train')
+        testing.config(name=f'folder:{tmp_path}/nowhere'), 'train'
+    )
   _write_images(os.path.join(str(tmp_path), 'train', 'a'), range(3))
   with pytest.raises(FileNotFoundError, match='no eval folder'):
     data.num_examples(testing.config(name=f'folder:{tmp_path}'), 'eval')

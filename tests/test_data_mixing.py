@@ -16,18 +16,24 @@ _SIZE = 16
 
 def _constant_batch(batch):
   values = np.arange(1, batch + 1, dtype=np.float32) * 10.0
-  images = np.broadcast_to(values[:, None, None, None],
-                           (batch, _SIZE, _SIZE, 3)).copy()
+  images = np.broadcast_to(
+      values[:, None, None, None], (batch, _SIZE, _SIZE, 3)
+  ).copy()
   labels = np.arange(batch, dtype=np.int32) + 100
   return values, images, labels
 
 
 def _mix(backend, images, labels, seed, **kwargs):
   if backend == 'numpy':
-    return mixing.mix_batch(images, labels, np.random.default_rng(seed),
-                            **kwargs)
-  out = augment.mix_batch(tf.constant(images), tf.constant(labels),
-                          tf.constant([seed, 7], tf.int64), **kwargs)
+    return mixing.mix_batch(
+        images, labels, np.random.default_rng(seed), **kwargs
+    )
+  out = augment.mix_batch(
+      tf.constant(images),
+      tf.constant(labels),
+      tf.constant([seed, 7], tf.int64),
+      **kwargs,
+  )
   return tuple(x.numpy() for x in out)
 
 
@@ -36,8 +42,9 @@ def _mix(backend, images, labels, seed, **kwargs):
 def test_half_mixup_half_cutmix_with_exact_ratios(backend, seed):
   batch = 8
   values, images, labels = _constant_batch(batch)
-  out, labels1, labels2, ratio = _mix(backend, images, labels, seed,
-                                      mixup_alpha=0.2, cutmix=True)
+  out, labels1, labels2, ratio = _mix(
+      backend, images, labels, seed, mixup_alpha=0.2, cutmix=True
+  )
   assert out.shape == images.shape and out.dtype == np.float32
   assert labels1.dtype == labels2.dtype == np.int32
   assert ratio.shape == (batch,) and ratio.dtype == np.float32
@@ -47,8 +54,10 @@ def test_half_mixup_half_cutmix_with_exact_ratios(backend, seed):
   np.testing.assert_array_equal(labels2, labels[partner])
   assert ((ratio >= 0) & (ratio <= 1)).all()
   # The soft target's weights sum to one for every example.
-  soft = (ratio[:, None] * np.eye(200)[labels1]
-          + (1 - ratio[:, None]) * np.eye(200)[labels2])
+  soft = (
+      ratio[:, None] * np.eye(200)[labels1]
+      + (1 - ratio[:, None]) * np.eye(200)[labels2]
+  )
   np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-6)
 
   for i in range(batch):
@@ -64,17 +73,19 @@ def test_half_mixup_half_cutmix_with_exact_ratios(backend, seed):
       rows, cols = np.nonzero(is_pasted)
       if rows.size:  # The pasted region is one axis-aligned box.
         box = np.zeros_like(is_pasted)
-        box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+        box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
         np.testing.assert_array_equal(box, is_pasted)
 
 
 @pytest.mark.parametrize('backend', ['numpy', 'tf'])
 def test_cutmix_ratios_vary_and_cover_the_unit_interval(backend):
   _, images, labels = _constant_batch(64)
-  ratios = np.concatenate([
-      _mix(backend, images, labels, seed, mixup_alpha=0.0, cutmix=True)[3]
-      for seed in range(4)
-  ])
+  ratios = np.concatenate(
+      [
+          _mix(backend, images, labels, seed, mixup_alpha=0.0, cutmix=True)[3]
+          for seed in range(4)
+      ]
+  )
   # Box of fraction 1 - lam, lam ~ U(0, 1), with a uniformly random centre:
   # clipping at the borders keeps most boxes well below their nominal size.
   assert ratios.min() < 0.4 and ratios.max() > 0.95
@@ -84,19 +95,31 @@ def test_cutmix_ratios_vary_and_cover_the_unit_interval(backend):
 @pytest.mark.parametrize('backend', ['numpy', 'tf'])
 def test_mixup_only_and_no_mixing(backend):
   values, images, labels = _constant_batch(6)
-  out, _, labels2, ratio = _mix(backend, images, labels, 0,
-                                mixup_alpha=0.2, cutmix=False)
+  out, _, labels2, ratio = _mix(
+      backend, images, labels, 0, mixup_alpha=0.2, cutmix=False
+  )
   np.testing.assert_array_equal(labels2, labels[::-1])
   np.testing.assert_allclose(
-      out[:, 0, 0, 0], ratio * values + (1 - ratio) * values[::-1], rtol=1e-5)
+      out[:, 0, 0, 0], ratio * values + (1 - ratio) * values[::-1], rtol=1e-5
+  )
   # Beta(0.2, 0.2) puts most of its mass near 0 and 1.
-  ratios = np.concatenate([
-      _mix(backend, *_constant_batch(64)[1:], seed, mixup_alpha=0.2,
-           cutmix=False)[3] for seed in range(4)])
+  ratios = np.concatenate(
+      [
+          _mix(
+              backend,
+              *_constant_batch(64)[1:],
+              seed,
+              mixup_alpha=0.2,
+              cutmix=False,
+          )[3]
+          for seed in range(4)
+      ]
+  )
   assert np.mean((ratios < 0.1) | (ratios > 0.9)) > 0.5
 
-  out, _, labels2, ratio = _mix(backend, images, labels, 0,
-                                mixup_alpha=0.0, cutmix=False)
+  out, _, labels2, ratio = _mix(
+      backend, images, labels, 0, mixup_alpha=0.0, cutmix=False
+  )
   np.testing.assert_array_equal(out, images)
   np.testing.assert_array_equal(labels2, labels)
   np.testing.assert_array_equal(ratio, np.ones(6))

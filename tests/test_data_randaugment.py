@@ -18,12 +18,12 @@ _IMAGE = _RNG.integers(30, 220, size=(12, 10, 3)).astype(np.uint8)
 _IMAGE[:3] = _RNG.integers(0, 256, size=(3, 10, 3))
 _SEED = tf.constant([1, 2], tf.int64)
 _MAGNITUDE_OPS = sorted(
-    set(randaugment.OPS) - {'AutoContrast', 'Equalize', 'Invert'})
+    set(randaugment.OPS) - {'AutoContrast', 'Equalize', 'Invert'}
+)
 
 
 def _op(name, magnitude, image=_IMAGE, seed=_SEED):
-  return randaugment.apply_op(name, tf.constant(image), magnitude,
-                              seed).numpy()
+  return randaugment.apply_op(name, tf.constant(image), magnitude, seed).numpy()
 
 
 def test_op_list_is_the_reference_sixteen():
@@ -42,14 +42,18 @@ def test_every_op_keeps_shape_and_dtype(name, magnitude):
 def test_ops_are_identity_at_magnitude_zero(name):
   for seed in ([1, 2], [3, 4]):  # Both signs of the signed operations.
     np.testing.assert_array_equal(
-        _op(name, 0, seed=tf.constant(seed, tf.int64)), _IMAGE)
+        _op(name, 0, seed=tf.constant(seed, tf.int64)), _IMAGE
+    )
 
 
 @pytest.mark.parametrize('name', sorted(set(_MAGNITUDE_OPS) - {'Identity'}))
 def test_ops_change_the_image_at_magnitude_ten(name):
   changed = [
-      not np.array_equal(_op(name, 10, seed=tf.constant([s, 0], tf.int64)),
-                         _IMAGE) for s in range(4)]
+      not np.array_equal(
+          _op(name, 10, seed=tf.constant([s, 0], tf.int64)), _IMAGE
+      )
+      for s in range(4)
+  ]
   assert any(changed)
 
 
@@ -57,23 +61,24 @@ def test_known_results():
   image = tf.constant(_IMAGE)
   np.testing.assert_array_equal(
       randaugment.solarize(image, 128).numpy(),
-      np.where(_IMAGE >= 128, 255 - _IMAGE, _IMAGE))
+      np.where(_IMAGE >= 128, 255 - _IMAGE, _IMAGE),
+  )
   np.testing.assert_array_equal(
-      randaugment.posterize(image, 3).numpy(), _IMAGE & 0b11100000)
-  np.testing.assert_array_equal(randaugment.invert(image).numpy(),
-                                255 - _IMAGE)
+      randaugment.posterize(image, 3).numpy(), _IMAGE & 0b11100000
+  )
+  np.testing.assert_array_equal(randaugment.invert(image).numpy(), 255 - _IMAGE)
   np.testing.assert_array_equal(
       randaugment.solarize_add(image, 50).numpy(),
-      np.where(_IMAGE < 128, np.minimum(_IMAGE.astype(int) + 50, 255),
-               _IMAGE))
+      np.where(_IMAGE < 128, np.minimum(_IMAGE.astype(int) + 50, 255), _IMAGE),
+  )
   # Content moves right by 3; uncovered pixels are grey.
   shifted = randaugment.translate_x(image, 3.0).numpy()
   np.testing.assert_array_equal(shifted[:, 3:], _IMAGE[:, :-3])
   assert (shifted[:, :3] == 128).all()
   square = _RNG.integers(0, 256, size=(9, 9, 3)).astype(np.uint8)
   np.testing.assert_array_equal(
-      randaugment.rotate(tf.constant(square), 90.0).numpy(),
-      np.rot90(square, 1))
+      randaugment.rotate(tf.constant(square), 90.0).numpy(), np.rot90(square, 1)
+  )
   out = randaugment.cutout(image, 4, 5, 5).numpy()
   assert (out[3:7, 3:7] == 128).all()
   np.testing.assert_array_equal(out[:3], _IMAGE[:3])
@@ -95,20 +100,35 @@ def test_flip_mirrors_half_the_time():
   assert outcomes == {'mirrored', 'kept'}
 
 
-@pytest.mark.parametrize('ours, reference', [
-    (randaugment.equalize, ImageOps.equalize),
-    (randaugment.auto_contrast, ImageOps.autocontrast),
-    (lambda x: randaugment.color(x, 0.3),
-     lambda x: ImageEnhance.Color(x).enhance(0.3)),
-    (lambda x: randaugment.contrast(x, 1.6),
-     lambda x: ImageEnhance.Contrast(x).enhance(1.6)),
-    (lambda x: randaugment.brightness(x, 0.6),
-     lambda x: ImageEnhance.Brightness(x).enhance(0.6)),
-    (lambda x: randaugment.sharpness(x, 0.2),
-     lambda x: ImageEnhance.Sharpness(x).enhance(0.2)),
-    (lambda x: randaugment.rotate(x, 20.0),
-     lambda x: x.rotate(20, resample=Image.NEAREST, fillcolor=(128,) * 3)),
-])
+@pytest.mark.parametrize(
+    'ours, reference',
+    [
+        (randaugment.equalize, ImageOps.equalize),
+        (randaugment.auto_contrast, ImageOps.autocontrast),
+        (
+            lambda x: randaugment.color(x, 0.3),
+            lambda x: ImageEnhance.Color(x).enhance(0.3),
+        ),
+        (
+            lambda x: randaugment.contrast(x, 1.6),
+            lambda x: ImageEnhance.Contrast(x).enhance(1.6),
+        ),
+        (
+            lambda x: randaugment.brightness(x, 0.6),
+            lambda x: ImageEnhance.Brightness(x).enhance(0.6),
+        ),
+        (
+            lambda x: randaugment.sharpness(x, 0.2),
+            lambda x: ImageEnhance.Sharpness(x).enhance(0.2),
+        ),
+        (
+            lambda x: randaugment.rotate(x, 20.0),
+            lambda x: x.rotate(
+                20, resample=Image.NEAREST, fillcolor=(128,) * 3
+            ),
+        ),
+    ],
+)
 def test_ops_match_pil_up_to_rounding(ours, reference):
   # PIL truncates where these ops round: allow one grey level.
   got = ours(tf.constant(_IMAGE)).numpy().astype(int)
@@ -122,7 +142,8 @@ def test_randaugment_is_deterministic_and_varied():
   def run(seed, **kwargs):
     kwargs = {'num_layers': 4, 'magnitude': 10, **kwargs}
     return randaugment.randaugment(
-        image, tf.constant([seed, 0], tf.int64), **kwargs).numpy()
+        image, tf.constant([seed, 0], tf.int64), **kwargs
+    ).numpy()
 
   assert run(0).shape == (16, 16, 3) and run(0).dtype == np.uint8
   np.testing.assert_array_equal(run(0), run(0))
@@ -131,7 +152,8 @@ def test_randaugment_is_deterministic_and_varied():
   np.testing.assert_array_equal(run(0, num_layers=0), image.numpy())
   np.testing.assert_array_equal(
       run(0, magnitude=0, ops=('Rotate', 'ShearX', 'Color', 'Solarize')),
-      image.numpy())
+      image.numpy(),
+  )
 
 
 def _encode(array, fmt):
@@ -144,8 +166,12 @@ def _encode(array, fmt):
 def test_train_image_crops_resizes_and_is_seeded(fmt):
   array = _RNG.integers(0, 256, (50, 70, 3)).astype(np.uint8)
   image_bytes = _encode(array, fmt)
-  outs = [augment.train_image(image_bytes, tf.constant([s, 0], tf.int64),
-                              24).numpy() for s in (0, 0, 1)]
+  outs = [
+      augment.train_image(
+          image_bytes, tf.constant([s, 0], tf.int64), 24
+      ).numpy()
+      for s in (0, 0, 1)
+  ]
   assert outs[0].shape == (24, 24, 3) and outs[0].dtype == np.uint8
   np.testing.assert_array_equal(outs[0], outs[1])
   assert not np.array_equal(outs[0], outs[2])
@@ -155,13 +181,15 @@ def test_random_window_stays_inside_and_falls_back_to_centre():
   shape = tf.constant([40, 60, 3])
   for seed in range(20):
     y, x, h, w = augment.random_window(
-        shape, tf.constant([seed, 0], tf.int64), 32).numpy()
+        shape, tf.constant([seed, 0], tf.int64), 32
+    ).numpy()
     assert 0 <= y and y + h <= 40 and 0 <= x and x + w <= 60
     assert 0.08 * 2400 * 0.9 <= h * w
   # A 1-pixel-tall image admits no crop of aspect 3/4..4/3 but the whole
   # image's full width; the sampler gives up and the centre square is used.
   y, x, h, w = augment.random_window(
-      tf.constant([1, 200, 3]), tf.constant([0, 0], tf.int64), 32).numpy()
+      tf.constant([1, 200, 3]), tf.constant([0, 0], tf.int64), 32
+  ).numpy()
   assert (h, w) == (1, 1) and x == 100
 
 

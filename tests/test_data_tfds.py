@@ -21,18 +21,23 @@ class NfnetsTinyTest(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     return tfds.core.DatasetInfo(
         builder=self,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3),
-                                         encoding_format='jpeg'),
-            'label': tfds.features.ClassLabel(num_classes=64),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                'image': tfds.features.Image(
+                    shape=(None, None, 3), encoding_format='jpeg'
+                ),
+                'label': tfds.features.ClassLabel(num_classes=64),
+            }
+        ),
         supervised_keys=('image', 'label'),
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {'train': self._generate_examples(0, _TINY_TRAIN),
-            'test': self._generate_examples(100, _TINY_TEST)}
+    return {
+        'train': self._generate_examples(0, _TINY_TRAIN),
+        'test': self._generate_examples(100, _TINY_TEST),
+    }
 
   def _generate_examples(self, offset, num):
     rng = np.random.default_rng(offset)
@@ -52,17 +57,37 @@ def tiny_dir(tmp_path_factory):
   return data_dir
 
 
-def _tiny(data_dir, split, global_batch_size, *, process_index=0,
-          process_count=1, local_device_count=1, start_step=0, seed=0,
-          image_size=16, **overrides):
-  fields = dict(name='nfnets_tiny_test', data_dir=data_dir, eval_split='test',
-                shuffle_buffer=16)
+def _tiny(
+    data_dir,
+    split,
+    global_batch_size,
+    *,
+    process_index=0,
+    process_count=1,
+    local_device_count=1,
+    start_step=0,
+    seed=0,
+    image_size=16,
+    **overrides,
+):
+  fields = dict(
+      name='nfnets_tiny_test',
+      data_dir=data_dir,
+      eval_split='test',
+      shuffle_buffer=16,
+  )
   cfg = testing.config(**{**fields, **overrides})
   return data.create_dataset(
-      cfg, split=split, global_batch_size=global_batch_size,
-      image_size=image_size, seed=seed, start_step=start_step,
-      process_index=process_index, process_count=process_count,
-      local_device_count=local_device_count)
+      cfg,
+      split=split,
+      global_batch_size=global_batch_size,
+      image_size=image_size,
+      seed=seed,
+      start_step=start_step,
+      process_index=process_index,
+      process_count=process_count,
+      local_device_count=local_device_count,
+  )
 
 
 def _labels(batches, num):
@@ -70,20 +95,31 @@ def _labels(batches, num):
   return labels[:num].tolist()
 
 
-@pytest.mark.parametrize('train_size, eval_size, magnitude', [
-    (192, 256, 5),   # NFNet-F0.
-    (320, 416, 15),  # NFNet-F3.
-])
+@pytest.mark.parametrize(
+    'train_size, eval_size, magnitude',
+    [
+        (192, 256, 5),  # NFNet-F0.
+        (320, 416, 15),  # NFNet-F3.
+    ],
+)
 def test_imagenet_batches_under_mock_data(train_size, eval_size, magnitude):
-  cfg = testing.config(name='imagenet2012', randaugment_magnitude=magnitude,
-                       shuffle_buffer=8)
+  cfg = testing.config(
+      name='imagenet2012', randaugment_magnitude=magnitude, shuffle_buffer=8
+  )
   low = (0 - np.array(batching.MEAN_RGB)) / np.array(batching.STDDEV_RGB)
   high = (255 - np.array(batching.MEAN_RGB)) / np.array(batching.STDDEV_RGB)
   with tfds.testing.mock_data(num_examples=10):
     assert data.num_classes(cfg) == 1000
     train = data.create_dataset(
-        cfg, split='train', global_batch_size=8, image_size=train_size,
-        seed=0, process_index=0, process_count=1, local_device_count=2)
+        cfg,
+        split='train',
+        global_batch_size=8,
+        image_size=train_size,
+        seed=0,
+        process_index=0,
+        process_count=1,
+        local_device_count=2,
+    )
     batch = next(train)
     assert batch['images'].shape == (2, 4, train_size, train_size, 3)
     assert batch['images'].dtype == np.float32
@@ -97,8 +133,15 @@ def test_imagenet_batches_under_mock_data(train_size, eval_size, magnitude):
     assert batch['images'].std() > 0.1
 
     evals = data.create_dataset(
-        cfg, split='eval', global_batch_size=8, image_size=eval_size, seed=0,
-        process_index=0, process_count=1, local_device_count=2)
+        cfg,
+        split='eval',
+        global_batch_size=8,
+        image_size=eval_size,
+        seed=0,
+        process_index=0,
+        process_count=1,
+        local_device_count=2,
+    )
     batch = next(evals)
     assert set(batch) == {'images', 'labels', 'mask'}
     assert batch['images'].shape == (2, 4, eval_size, eval_size, 3)
@@ -111,10 +154,18 @@ def test_imagenet_batches_under_mock_data(train_size, eval_size, magnitude):
 
 
 def test_imagenet_resume_under_mock_data():
-  cfg = testing.config(name='imagenet2012', shuffle_buffer=4,
-                       randaugment_layers=2)
-  kwargs = dict(split='train', global_batch_size=4, image_size=32, seed=3,
-                process_index=0, process_count=1, local_device_count=2)
+  cfg = testing.config(
+      name='imagenet2012', shuffle_buffer=4, randaugment_layers=2
+  )
+  kwargs = dict(
+      split='train',
+      global_batch_size=4,
+      image_size=32,
+      seed=3,
+      process_index=0,
+      process_count=1,
+      local_device_count=2,
+  )
   with tfds.testing.mock_data(num_examples=6):
     stream = data.create_dataset(cfg, **kwargs)
     batches = [next(stream) for _ in range(4)]
@@ -125,8 +176,9 @@ def test_imagenet_resume_under_mock_data():
 
 
 def test_tiny_counts(tiny_dir):
-  cfg = testing.config(name='nfnets_tiny_test', data_dir=tiny_dir,
-                       eval_split='test')
+  cfg = testing.config(
+      name='nfnets_tiny_test', data_dir=tiny_dir, eval_split='test'
+  )
   assert data.num_examples(cfg, 'train') == _TINY_TRAIN
   assert data.num_examples(cfg, 'eval') == _TINY_TEST
   assert data.num_classes(cfg) == 64
@@ -136,9 +188,16 @@ def test_tiny_process_shards_are_disjoint_and_cover(tiny_dir):
   # One process's first epoch is its shard: 19 and 18 examples.
   shards = []
   for process_index, size in ((0, 19), (1, 18)):
-    stream = _tiny(tiny_dir, 'train', 8, process_index=process_index,
-                   process_count=2, randaugment_layers=0, mixup_alpha=0.0,
-                   cutmix=False)
+    stream = _tiny(
+        tiny_dir,
+        'train',
+        8,
+        process_index=process_index,
+        process_count=2,
+        randaugment_layers=0,
+        mixup_alpha=0.0,
+        cutmix=False,
+    )
     shards.append(_labels([next(stream) for _ in range(5)], size))
   assert len(set(shards[0])) == 19 and len(set(shards[1])) == 18
   assert not set(shards[0]) & set(shards[1])
@@ -146,8 +205,9 @@ def test_tiny_process_shards_are_disjoint_and_cover(tiny_dir):
 
 
 def test_tiny_epochs_are_permutations_that_differ(tiny_dir):
-  stream = _tiny(tiny_dir, 'train', 37, randaugment_layers=0,
-                 mixup_alpha=0.0, cutmix=False)
+  stream = _tiny(
+      tiny_dir, 'train', 37, randaugment_layers=0, mixup_alpha=0.0, cutmix=False
+  )
   first, second = next(stream), next(stream)
   epochs = [_labels([first], 37), _labels([second], 37)]
   assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(_TINY_TRAIN))
@@ -174,8 +234,14 @@ def test_tiny_resume_equals_uninterrupted_stream(tiny_dir):
 def test_tiny_eval_yields_every_example_exactly_once(tiny_dir, process_count):
   labels, num_batches, total = [], set(), 0.0
   for process_index in range(process_count):
-    ds = _tiny(tiny_dir, 'eval', 4 * process_count, local_device_count=2,
-               process_index=process_index, process_count=process_count)
+    ds = _tiny(
+        tiny_dir,
+        'eval',
+        4 * process_count,
+        local_device_count=2,
+        process_index=process_index,
+        process_count=process_count,
+    )
     batches = list(ds)
     num_batches.add(len(batches))
     for batch in batches:
@@ -188,21 +254,31 @@ def test_tiny_eval_yields_every_example_exactly_once(tiny_dir, process_count):
 
 
 def test_unknown_name_suggests_close_matches():
-  with pytest.raises(ValueError, match=r"imagenet201.*imagenet2012"):
+  with pytest.raises(ValueError, match=r'imagenet201.*imagenet2012'):
     data.num_classes(testing.config(name='imagenet201'))
 
 
 def test_missing_dataset_gives_the_steps_to_prepare_it(tmp_path):
   cfg = testing.config(name='imagenet2012', data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError) as info:
-    data.create_dataset(cfg, split='train', global_batch_size=2,
-                        image_size=32, seed=0, process_index=0,
-                        process_count=1, local_device_count=1)
+    data.create_dataset(
+        cfg,
+        split='train',
+        global_batch_size=2,
+        image_size=32,
+        seed=0,
+        process_index=0,
+        process_count=1,
+        local_device_count=1,
+    )
   message = str(info.value)
   assert '\n' not in message
-  for part in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar',
-               f'{tmp_path}/downloads/manual/',
-               f'tfds build imagenet2012 --data_dir={tmp_path}'):
+  for part in (
+      'ILSVRC2012_img_train.tar',
+      'ILSVRC2012_img_val.tar',
+      f'{tmp_path}/downloads/manual/',
+      f'tfds build imagenet2012 --data_dir={tmp_path}',
+  ):
     assert part in message
 
 

@@ -24,7 +24,8 @@ def test_gamma_scaled_activation_has_unit_variance():
   z = jax.random.normal(jax.random.PRNGKey(0), (1_000_000,))
   for name in ('relu', 'gelu', 'silu'):
     assert float(jnp.var(layers.nonlinearity(name)(z))) == pytest.approx(
-        1.0, abs=0.01)
+        1.0, abs=0.01
+    )
 
 
 def test_unknown_activation_lists_valid_names():
@@ -38,6 +39,7 @@ def _ws_kernel_and_output(groups, cin=8, cout=12):
   def f(x):
     conv = layers.WSConv2D(cout, 3, feature_group_count=groups, name='c')
     return conv(x), conv.kernel(x.shape[-1])
+
   t = hk.transform(f)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, cin))
   params = t.init(jax.random.PRNGKey(1), x)
@@ -45,7 +47,7 @@ def _ws_kernel_and_output(groups, cin=8, cout=12):
   params['c']['gain'] = jnp.linspace(0.5, 2.0, cout)
   params['c']['bias'] = jnp.linspace(-1.0, 1.0, cout)
   params['c']['w'] = params['c']['w'] + 0.3
-  (out, w_hat) = t.apply(params, None, x)
+  out, w_hat = t.apply(params, None, x)
   return x, params['c'], out, w_hat
 
 
@@ -56,16 +58,25 @@ def test_ws_kernel_has_zero_mean_and_gain_scaled_variance(groups):
   mean = np.mean(w_hat, axis=(0, 1, 2))
   var = np.var(w_hat, axis=(0, 1, 2))
   np.testing.assert_allclose(mean, 0.0, atol=1e-6)
-  np.testing.assert_allclose(var, np.asarray(p['gain'])**2 / fan_in,
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+      var, np.asarray(p['gain']) ** 2 / fan_in, rtol=1e-4
+  )
 
 
 @pytest.mark.parametrize('groups', [1, 4])
 def test_ws_output_equals_lax_conv_with_standardized_kernel(groups):
   x, p, out, w_hat = _ws_kernel_and_output(groups)
-  want = jax.lax.conv_general_dilated(
-      x, w_hat, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      feature_group_count=groups) + p['bias']
+  want = (
+      jax.lax.conv_general_dilated(
+          x,
+          w_hat,
+          (1, 1),
+          'SAME',
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+          feature_group_count=groups,
+      )
+      + p['bias']
+  )
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
@@ -85,8 +96,7 @@ def test_ws_rejects_non_nhwc_input():
 
 
 def test_stochdepth_drops_whole_examples_without_rescaling():
-  t = hk.transform(
-      lambda x, tr: layers.StochDepth(0.5)(x, is_training=tr))
+  t = hk.transform(lambda x, tr: layers.StochDepth(0.5)(x, is_training=tr))
   x = jnp.ones((256, 2, 2, 3))
   out = t.apply({}, jax.random.PRNGKey(0), x, True)
   per_example = np.asarray(out).reshape(256, -1)
@@ -97,8 +107,9 @@ def test_stochdepth_drops_whole_examples_without_rescaling():
   np.testing.assert_array_equal(t.apply({}, None, x, False), x)
 
 
-@pytest.mark.parametrize('init,want', [('zeros', 0.0), ('ones', 1.0),
-                                       ('inv_sqrt', 0.25), (0.3, 0.3)])
+@pytest.mark.parametrize(
+    'init,want', [('zeros', 0.0), ('ones', 1.0), ('inv_sqrt', 0.25), (0.3, 0.3)]
+)
 def test_skipinit_gain_inits(init, want):
   t = hk.transform(lambda x: layers.skip_gain(x, init, num_blocks=16))
   params = t.init(jax.random.PRNGKey(0), jnp.ones(()))

@@ -10,9 +10,12 @@ from nfnets import models
 
 # Table 3 of the NFNets paper: params (M) and FLOPs (B) at test resolution.
 TABLE3 = {
-    'nfnet_f0': (71.5, 12.38), 'nfnet_f1': (132.6, 35.54),
-    'nfnet_f2': (193.8, 62.59), 'nfnet_f3': (254.9, 114.76),
-    'nfnet_f4': (316.1, 215.24), 'nfnet_f5': (377.2, 289.76),
+    'nfnet_f0': (71.5, 12.38),
+    'nfnet_f1': (132.6, 35.54),
+    'nfnet_f2': (193.8, 62.59),
+    'nfnet_f3': (254.9, 114.76),
+    'nfnet_f4': (316.1, 215.24),
+    'nfnet_f5': (377.2, 289.76),
     'nfnet_f6': (438.4, 377.28),
 }
 
@@ -27,17 +30,30 @@ def test_params_and_flops_reproduce_table3(name):
 def test_resnet50_flops_match_the_usual_count():
   # ~4.1B multiply-adds at 224 px (Table 3's ResNet-50 comparator: 4.10B).
   assert models.count_flops('resnet50_bn', 224) / 1e9 == pytest.approx(
-      4.10, abs=0.02)
+      4.10, abs=0.02
+  )
   assert models.count_flops('nf_resnet50', 224) == models.count_flops(
-      'resnet50_bn', 224)
+      'resnet50_bn', 224
+  )
 
 
 def test_registry_holds_every_family():
   names = models.names()
-  for name in ['nfnet_f0', 'nfnet_f7', 'nfnet_f3_plus', 'nfnet_f7_plus',
-               'nf_resnet26', 'nf_resnet50', 'nf_resnet600', 'nf_regnet_b0',
-               'nf_regnet_b8', 'resnet50_bn', 'resnet50_skipinit',
-               'resnet50_fixup', 'resnet50_unnormalized']:
+  for name in [
+      'nfnet_f0',
+      'nfnet_f7',
+      'nfnet_f3_plus',
+      'nfnet_f7_plus',
+      'nf_resnet26',
+      'nf_resnet50',
+      'nf_resnet600',
+      'nf_regnet_b0',
+      'nf_regnet_b8',
+      'resnet50_bn',
+      'resnet50_skipinit',
+      'resnet50_fixup',
+      'resnet50_unnormalized',
+  ]:
     assert name in names
 
 
@@ -55,27 +71,34 @@ def test_unknown_override_is_an_error():
 @pytest.mark.parametrize('name', ['nfnet_tiny', 'nf_resnet26', 'resnet26_bn'])
 def test_non_nhwc_input_is_an_error(name):
   f = hk.transform_with_state(
-      lambda x: models.create(name)(x, is_training=False))
+      lambda x: models.create(name)(x, is_training=False)
+  )
   with pytest.raises(ValueError, match='NHWC'):
     f.init(jax.random.PRNGKey(0), jnp.ones((3, 32, 32)))
 
 
-@pytest.mark.parametrize('name,kw', [
-    ('nfnet_tiny', {}),
-    ('nf_resnet26', dict(width=0.5)),
-    ('nf_regnet_b0', dict(width=0.25)),
-    ('resnet26_bn', dict(width=0.5)),
-    ('resnet26_fixup', dict(width=0.5)),
-    ('resnet26_skipinit', dict(width=0.5)),
-])
+@pytest.mark.parametrize(
+    'name,kw',
+    [
+        ('nfnet_tiny', {}),
+        ('nf_resnet26', dict(width=0.5)),
+        ('nf_regnet_b0', dict(width=0.25)),
+        ('resnet26_bn', dict(width=0.5)),
+        ('resnet26_fixup', dict(width=0.5)),
+        ('resnet26_skipinit', dict(width=0.5)),
+    ],
+)
 def test_every_family_trains_forward_in_bfloat16(name, kw):
   f = hk.transform_with_state(
-      lambda x, t: models.create(name, num_classes=7, **kw)(x, is_training=t))
+      lambda x, t: models.create(name, num_classes=7, **kw)(x, is_training=t)
+  )
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   params, state = jax.jit(f.init, static_argnums=2)(
-      jax.random.PRNGKey(1), x, True)
+      jax.random.PRNGKey(1), x, True
+  )
   logits, _ = jax.jit(f.apply, static_argnums=4)(
-      params, state, jax.random.PRNGKey(2), x.astype(jnp.bfloat16), True)
+      params, state, jax.random.PRNGKey(2), x.astype(jnp.bfloat16), True
+  )
   assert logits.shape == (2, 7)
   assert logits.dtype == jnp.bfloat16
   assert bool(jnp.all(jnp.isfinite(logits.astype(jnp.float32))))
@@ -83,8 +106,11 @@ def test_every_family_trains_forward_in_bfloat16(name, kw):
 
 def _block_variances(name, **kw):
   """Residual stream variance after the stem (0) and after each block."""
-  f = hk.transform_with_state(lambda x: models.create(name, **kw)(
-      x, is_training=True, return_metrics=True))
+  f = hk.transform_with_state(
+      lambda x: models.create(name, **kw)(
+          x, is_training=True, return_metrics=True
+      )
+  )
   x = jax.random.normal(jax.random.PRNGKey(1), (8, 128, 128, 3))
   params, state = f.init(jax.random.PRNGKey(0), x)
   (_, metrics), _ = jax.jit(f.apply)(params, state, jax.random.PRNGKey(2), x)
@@ -95,8 +121,14 @@ def _block_variances(name, **kw):
 def test_nf_resnet_variance_follows_the_analytic_nf_strategy():
   alpha = 0.2
   depth = (3, 4, 6, 3)
-  var = _block_variances('nf_resnet50', width=1, skipinit='ones', alpha=alpha,
-                         stochdepth_rate=0.0, drop_rate=0.0)
+  var = _block_variances(
+      'nf_resnet50',
+      width=1,
+      skipinit='ones',
+      alpha=alpha,
+      stochdepth_rate=0.0,
+      drop_rate=0.0,
+  )
   block = 1
   for stage_depth in depth:
     for k in range(stage_depth):

@@ -21,12 +21,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(workdir, steps, *extra, devices=8, env=None):
-  cmd = [sys.executable, os.path.join(REPO, 'experiment.py'),
-         f'--config={os.path.join(REPO, "tests", "tiny_config.py")}:{steps}',
-         f'--workdir={workdir}', *extra]
+  cmd = [
+      sys.executable,
+      os.path.join(REPO, 'experiment.py'),
+      f'--config={os.path.join(REPO, "tests", "tiny_config.py")}:{steps}',
+      f'--workdir={workdir}',
+      *extra,
+  ]
   run_env = dict(os.environ)
-  run_env['XLA_FLAGS'] = (
-      f'--xla_force_host_platform_device_count={devices}')
+  run_env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   run_env['JAX_PLATFORMS'] = 'cpu'
   run_env.update(env or {})
   return cmd, run_env
@@ -34,8 +37,9 @@ def _cli(workdir, steps, *extra, devices=8, env=None):
 
 def _run(workdir, steps, *extra, **kw):
   cmd, env = _cli(workdir, steps, *extra, **kw)
-  return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True,
-                        text=True, timeout=600)
+  return subprocess.run(
+      cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+  )
 
 
 def _metrics(workdir):
@@ -52,12 +56,15 @@ def _saved_steps(workdir):
 def _final_params(workdir):
   """The params of the newest checkpoint, as a flat {path: array} dict."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   steps = _saved_steps(workdir)
   path = os.path.join(workdir, 'checkpoints', str(steps[-1]), 'default')
   tree = ocp.StandardCheckpointer().restore(path)
   return steps[-1], {
-      f'{m}/{p}': np.asarray(v) for m, d in tree['params'].items()
-      for p, v in d.items()}
+      f'{m}/{p}': np.asarray(v)
+      for m, d in tree['params'].items()
+      for p, v in d.items()
+  }
 
 
 def _wait_for_step(workdir, step, proc, timeout=300):
@@ -97,8 +104,9 @@ def test_cli_reports_bad_batch_in_one_line(tmp_path):
   result = _run(str(tmp_path), 4, '--config.train.batch_size=60')
   assert result.returncode != 0
   lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
-  assert len(lines) == 1 and '60' in lines[0] and '8' in lines[0], (
-      result.stderr[-2000:])
+  assert (
+      len(lines) == 1 and '60' in lines[0] and '8' in lines[0]
+  ), result.stderr[-2000:]
 
 
 def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
@@ -114,11 +122,18 @@ def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
 
 
 def test_sigterm_then_relaunch_equals_uninterrupted_bitwise(
-    uninterrupted, tmp_path):
+    uninterrupted, tmp_path
+):
   workdir = str(tmp_path)
   cmd, env = _cli(workdir, 40)
-  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      cmd,
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   _wait_for_step(workdir, 15, proc)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
@@ -142,11 +157,18 @@ def test_sigterm_then_relaunch_equals_uninterrupted_bitwise(
 
 
 def test_sigkill_then_relaunch_resumes_from_last_checkpoint(
-    uninterrupted, tmp_path):
+    uninterrupted, tmp_path
+):
   workdir = str(tmp_path)
   cmd, env = _cli(workdir, 40)
-  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      cmd,
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   _wait_for_step(workdir, 10, proc)
   proc.kill()
   proc.communicate()
@@ -166,8 +188,11 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
   workdir = str(tmp_path)
   train.train_and_evaluate(tiny_config.get_config(8), workdir)
   latest = os.path.join(workdir, 'checkpoints', '8')
-  files = [p for p in glob.glob(os.path.join(latest, '**', '*'),
-                                recursive=True) if os.path.isfile(p)]
+  files = [
+      p
+      for p in glob.glob(os.path.join(latest, '**', '*'), recursive=True)
+      if os.path.isfile(p)
+  ]
   largest = max(files, key=os.path.getsize)
   with open(largest, 'r+b') as f:
     f.truncate(os.path.getsize(largest) // 3)
@@ -181,17 +206,23 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
 
 def test_absurd_learning_rate_stops_naming_the_step(tmp_path):
   workdir = str(tmp_path)
-  result = _run(workdir, 30, '--config.optimizer.base_lr=1e8',
-                '--config.optimizer.agc.clipping=0',
-                '--config.train.checkpoint_every_steps=1')
+  result = _run(
+      workdir,
+      30,
+      '--config.optimizer.base_lr=1e8',
+      '--config.optimizer.agc.clipping=0',
+      '--config.train.checkpoint_every_steps=1',
+  )
   assert result.returncode != 0
   error = [l for l in result.stderr.splitlines() if l.startswith('error:')]
   assert len(error) == 1 and 'at step' in error[0], result.stderr[-2000:]
   checkpointer = checkpoint.TrainCheckpointer(workdir)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   for step in checkpointer.all_steps():
     tree = ocp.StandardCheckpointer().restore(
-        os.path.join(workdir, 'checkpoints', str(step), 'default'))
+        os.path.join(workdir, 'checkpoints', str(step), 'default')
+    )
     for leaf in jax.tree_util.tree_leaves(tree):
       leaf = np.asarray(leaf)
       if np.issubdtype(leaf.dtype, np.floating):
@@ -213,11 +244,24 @@ def test_two_processes_train_like_one_with_all_devices(tmp_path):
   port = _free_port()
   procs = []
   for rank in range(2):
-    cmd, env = _cli(multi, 5, f'--coordinator_address=127.0.0.1:{port}',
-                    '--num_processes=2', f'--process_id={rank}', devices=4)
-    procs.append(subprocess.Popen(cmd, env=env, cwd=REPO,
-                                  stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
+    cmd, env = _cli(
+        multi,
+        5,
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={rank}',
+        devices=4,
+    )
+    procs.append(
+        subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    )
   for proc in procs:
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -225,5 +269,6 @@ def test_two_processes_train_like_one_with_all_devices(tmp_path):
   step, params_2 = _final_params(multi)
   assert step == 5
   for key in params_1:
-    np.testing.assert_allclose(params_1[key], params_2[key], rtol=1e-5,
-                               atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(
+        params_1[key], params_2[key], rtol=1e-5, atol=1e-6, err_msg=key
+    )

@@ -1,6 +1,6 @@
 """A seconds-long variant of the demo config, for the runner's tests.
 
-    python experiment.py --config=tests/tiny_config.py:STEPS --workdir=DIR
+python experiment.py --config=tests/tiny_config.py:STEPS --workdir=DIR
 """
 
 import ml_collections
@@ -12,7 +12,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   """The demo recipe on a tiny NF-ResNet at 16 px; `arg`: number of steps."""
   config = default.get_config()
   config.model.overrides = ml_collections.ConfigDict(
-      dict(width=0.25, depth=(1, 1, 1, 1), skipinit='inv_sqrt'))
+      dict(width=0.25, depth=(1, 1, 1, 1), skipinit='inv_sqrt')
+  )
   config.train.max_steps = int(arg) if arg else 12
   config.train.log_every_steps = 1
   config.train.checkpoint_every_steps = 4

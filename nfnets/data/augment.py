@@ -47,9 +47,7 @@ def split_seed(seed: tf.Tensor, num: int):
 
 def fold_in(seed: tf.Tensor, data) -> tf.Tensor:
   """A new `[2]` seed for `(seed, data)`; `data` an int64 scalar."""
-  return tf.random.experimental.stateless_fold_in(
-      seed, tf.cast(data, tf.int64)
-  )
+  return tf.random.experimental.stateless_fold_in(seed, tf.cast(data, tf.int64))
 
 
 def centre_window(shape: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -165,7 +163,7 @@ def eval_image(
         decode(image_bytes), [resized, resized], method='bicubic'
     )
     offset = CROP_PADDING // 2
-    image = image[offset:offset + image_size, offset:offset + image_size]
+    image = image[offset : offset + image_size, offset : offset + image_size]
   elif method == 'crop_resize':
     image = decode_window(
         image_bytes, lambda shape: centre_window(shape, image_size)
@@ -230,9 +228,7 @@ def paste_box(image, patch, y0, y1, x0, x1) -> tf.Tensor:
   Returns:
     The image with the box replaced, same shape.
   """
-  middle = tf.concat(
-      [image[y0:y1, :x0], patch, image[y0:y1, x1:]], axis=1
-  )
+  middle = tf.concat([image[y0:y1, :x0], patch, image[y0:y1, x1:]], axis=1)
   return tf.concat([image[:y0], middle, image[y1:]], axis=0)
 
 
@@ -285,7 +281,7 @@ def mix_batch(
     ratios.append(lam)
 
   if num_cutmix:
-    own = images[num_mixup:num_mixup + num_cutmix]
+    own = images[num_mixup : num_mixup + num_cutmix]
     partner = tf.reverse(own, [0])
     lam_seed, y_seed, x_seed = split_seed(cutmix_seed, 3)
     lam = tf.random.stateless_uniform([num_cutmix], lam_seed)
@@ -303,28 +299,28 @@ def mix_batch(
     x0 = tf.clip_by_value(centre_x - half_w, 0, width)
     x1 = tf.clip_by_value(centre_x + half_w, 0, width)
     out_images.append(
-        tf.stack([
-            paste_box(
-                own[i],
-                partner[i, y0[i]:y1[i], x0[i]:x1[i]],
-                y0[i],
-                y1[i],
-                x0[i],
-                x1[i],
-            )
-            for i in range(num_cutmix)
-        ])
+        tf.stack(
+            [
+                paste_box(
+                    own[i],
+                    partner[i, y0[i] : y1[i], x0[i] : x1[i]],
+                    y0[i],
+                    y1[i],
+                    x0[i],
+                    x1[i],
+                )
+                for i in range(num_cutmix)
+            ]
+        )
     )
-    labels2.append(
-        tf.reverse(labels[num_mixup:num_mixup + num_cutmix], [0])
-    )
+    labels2.append(tf.reverse(labels[num_mixup : num_mixup + num_cutmix], [0]))
     pasted = tf.cast((y1 - y0) * (x1 - x0), tf.float32) / (height * width)
     ratios.append(1.0 - pasted)
 
   rest = batch - num_mixup - num_cutmix
   if rest:
-    out_images.append(images[batch - rest:])
-    labels2.append(labels[batch - rest:])
+    out_images.append(images[batch - rest :])
+    labels2.append(labels[batch - rest :])
     ratios.append(tf.ones([rest], tf.float32))
 
   return (

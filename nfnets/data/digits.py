@@ -155,18 +155,25 @@ def _train_iterator(cfg, layout, image_size, seed, start_step) -> Iterator:
     # Shifts are drawn for the whole global batch, then sliced, so that they
     # do not depend on how the batch is split over processes.
     shift_rng = np.random.default_rng([seed, _SHIFT_TAG, step])
-    shifted = _translate(images[index], shift_rng)[first:first + per_process]
+    shifted = _translate(images[index], shift_rng)[first : first + per_process]
     batch_images = _to_host_batch(shifted, layout)
-    batch_labels = labels[index][first:first + per_process].reshape(
-        batch_images.shape[:2])
+    batch_labels = labels[index][first : first + per_process].reshape(
+        batch_images.shape[:2]
+    )
     mixed = []
     for d in range(devices):
       # Seeded by the device's place in the global batch, not by process.
       global_device = layout.process_index * devices + d
       mix_rng = np.random.default_rng([seed, _MIX_TAG, step, global_device])
-      mixed.append(mixing.mix_batch(
-          batch_images[d], batch_labels[d], mix_rng,
-          mixup_alpha=cfg.mixup_alpha, cutmix=cfg.cutmix))
+      mixed.append(
+          mixing.mix_batch(
+              batch_images[d],
+              batch_labels[d],
+              mix_rng,
+              mixup_alpha=cfg.mixup_alpha,
+              cutmix=cfg.cutmix,
+          )
+      )
     yield {
         'images': np.stack([m[0] for m in mixed]),
         'labels': np.stack([m[1] for m in mixed]),
@@ -184,7 +191,7 @@ def _eval_iterator(layout, image_size, num_batches) -> Iterator:
   )
   per_process = layout.process_batch_size
   for step in range(num_batches):
-    index = shard[step * per_process:(step + 1) * per_process]
+    index = shard[step * per_process : (step + 1) * per_process]
     num_real = len(index)
     batch_images = np.zeros((per_process, image_size, image_size), np.float32)
     batch_images[:num_real] = images[index]

@@ -73,7 +73,7 @@ class FolderIndex:
 
 
 def root_of(cfg) -> str:
-  root = cfg.name[len(batching.FOLDER_PREFIX):]
+  root = cfg.name[len(batching.FOLDER_PREFIX) :]
   if not root:
     raise ValueError(
         f"cfg.name={cfg.name!r} names no folder; use 'folder:/path/to/root'."

@@ -32,7 +32,10 @@ def split_sizes(batch_size: int, mixup_alpha: float, cutmix: bool):
 
 
 def cutmix_boxes(
-    height: int, width: int, lam: np.ndarray, centre_y: np.ndarray,
+    height: int,
+    width: int,
+    lam: np.ndarray,
+    centre_y: np.ndarray,
     centre_x: np.ndarray,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Boxes `[y0, y1) x [x0, x1)` covering about `1 - lam` of the image."""
@@ -97,8 +100,10 @@ def mix_batch(
     ys = np.arange(height)[None, :, None]
     xs = np.arange(width)[None, None, :]
     in_box = (
-        (ys >= y0[:, None, None]) & (ys < y1[:, None, None])
-        & (xs >= x0[:, None, None]) & (xs < x1[:, None, None])
+        (ys >= y0[:, None, None])
+        & (ys < y1[:, None, None])
+        & (xs >= x0[:, None, None])
+        & (xs < x1[:, None, None])
     )
     own = images[part]
     images[part] = np.where(in_box[..., None], own[::-1], own)

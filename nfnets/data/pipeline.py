@@ -172,11 +172,13 @@ def eval_dataset(
     }
 
   ds = examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  padding = tf.data.Dataset.from_tensors({
-      'images': tf.zeros([image_size, image_size, 3], tf.uint8),
-      'labels': tf.constant(0, tf.int32),
-      'mask': tf.constant(0.0, tf.float32),
-  }).repeat()
+  padding = tf.data.Dataset.from_tensors(
+      {
+          'images': tf.zeros([image_size, image_size, 3], tf.uint8),
+          'labels': tf.constant(0, tf.int32),
+          'mask': tf.constant(0.0, tf.float32),
+      }
+  ).repeat()
   ds = ds.concatenate(padding)
   ds = ds.batch(layout.device_batch_size, drop_remainder=True)
 
@@ -189,8 +191,6 @@ def eval_dataset(
   return _finish(ds, cfg.prefetch)
 
 
-def as_batches(
-    ds: tf.data.Dataset, **kwargs
-) -> batching.Batches:
+def as_batches(ds: tf.data.Dataset, **kwargs) -> batching.Batches:
   """Wraps a dataset of host batches in the numpy `Batches` iterator."""
   return batching.Batches(ds.as_numpy_iterator, source=ds, **kwargs)

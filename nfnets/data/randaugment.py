@@ -111,8 +111,9 @@ def solarize(image: tf.Tensor, threshold) -> tf.Tensor:
   levels = _levels()
   return _apply_lut(
       image,
-      tf.where(levels >= tf.cast(threshold, tf.float32), 255.0 - levels,
-               levels),
+      tf.where(
+          levels >= tf.cast(threshold, tf.float32), 255.0 - levels, levels
+      ),
   )
 
 
@@ -153,9 +154,9 @@ def brightness(image: tf.Tensor, factor) -> tf.Tensor:
 
 def sharpness(image: tf.Tensor, factor) -> tf.Tensor:
   """0 gives PIL's SMOOTH-filtered image (border kept), 1 the image."""
-  kernel = tf.constant(
-      [[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]
-  ) / 13.0
+  kernel = (
+      tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+  )
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
   pixels = tf.cast(image, tf.float32)
   smooth = tf.round(
@@ -191,10 +192,14 @@ def equalize(image: tf.Tensor) -> tf.Tensor:
       [3, _LEVELS],
   )
   # PIL: step = (pixels - count of the highest level present) // 255.
-  highest = _LEVELS - 1 - tf.argmax(
-      tf.reverse(tf.cast(histogram > 0, tf.int32), [1]),
-      axis=1,
-      output_type=tf.int32,
+  highest = (
+      _LEVELS
+      - 1
+      - tf.argmax(
+          tf.reverse(tf.cast(histogram > 0, tf.int32), [1]),
+          axis=1,
+          output_type=tf.int32,
+      )
   )
   top_count = tf.gather(histogram, highest, batch_dims=1)
   step = (tf.reduce_sum(histogram, axis=1) - top_count) // 255

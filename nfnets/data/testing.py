@@ -15,20 +15,22 @@ def config(**overrides) -> ml_collections.ConfigDict:
   Returns:
     A `ConfigDict` with every field `nfnets.data.create_dataset` reads.
   """
-  cfg = ml_collections.ConfigDict({
-      'name': 'digits',
-      'data_dir': None,
-      'train_split': 'train',
-      'eval_split': 'validation',
-      'randaugment_layers': 4,
-      'randaugment_magnitude': 5,
-      'mixup_alpha': 0.2,
-      'cutmix': True,
-      'eval_resize': 'resize_crop',
-      'strict': False,
-      'shuffle_buffer': 1000,
-      'prefetch': 2,
-  })
+  cfg = ml_collections.ConfigDict(
+      {
+          'name': 'digits',
+          'data_dir': None,
+          'train_split': 'train',
+          'eval_split': 'validation',
+          'randaugment_layers': 4,
+          'randaugment_magnitude': 5,
+          'mixup_alpha': 0.2,
+          'cutmix': True,
+          'eval_resize': 'resize_crop',
+          'strict': False,
+          'shuffle_buffer': 1000,
+          'prefetch': 2,
+      }
+  )
   for field, value in overrides.items():
     if field not in cfg:
       raise KeyError(f'{field!r} is not a data config field: {list(cfg)}.')

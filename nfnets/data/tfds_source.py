@@ -224,6 +224,9 @@ def create_dataset(
       num_batches=num_batches,
   )
   return pipeline.as_batches(
-      ds, split=split, num_examples=total, layout=layout,
+      ds,
+      split=split,
+      num_examples=total,
+      layout=layout,
       num_batches=num_batches,
   )
