@@ -328,6 +328,8 @@ def replicate(tree):
   Placing it exactly as the train step returns it means the step compiles
   once, not once for the first call and again for the rest.
   """
+  if not jax.tree_util.tree_leaves(tree):
+    return tree  # e.g. the empty Haiku state of a model without BatchNorm
   n = jax.local_device_count()
   stacked = jax.tree_util.tree_map(
       lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -119,6 +120,25 @@ def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
   assert [r['step'] for r in records if 'train_loss' in r] == [1, 2, 3, 4, 5]
   assert os.path.exists(os.path.join(str(tmp_path), 'curves.png'))
   assert glob.glob(os.path.join(str(tmp_path), 'tensorboard', '*'))
+
+  # --mode=eval on the workdir's checkpoint gives the run's own numbers ...
+  evaluated = train.evaluate_checkpoint(tiny_config.get_config(5),
+                                        str(tmp_path))
+  assert evaluated['eval_count'] == 360
+  assert evaluated['eval_top1'] == pytest.approx(result['eval_top1'])
+  # ... and so does the same params saved as a DeepMind-format pickle.
+  _, flat = _final_params(str(tmp_path))
+  tree = {}
+  for key, value in flat.items():
+    module, name = key.rsplit('/', 1)
+    tree.setdefault(module, {})[name] = value
+  path = os.path.join(str(tmp_path), 'params_haiku.npz')
+  with open(path, 'wb') as f:
+    pickle.dump(tree, f)
+  config = tiny_config.get_config(5)
+  config.eval.checkpoint = path
+  published = train.evaluate_checkpoint(config, str(tmp_path))
+  assert published['eval_top1'] == pytest.approx(result['eval_top1'])
 
 
 def test_sigterm_then_relaunch_equals_uninterrupted_bitwise(
