@@ -1,0 +1,256 @@
+"""`python -m nfnets.reproduce`: its files agree with the papers and theory.
+
+Each subcommand runs in-process at a reduced size into a temporary results
+directory, and the assertions read back the files it wrote.
+"""
+
+import csv
+import importlib.util
+import math
+import os
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nfnets import reproduce
+from nfnets import signal_prop
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HAS_RUNNER = importlib.util.find_spec('nfnets.train') is not None
+_NO_RUNNER = 'nfnets.train (the training runner) is not in this tree'
+
+# Table 3 of the NFNets paper, quoted independently of nfnets.reproduce so
+# that a typo there cannot make the comparison pass: params (M), FLOPs (B).
+_PAPER = {
+    'nfnet_f0': (71.5, 12.38),
+    'nfnet_f1': (132.6, 35.54),
+    'nfnet_f2': (193.8, 62.59),
+    'nfnet_f3': (254.9, 114.76),
+    'nfnet_f4': (316.1, 215.24),
+    'nfnet_f5': (377.2, 289.76),
+    'nfnet_f6': (438.4, 377.28),
+}
+
+
+def _run(capsys, command, results_dir):
+  """Runs the CLI in-process; returns the paths it printed on stdout."""
+  argv = shlex.split(command) + [f'--results_dir={results_dir}']
+  assert reproduce.main(argv) == 0
+  printed = capsys.readouterr().out.split()
+  for path in printed:
+    assert os.path.isfile(path) and os.path.getsize(path) > 0, path
+  return printed
+
+
+def _names(paths):
+  return sorted(os.path.basename(p) for p in paths)
+
+
+def _read_csv(path):
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def test_table3_matches_the_paper_exactly_for_f0_to_f6(tmp_path, capsys):
+  paths = _run(capsys, f'table3 --models={",".join(_PAPER)}', tmp_path)
+  assert paths == [str(tmp_path / 'table3.md'), str(tmp_path / 'table3.csv')]
+  rows = {r['name']: r for r in _read_csv(tmp_path / 'table3.csv')}
+  assert sorted(rows) == sorted(_PAPER)
+  for name, (params_m, flops_b) in _PAPER.items():
+    row = rows[name]
+    # The CSV holds the unrounded counts; the paper's rounding must agree.
+    assert round(float(row['params_m']), 1) == params_m, row
+    assert round(float(row['flops_b']), 2) == flops_b, row
+    assert row['matches_paper'] == 'exact', row
+  text = (tmp_path / 'table3.md').read_text()
+  assert 'matching the paper exactly' in text and '7 of 7' in text
+  # The Markdown rows show ours and the paper's side by side.
+  f3 = next(line for line in text.splitlines() if '`nfnet_f3`' in line)
+  cells = [c.strip() for c in f3.split('|')]
+  assert cells.count('254.9') == 2 and cells.count('114.76') == 2, f3
+
+
+def _spp_series(rows, model, column):
+  values = [(int(r['block']), r[column]) for r in rows if r['model'] == model]
+  assert values, f'no rows for {model}'
+  return np.array([float(v) if v else np.nan for _, v in sorted(values)])
+
+
+def test_spp_nf_resnet_stays_bounded_while_unnormalized_explodes(
+    tmp_path, capsys
+):
+  command = (
+      'spp --variant=resnet26 --versions=nf,unnormalized --image_size=128 '
+      '--batch_size=4'
+  )
+  paths = _run(capsys, command, tmp_path)
+  assert _names(paths) == ['spp.csv', 'spp.md', 'spp.png']
+  with open(tmp_path / 'spp.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  rows = _read_csv(tmp_path / 'spp.csv')
+  assert list(rows[0]) == [
+      'model',
+      'block',
+      'avg_sq_mean',
+      'avg_var',
+      'res_avg_var',
+  ]
+  # ResNet-26: 8 blocks; row 0 is the stem's output (no residual branch).
+  nf_var = _spp_series(rows, 'nf_resnet26', 'avg_var')
+  assert len(nf_var) == 9
+  assert np.isnan(_spp_series(rows, 'nf_resnet26', 'res_avg_var')[0])
+  blocks = nf_var[1:]
+  assert np.all((blocks > 0.5) & (blocks < 2.0)), blocks
+  expected = signal_prop.nf_expected_variance((2, 2, 2, 2))
+  np.testing.assert_allclose(blocks, expected, rtol=0.3)
+  # Scaled WS keeps channel means near zero: no mean shift builds up.
+  assert np.all(_spp_series(rows, 'nf_resnet26', 'avg_sq_mean')[1:] < 0.2)
+
+  un_var = _spp_series(rows, 'resnet26_unnormalized', 'avg_var')
+  # Roughly doubling per block: over 8 blocks far more than 2^4.
+  assert un_var[-1] / un_var[0] > 2.0**4, un_var
+  assert un_var[-1] > 10 * blocks.max(), un_var
+
+
+def test_variance_nf_bounded_unnormalized_doubles(tmp_path, capsys):
+  depth = 16
+  command = f'variance --depths={depth} --schemes=nf,unnormalized --channels=64'
+  paths = _run(capsys, command, tmp_path)
+  assert _names(paths) == ['variance.csv', 'variance.md', 'variance_blocks.csv']
+  rows = _read_csv(tmp_path / 'variance_blocks.csv')
+
+  def series(scheme, method, column='log2_avg_var'):
+    return np.array(
+        [
+            float(r[column])
+            for r in rows
+            if r['scheme'] == scheme and r['method'] == method
+        ]
+    )
+
+  nf = 2.0 ** series('nf', 'float32')
+  assert len(nf) == depth + 1
+  assert np.all((nf > 0.5) & (nf < 2.0)), nf
+  analytic = 2.0 ** series('nf', 'float32', 'analytic_log2_avg_var')
+  np.testing.assert_allclose(nf, analytic, rtol=0.1)
+
+  log_space = series('unnormalized', 'log space')
+  direct = series('unnormalized', 'float32')
+  # Where float32 holds the numbers, renormalizing changes nothing.
+  np.testing.assert_allclose(log_space, direct, atol=1e-3)
+  # Explodes: at least 2^(d/2) after d blocks, and growing every 4 blocks.
+  assert log_space[-1] > depth / 2, log_space
+  assert np.all(np.diff(log_space[::4]) > 0), log_space
+
+  summary = _read_csv(tmp_path / 'variance.csv')
+  assert {(r['scheme'], r['method']) for r in summary} == {
+      ('nf', 'float32'),
+      ('unnormalized', 'log space'),
+      ('unnormalized', 'float32'),
+  }
+  text = (tmp_path / 'variance.md').read_text()
+  assert '| Scheme |' in text and 'log space' in text
+
+
+def test_log_space_stack_survives_float32_overflow():
+  # 2^300 overflows float32; the log-space measurement keeps going.
+  kwargs = dict(channels=64, spatial=4, batch_size=4)
+  stats = signal_prop.stack_signal_stats(
+      'unnormalized', 300, log_space=True, **kwargs
+  )
+  log2_var = stats['log2_avg_var']
+  assert np.all(np.isfinite(log2_var))
+  assert log2_var[-1] > 150, log2_var[-1]  # > 2^150, far past float32
+  direct = signal_prop.stack_signal_stats('unnormalized', 300, **kwargs)
+  assert not np.all(np.isfinite(direct['log2_avg_var']))
+
+
+def test_analytic_laws_at_depth():
+  law = signal_prop.analytic_log2_second_moment
+  assert law('batchnorm', 100, 100) == pytest.approx(math.log2(101))
+  assert law('unnormalized', 1000, 1000) == 1000
+  assert law('skipinit_zeros', 1000, 1000) == 0
+  e = 2 ** law('skipinit_inv_sqrt', 1000, 1000)
+  assert e == pytest.approx(math.e, rel=1e-3)
+  assert 2 ** law('nf', 1000, 1000) == pytest.approx(41.0)
+  assert signal_prop.analytic_log2_variance('unnormalized', 10, 5) is None
+  with pytest.raises(ValueError, match='scheme'):
+    law('layernorm', 10, 5)
+
+
+def test_cli_prints_the_paths_it_wrote(tmp_path):
+  command = (
+      f'{sys.executable} -m nfnets.reproduce variance --depths=4 --schemes=nf'
+      f' --channels=16 --spatial=4 --batch_size=2 --results_dir={tmp_path}'
+  )
+  out = subprocess.run(
+      shlex.split(command),
+      cwd=_REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=True,
+  )
+  assert out.stdout.split() == [
+      str(tmp_path / 'variance.md'),
+      str(tmp_path / 'variance.csv'),
+      str(tmp_path / 'variance_blocks.csv'),
+  ]
+
+
+def test_unknown_subcommand_lists_the_valid_ones():
+  out = subprocess.run(
+      [sys.executable, '-m', 'nfnets.reproduce', 'table4'],
+      cwd=_REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert out.returncode == 2
+  assert 'table4' in out.stderr
+  for name in reproduce.SUBCOMMANDS:
+    assert name in out.stderr, out.stderr
+
+
+def test_bad_flag_values_are_errors(capsys):
+  with pytest.raises(SystemExit):
+    reproduce.main(['table3', '--models=nfnet_f9'])
+  assert 'nfnet_f9' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    reproduce.main(['variance', '--schemes=layernorm'])
+  assert 'layernorm' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    reproduce.main(['spp', '--variant=resnet51'])
+  assert 'resnet600' in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _HAS_RUNNER, reason=_NO_RUNNER)
+def test_agc_smoke(tmp_path, capsys):
+  # One step of the tiniest grid: the table, CSV and plot are written.
+  command = (
+      'agc --batch_sizes=64 --clippings=0.04 --epochs=0.05 --depth=1,1,1,1 '
+      '--width=0.125 --image_size=8'
+  )
+  paths = _run(capsys, command, tmp_path)
+  assert _names(paths) == ['agc.csv', 'agc.md', 'agc.png']
+  (row,) = _read_csv(tmp_path / 'agc.csv')
+  assert row['batch_size'] == '64' and float(row['clipping']) == 0.04
+  assert row['status'] == 'ok', row
+  assert 0.0 <= float(row['eval_top1']) <= 1.0
+
+
+@pytest.mark.skipif(not _HAS_RUNNER, reason=_NO_RUNNER)
+def test_depth_smoke(tmp_path, capsys):
+  command = (
+      'depth --blocks=4 --networks=nf --epochs=0.1 --width=0.125 '
+      '--image_size=8'
+  )
+  paths = _run(capsys, command, tmp_path)
+  assert _names(paths) == ['depth.csv', 'depth.md', 'depth.png']
+  rows = _read_csv(tmp_path / 'depth.csv')
+  # Logged every step: 0.1 epoch of 1,437 digits at batch 64 is 2 steps.
+  assert [r['step'] for r in rows] == ['1', '2']
+  assert all(math.isfinite(float(r['train_loss'])) for r in rows)
