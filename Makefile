@@ -34,3 +34,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache
+
+# Regenerates the papers' tables and figures into results/ (latency is
+# shrunk here: its full form is meant for an accelerator).
+reproduce: $(STAMP)
+	for name in table3 spp variance agc depth; do \
+	  $(PY) -m nfnets.reproduce $$name || exit 1; done
+	$(PY) -m nfnets.reproduce latency --shrink
