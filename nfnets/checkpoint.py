@@ -188,7 +188,11 @@ class TrainCheckpointer:
     if keep < 1:
       raise ValueError(f'keep_checkpoints must be >= 1, got {keep}.')
     self._ocp = ocp
-    self.directory = os.path.join(os.fspath(workdir), 'checkpoints')
+    workdir = os.fspath(workdir)
+    if '://' not in workdir:
+      # Orbax refuses relative paths; the command line gives them.
+      workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(workdir, 'checkpoints')
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),

@@ -102,3 +102,16 @@ def test_truncated_file_is_a_clear_error(tmp_path):
     f.write(pickle.dumps(_tiny_params())[:1000])
   with pytest.raises(ValueError, match='corrupt or truncated'):
     checkpoint.load_deepmind_params(str(path), 'nfnet_tiny')
+
+
+def test_train_checkpointer_accepts_a_relative_workdir(tmp_path, monkeypatch):
+  # experiment.py passes --workdir as typed; orbax itself wants absolute paths.
+  monkeypatch.chdir(tmp_path)
+  checkpointer = checkpoint.TrainCheckpointer('relative/run', keep=2)
+  tree = {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}
+  checkpointer.save(3, tree, wait=True)
+  restored, step = checkpointer.restore_latest(tree)
+  checkpointer.close()
+  assert step == 3
+  np.testing.assert_array_equal(restored['w'], tree['w'])
+  assert (tmp_path / 'relative' / 'run' / 'checkpoints' / '3').is_dir()
