@@ -457,6 +457,64 @@ def _save_config(config, workdir):
     f.write(config.to_json_best_effort(indent=2))
 
 
+def make_evaluator(config, forward, num_classes):
+  """Returns `evaluate_all({prefix: replicated params}, replicated state)`.
+
+  The pmapped eval step and the eval dataset are built once; each call makes
+  one pass over the split per parameter set (raw, EMA) and returns
+  `{f'{prefix}_top1': ...}` metrics.
+  """
+  p_eval_step = jax.pmap(
+      functools.partial(
+          eval_step,
+          forward=forward,
+          num_classes=num_classes,
+          compute_dtype=_DTYPES[config.train.compute_dtype],
+      ),
+      axis_name=AXIS_NAME,
+  )
+  dataset = None
+
+  def evaluate_all(trees, model_state):
+    nonlocal dataset
+    if dataset is None:
+      # One pipeline for every evaluation: each iteration is a fresh pass.
+      dataset = data.create_dataset(
+          config.data,
+          split='eval',
+          global_batch_size=config.eval.batch_size,
+          image_size=config.data.eval_image_size,
+          seed=config.seed,
+      )
+    record = {}
+    for prefix, params in trees.items():
+      results = evaluate(p_eval_step, params, model_state, dataset)
+      record.update({f'{prefix}_{k}': v for k, v in results.items()})
+    return record
+
+  return evaluate_all
+
+
+def restore_or_create(config, forward, optimizer, workdir, image_size):
+  """The newest readable checkpoint's state in `workdir`, or a new one.
+
+  Returns:
+    `(state, restored_step or None, checkpointer)`.
+  """
+  state = create_train_state(
+      jax.random.PRNGKey(config.seed), forward, optimizer, image_size
+  )
+  checkpointer = checkpoint.TrainCheckpointer(
+      workdir, config.train.keep_checkpoints
+  )
+  restored, step = checkpointer.restore_latest(
+      jax.tree_util.tree_map(np.asarray, state._asdict())
+  )
+  if restored is not None:
+    state = TrainState(**restored)
+  return state, step, checkpointer
+
+
 def prepare(config: ml_collections.ConfigDict):
   """Resolves the config against its dataset; returns (config, num_classes)."""
   num_train = data.num_examples(config.data, 'train')
@@ -496,23 +554,12 @@ def train_and_evaluate(
   optimizer, lr_fn = _optimizer_and_schedule(config)
   compute_dtype = _DTYPES[config.train.compute_dtype]
   agc_cfg = config.optimizer.agc
-  state = create_train_state(
-      jax.random.PRNGKey(config.seed),
-      forward,
-      optimizer,
-      config.data.train_image_size,
+  state, restored_step, checkpointer = restore_or_create(
+      config, forward, optimizer, workdir, config.data.train_image_size
   )
-  checkpointer = checkpoint.TrainCheckpointer(
-      workdir, config.train.keep_checkpoints
-  )
-  restored, restored_step = checkpointer.restore_latest(
-      jax.tree_util.tree_map(np.asarray, state._asdict())
-  )
-  if restored is not None:
-    state = TrainState(**restored)
   start_step = int(state.step)
   logger = _Logger(workdir, start_step, is_chief)
-  if restored is not None:
+  if restored_step is not None:
     logger.print(f'Resumed from the checkpoint of step {restored_step}.')
 
   p_train_step = jax.pmap(
@@ -532,41 +579,13 @@ def train_and_evaluate(
       axis_name=AXIS_NAME,
       donate_argnums=(0,),
   )
-  p_eval_step = jax.pmap(
-      functools.partial(
-          eval_step,
-          forward=forward,
-          num_classes=num_classes,
-          compute_dtype=compute_dtype,
-      ),
-      axis_name=AXIS_NAME,
-  )
+  evaluate_all = make_evaluator(config, forward, num_classes)
 
   def run_eval(replicated, step):
-    record = {'step': step}
-    dataset = data.create_dataset(
-        config.data,
-        split='eval',
-        global_batch_size=config.eval.batch_size,
-        image_size=config.data.eval_image_size,
-        seed=config.seed,
-    )
-    results = evaluate(
-        p_eval_step, replicated.params, replicated.model_state, dataset
-    )
-    record.update({f'eval_{k}': v for k, v in results.items()})
+    trees = {'eval': replicated.params}
     if config.eval.ema:
-      dataset = data.create_dataset(
-          config.data,
-          split='eval',
-          global_batch_size=config.eval.batch_size,
-          image_size=config.data.eval_image_size,
-          seed=config.seed,
-      )
-      results = evaluate(
-          p_eval_step, replicated.ema_params, replicated.model_state, dataset
-      )
-      record.update({f'ema_eval_{k}': v for k, v in results.items()})
+      trees['ema_eval'] = replicated.ema_params
+    record = {'step': step, **evaluate_all(trees, replicated.model_state)}
     logger.write(record)
     logger.print(
         f'eval  step {step}: top-1 {record["eval_top1"]:.4f}, top-5 '
@@ -692,7 +711,6 @@ def evaluate_checkpoint(
   _check_batch(config.eval.batch_size, 'eval.batch_size')
   config, num_classes = prepare(config)
   forward = create_model(config, num_classes)
-  compute_dtype = _DTYPES[config.train.compute_dtype]
   if config.eval.checkpoint:
     params = checkpoint.load_deepmind_params(
         config.eval.checkpoint,
@@ -701,53 +719,26 @@ def evaluate_checkpoint(
         **dict(config.model.overrides),
     )
     model_state = {}
-    trees = {'params': params}
+    trees = {'eval': params}
   else:
     optimizer, _ = _optimizer_and_schedule(config)
-    state = create_train_state(
-        jax.random.PRNGKey(config.seed),
-        forward,
-        optimizer,
-        config.data.eval_image_size,
-    )
-    checkpointer = checkpoint.TrainCheckpointer(
-        workdir, config.train.keep_checkpoints
-    )
-    restored, step = checkpointer.restore_latest(
-        jax.tree_util.tree_map(np.asarray, state._asdict())
+    state, step, checkpointer = restore_or_create(
+        config, forward, optimizer, workdir, config.data.eval_image_size
     )
     checkpointer.close()
-    if restored is None:
+    if step is None:
       raise FileNotFoundError(
           f'No checkpoint in {workdir}/checkpoints to evaluate; train first '
           'or set --config.eval.checkpoint=PATH.'
       )
-    model_state = restored['model_state']
-    trees = {'params': restored['params'], 'ema_params': restored['ema_params']}
+    model_state = state.model_state
+    trees = {'eval': state.params, 'ema_eval': state.ema_params}
     print(f'Evaluating the checkpoint of step {step}.')
-  p_eval_step = jax.pmap(
-      functools.partial(
-          eval_step,
-          forward=forward,
-          num_classes=num_classes,
-          compute_dtype=compute_dtype,
-      ),
-      axis_name=AXIS_NAME,
+  evaluate_all = make_evaluator(config, forward, num_classes)
+  result = evaluate_all(
+      {prefix: replicate(params) for prefix, params in trees.items()},
+      replicate(model_state),
   )
-  result = {}
-  for name, params in trees.items():
-    dataset = data.create_dataset(
-        config.data,
-        split='eval',
-        global_batch_size=config.eval.batch_size,
-        image_size=config.data.eval_image_size,
-        seed=config.seed,
-    )
-    metrics = evaluate(
-        p_eval_step, replicate(params), replicate(model_state), dataset
-    )
-    prefix = 'eval' if name == 'params' else 'ema_eval'
-    result.update({f'{prefix}_{k}': v for k, v in metrics.items()})
   print(json.dumps(result))
   return result
 
