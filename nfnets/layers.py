@@ -538,3 +538,30 @@ def classify(
     return logits
   metrics['pool'] = pool
   return logits, metrics
+
+
+def nf_shortcut(
+    x: jax.Array,
+    out: jax.Array,
+    *,
+    stride: int,
+    conv_shortcut: Optional[hk.Module],
+) -> jax.Array:
+  """The shortcut of NFNet / NF-RegNet blocks.
+
+  Args:
+    x: the block's input (the identity shortcut).
+    out: the scaled pre-activation `activation(x) * beta`.
+    stride: the block's stride; a transition average-pools 2x2 first.
+    conv_shortcut: the 1x1 projection, or None when shapes already match.
+
+  Returns:
+    The shortcut branch.
+  """
+  if stride > 1:
+    out = hk.avg_pool(
+        out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1), padding='SAME'
+    )
+  elif conv_shortcut is None:
+    return x
+  return conv_shortcut(out) if conv_shortcut is not None else out

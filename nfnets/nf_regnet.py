@@ -261,16 +261,13 @@ class NFRegBlock(hk.Module):
   def __call__(self, x: jax.Array, *, is_training: bool):
     """Returns `(output, residual branch variance)`."""
     out = self.activation(x) * self.beta
-    if self.stride > 1:
-      shortcut = hk.avg_pool(
-          out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1), padding='SAME'
-      )
-      if self.use_projection:
-        shortcut = self.conv_shortcut(shortcut)
-    elif self.use_projection:
-      shortcut = self.conv_shortcut(out)
-    else:
-      shortcut = x
+    # Transitions average-pool, then project, on the shortcut.
+    shortcut = layers.nf_shortcut(
+        x,
+        out,
+        stride=self.stride,
+        conv_shortcut=self.conv_shortcut if self.use_projection else None,
+    )
     out = self.conv0(out)
     out = self.conv1(self.activation(out))
     out = 2 * self.se(out) * out
