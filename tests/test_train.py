@@ -122,8 +122,9 @@ def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
   assert glob.glob(os.path.join(str(tmp_path), 'tensorboard', '*'))
 
   # --mode=eval on the workdir's checkpoint gives the run's own numbers ...
-  evaluated = train.evaluate_checkpoint(tiny_config.get_config(5),
-                                        str(tmp_path))
+  evaluated = train.evaluate_checkpoint(
+      tiny_config.get_config(5), str(tmp_path)
+  )
   assert evaluated['eval_count'] == 360
   assert evaluated['eval_top1'] == pytest.approx(result['eval_top1'])
   # ... and so does the same params saved as a DeepMind-format pickle.
