@@ -15,7 +15,7 @@ before that cast.
 
 from collections.abc import Callable, Sequence
 import math
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import haiku as hk
 import jax
@@ -565,3 +565,44 @@ def nf_shortcut(
   elif conv_shortcut is None:
     return x
   return conv_shortcut(out) if conv_shortcut is not None else out
+
+
+class BlockPlan(NamedTuple):
+  """Where a residual block sits, and what the NF strategy gives it."""
+
+  stage: int  # stage index
+  block_index: int  # index within the stage (0: the transition block)
+  index: int  # index over the whole network
+  beta: float  # 1 / expected std of the block's input at init
+  depth_fraction: float  # index / num_blocks: scales stochastic depth
+
+
+def nf_block_plan(depth_pattern: Sequence[int], alpha: float) -> list:
+  """The blocks of an NF network in order, with their analytic `beta`.
+
+  The residual stream's expected variance grows by alpha^2 per block and
+  resets to 1 + alpha^2 after each transition (first block of a stage), so
+  block i is fed `h / beta_i` with `beta_i = sqrt(Var(h_i))` at init.
+
+  Args:
+    depth_pattern: blocks per stage.
+    alpha: the residual branch scale.
+
+  Returns:
+    A list of `BlockPlan`, one per block.
+  """
+  plan = []
+  expected_std = 1.0
+  num_blocks = sum(depth_pattern)
+  for stage, stage_depth in enumerate(depth_pattern):
+    for block_index in range(stage_depth):
+      index = len(plan)
+      plan.append(
+          BlockPlan(
+              stage, block_index, index, 1.0 / expected_std, index / num_blocks
+          )
+      )
+      if block_index == 0:
+        expected_std = 1.0
+      expected_std = (expected_std**2 + alpha**2) ** 0.5
+  return plan

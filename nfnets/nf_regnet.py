@@ -140,34 +140,27 @@ class NFRegNet(hk.Module):
     ch = int(spec['width'][0] * width)
     self.initial_conv = layers.WSConv2D(ch, 3, stride=2, name='initial_conv')
     self.blocks = []
-    expected_std = 1.0
     num_blocks = sum(depth_pattern)
-    index = 0
-    for block_width, stage_depth in zip(spec['width'], depth_pattern):
-      for block_index in range(stage_depth):
-        out_ch = int(block_width * width)
-        self.blocks.append(
-            NFRegBlock(
-                ch,
-                out_ch,
-                # The first block does not expand, following EfficientNet.
-                expansion=1 if index == 0 else expansion,
-                se_ratio=se_ratio,
-                group_size=group_size,
-                stride=2 if block_index == 0 else 1,
-                beta=1.0 / expected_std,
-                alpha=alpha,
-                activation=self.activation,
-                stochdepth_rate=stochdepth_rate * index / num_blocks,
-                skipinit=skipinit,
-                num_blocks=num_blocks,
-            )
-        )
-        ch = out_ch
-        index += 1
-        if block_index == 0:
-          expected_std = 1.0
-        expected_std = (expected_std**2 + alpha**2) ** 0.5
+    for plan in layers.nf_block_plan(depth_pattern, alpha):
+      out_ch = int(spec['width'][plan.stage] * width)
+      self.blocks.append(
+          NFRegBlock(
+              ch,
+              out_ch,
+              # The first block does not expand, following EfficientNet.
+              expansion=1 if plan.index == 0 else expansion,
+              se_ratio=se_ratio,
+              group_size=group_size,
+              stride=2 if plan.block_index == 0 else 1,
+              beta=plan.beta,
+              alpha=alpha,
+              activation=self.activation,
+              stochdepth_rate=stochdepth_rate * plan.depth_fraction,
+              skipinit=skipinit,
+              num_blocks=num_blocks,
+          )
+      )
+      ch = out_ch
     # Head width as in EfficientNets: 1280 for a 440-wide last stage.
     self.final_conv = layers.WSConv2D(
         int(1280 * ch // 440), 1, name='final_conv'

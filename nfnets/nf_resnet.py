@@ -91,34 +91,26 @@ class NFResNet(hk.Module):
     ch = int(16 * width)
     self.initial_conv = conv(ch, 7, stride=2, name='initial_conv')
     self.blocks = []
-    expected_std = 1.0
     num_blocks = sum(depth_pattern)
-    index = 0
-    for block_width, stage_depth, stride in zip(
-        width_pattern, depth_pattern, (1, 2, 2, 2)
-    ):
-      for block_index in range(stage_depth):
-        self.blocks.append(
-            NFResBlock(
-                ch,
-                block_width,
-                stride=stride if block_index == 0 else 1,
-                beta=1.0 / expected_std,
-                alpha=alpha,
-                activation=self.activation,
-                conv=conv,
-                stochdepth_rate=stochdepth_rate * index / num_blocks,
-                skipinit=skipinit,
-                num_blocks=num_blocks,
-                use_se=use_se,
-                se_ratio=se_ratio,
-            )
-        )
-        ch = block_width
-        index += 1
-        if block_index == 0:
-          expected_std = 1.0
-        expected_std = (expected_std**2 + alpha**2) ** 0.5
+    for plan in layers.nf_block_plan(depth_pattern, alpha):
+      block_width = width_pattern[plan.stage]
+      self.blocks.append(
+          NFResBlock(
+              ch,
+              block_width,
+              stride=(1, 2, 2, 2)[plan.stage] if plan.block_index == 0 else 1,
+              beta=plan.beta,
+              alpha=alpha,
+              activation=self.activation,
+              conv=conv,
+              stochdepth_rate=stochdepth_rate * plan.depth_fraction,
+              skipinit=skipinit,
+              num_blocks=num_blocks,
+              use_se=use_se,
+              se_ratio=se_ratio,
+          )
+      )
+      ch = block_width
     self.fc = layers.Linear(
         num_classes, w_init=fc_init or hk.initializers.RandomNormal(stddev=0.01)
     )

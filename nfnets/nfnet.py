@@ -182,39 +182,29 @@ class NFNet(hk.Module):
     ]
 
     self.blocks = []
-    expected_std = 1.0
     num_blocks = sum(depth_pattern)
-    index = 0
     strides = (1, 2, 2, 2) + (2,) * max(0, len(depth_pattern) - 4)
-    for block_width, stage_depth, stride in zip(
-        width_pattern, depth_pattern, strides
-    ):
-      for block_index in range(stage_depth):
-        out_ch = int(block_width * width)
-        self.blocks.append(
-            NFBlock(
-                ch,
-                out_ch,
-                bottleneck_ratio=bottleneck_ratio,
-                se_ratio=se_ratio,
-                group_width=group_width,
-                stride=stride if block_index == 0 else 1,
-                # Scales each block's input to unit variance at init.
-                beta=1.0 / expected_std,
-                alpha=alpha,
-                activation=self.activation,
-                stochdepth_rate=stochdepth_rate * index / num_blocks,
-                use_two_convs=use_two_convs,
-                skipinit=skipinit,
-                num_blocks=num_blocks,
-            )
-        )
-        ch = out_ch
-        index += 1
-        # A transition block resets the variance, plus its own growth.
-        if block_index == 0:
-          expected_std = 1.0
-        expected_std = (expected_std**2 + alpha**2) ** 0.5
+    for plan in layers.nf_block_plan(depth_pattern, alpha):
+      out_ch = int(width_pattern[plan.stage] * width)
+      self.blocks.append(
+          NFBlock(
+              ch,
+              out_ch,
+              bottleneck_ratio=bottleneck_ratio,
+              se_ratio=se_ratio,
+              group_width=group_width,
+              stride=strides[plan.stage] if plan.block_index == 0 else 1,
+              # Scales each block's input to unit variance at init.
+              beta=plan.beta,
+              alpha=alpha,
+              activation=self.activation,
+              stochdepth_rate=stochdepth_rate * plan.depth_fraction,
+              use_two_convs=use_two_convs,
+              skipinit=skipinit,
+              num_blocks=num_blocks,
+          )
+      )
+      ch = out_ch
 
     if final_conv_mult is None:
       if final_conv_ch is None:

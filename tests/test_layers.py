@@ -124,3 +124,21 @@ def test_squeeze_excite_gates_are_per_channel_in_unit_interval():
   assert gates.shape == (3, 1, 1, 6)
   assert float(gates.min()) > 0 and float(gates.max()) < 1
   assert params['squeeze_excite/~/linear']['w'].shape == (6, 3)
+
+
+def test_nf_block_plan_resets_the_expected_variance_at_transitions():
+  plan = layers.nf_block_plan((2, 3), alpha=0.2)
+  assert [(p.stage, p.block_index, p.index) for p in plan] == [
+      (0, 0, 0),
+      (0, 1, 1),
+      (1, 0, 2),
+      (1, 1, 3),
+      (1, 2, 4),
+  ]
+  # A transition block sees the previous stage's variance; after it the
+  # stream restarts at 1 + alpha^2.
+  expected_var = [1.0, 1.04, 1.08, 1.04, 1.08]
+  np.testing.assert_allclose([1 / p.beta**2 for p in plan], expected_var)
+  np.testing.assert_allclose(
+      [p.depth_fraction for p in plan], [0, 0.2, 0.4, 0.6, 0.8]
+  )
