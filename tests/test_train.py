@@ -82,6 +82,34 @@ def _wait_for_step(workdir, step, proc, timeout=300):
   raise TimeoutError(f'step {step} not reached')
 
 
+def _start(workdir, steps):
+  """Launches a training run in the background."""
+  cmd, env = _cli(workdir, steps)
+  return subprocess.Popen(
+      cmd,
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+
+
+def _relaunch_and_match(workdir, uninterrupted, resumed_from):
+  """Relaunches the 40-step run; it must resume and end bitwise equal."""
+  result = _run(workdir, 40)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'Resumed from the checkpoint of {resumed_from}' in result.stdout
+  steps = [r['step'] for r in _metrics(workdir) if 'train_loss' in r]
+  assert steps == list(range(1, 41))  # continuous, no duplicates
+  step_a, params_a = _final_params(uninterrupted)
+  step_b, params_b = _final_params(workdir)
+  assert step_a == step_b == 40
+  assert params_a.keys() == params_b.keys()
+  for key in params_a:
+    np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('uninterrupted'))
@@ -146,15 +174,7 @@ def test_sigterm_then_relaunch_equals_uninterrupted_bitwise(
     uninterrupted, tmp_path
 ):
   workdir = str(tmp_path)
-  cmd, env = _cli(workdir, 40)
-  proc = subprocess.Popen(
-      cmd,
-      env=env,
-      cwd=REPO,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-  )
+  proc = _start(workdir, 40)
   _wait_for_step(workdir, 15, proc)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
@@ -163,46 +183,19 @@ def test_sigterm_then_relaunch_equals_uninterrupted_bitwise(
   stopped = max(r['step'] for r in _metrics(workdir))
   assert stopped < 40
 
-  result = _run(workdir, 40)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f'Resumed from the checkpoint of step {stopped}' in result.stdout
-  steps = [r['step'] for r in _metrics(workdir) if 'train_loss' in r]
-  assert steps == list(range(1, 41))  # continuous, no duplicates
-
-  step_a, params_a = _final_params(uninterrupted)
-  step_b, params_b = _final_params(workdir)
-  assert step_a == step_b == 40
-  assert params_a.keys() == params_b.keys()
-  for key in params_a:
-    np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
+  _relaunch_and_match(workdir, uninterrupted, f'step {stopped}')
 
 
 def test_sigkill_then_relaunch_resumes_from_last_checkpoint(
     uninterrupted, tmp_path
 ):
   workdir = str(tmp_path)
-  cmd, env = _cli(workdir, 40)
-  proc = subprocess.Popen(
-      cmd,
-      env=env,
-      cwd=REPO,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-  )
+  proc = _start(workdir, 40)
   _wait_for_step(workdir, 10, proc)
   proc.kill()
   proc.communicate()
   assert _saved_steps(workdir), 'no checkpoint was written before the kill'
-  result = _run(workdir, 40)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'Resumed from the checkpoint of step' in result.stdout
-  steps = [r['step'] for r in _metrics(workdir) if 'train_loss' in r]
-  assert steps == list(range(1, 41))
-  _, params_a = _final_params(uninterrupted)
-  _, params_b = _final_params(workdir)
-  for key in params_a:
-    np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
+  _relaunch_and_match(workdir, uninterrupted, 'step')
 
 
 def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
