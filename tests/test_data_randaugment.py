@@ -209,3 +209,32 @@ def test_eval_crops():
   assert (squashed[:, 32] == (0, 0, 255)).all()
   with pytest.raises(ValueError, match='eval_resize'):
     augment.eval_image(image_bytes, 64, 'squash')
+
+
+@pytest.mark.parametrize('ratio', [2, 4, 8])
+def test_large_jpeg_crops_decode_scaled_and_match_full_size(ratio):
+  # A smooth image, so that decoding at 1/r scale and resizing gives nearly
+  # the same pixels as decoding at full size and resizing.
+  size = 16
+  side = ratio * size + 5
+  ys, xs = np.mgrid[0:side, 0 : side + 9].astype(np.float32)
+  array = np.stack(
+      [xs / xs.max() * 255, ys / ys.max() * 255, 128 + 0 * xs], axis=-1
+  ).astype(np.uint8)
+  image_bytes = _encode(array, 'JPEG')
+  window = lambda shape: tf.constant([2, 3, side - 2, side - 2])
+  scaled = augment.decode_window(image_bytes, window, min_size=size)
+  # The decoder scaled by the largest ratio that keeps the side >= size...
+  assert scaled.shape[0] == (side - 2) // ratio >= size
+  # ... and decoded the window rounded down to whole scaled pixels (off by
+  # less than one output pixel): the same region as this full-size crop.
+  aligned = [2 // ratio, 3 // ratio, (side - 2) // ratio, (side - 2) // ratio]
+  full = augment.decode_window(
+      image_bytes, lambda shape: tf.constant(aligned) * ratio
+  )
+  resize = lambda im: tf.image.resize(im, [size, size], method='bicubic')
+  difference = np.abs(resize(full).numpy() - resize(scaled).numpy())
+  assert difference.mean() < 2.0, difference.mean()
+  # A crop too small to halve is decoded at full size.
+  small = augment.decode_window(image_bytes, window, min_size=side)
+  assert small.shape[0] == side - 2
