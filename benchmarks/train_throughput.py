@@ -3,8 +3,9 @@
 Times `nfnets.train.train_step` (the function `experiment.py` runs, not a
 copy) pmapped over every local device, on synthetic batches already on the
 devices, and prints one JSON line per measurement: median step time over the
-timed steps after warm-up, images/s, compile time, peak device memory and
-model FLOPs utilization (3 x forward FLOPs per image / the device's peak).
+timed steps after warm-up, images/s, compile time, peak device memory (and
+XLA's planned temporary memory, which the CPU reports too) and model FLOPs
+utilization (3 x forward FLOPs per image / the device's peak).
 
 Modes:
   minimal  forward/backward + AGC + SGD-Nesterov: the work peers'
@@ -164,6 +165,10 @@ def build_step(model, batch, image_size, dtype, mode, num_classes=1000):
   return step_fn, replicated, device_batch, config
 
 
+def _gib(num_bytes) -> float:
+  return round(num_bytes / 2**30, 4)
+
+
 def _peak_memory_gib():
   stats = [d.memory_stats() or {} for d in jax.local_devices()]
   peaks = [s.get('peak_bytes_in_use') for s in stats]
@@ -178,9 +183,14 @@ def time_ours(model, batch, image_size, dtype, mode, steps, warmup):
       model, batch, image_size, dtype, mode
   )
   start = time.perf_counter()
+  step_fn = step_fn.lower(state, device_batch).compile()
+  compile_s = time.perf_counter() - start
+  try:
+    memory = step_fn.memory_analysis()
+  except (NotImplementedError, AttributeError):  # Not every backend has it.
+    memory = None
   state, metrics = step_fn(state, device_batch)
   jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - start
   for _ in range(warmup):
     state, metrics = step_fn(state, device_batch)
   jax.block_until_ready(metrics)
@@ -208,6 +218,12 @@ def time_ours(model, batch, image_size, dtype, mode, steps, warmup):
       images_per_s=round(images_per_s, 1),
       compile_s=round(compile_s, 2),
       peak_memory_gib=_peak_memory_gib(),
+      # XLA's buffer assignment for one device (any backend, CPU included):
+      # temporaries (activations kept for backward, workspaces) and the
+      # arguments (state, batch). Backends plan differently, so compare it
+      # only between models on the same backend.
+      xla_temp_gib=_gib(memory.temp_size_in_bytes) if memory else None,
+      xla_args_gib=_gib(memory.argument_size_in_bytes) if memory else None,
       mfu=None if mfu is None else round(mfu, 4),
       devices=jax.local_device_count(),
       device_kind=jax.devices()[0].device_kind,
@@ -299,6 +315,7 @@ def main(argv=None):
       help='also time nf_resnet50 vs resnet50_bn (224 px)',
   )
   parser.add_argument('--thesis_batch', type=int, default=None)
+  parser.add_argument('--thesis_image_size', type=int, default=None)
   parser.add_argument('--no_timm', action='store_true')
   args = parser.parse_args(argv)
   if args.steps < 1 or args.warmup < 0:
@@ -359,7 +376,7 @@ def main(argv=None):
         )
   if args.thesis:
     thesis_batch = args.thesis_batch or (256 if on_accelerator else 8)
-    thesis_size = 224 if on_accelerator else 32
+    thesis_size = args.thesis_image_size or (224 if on_accelerator else 32)
     results = {}
     for name in ('nf_resnet50', 'resnet50_bn'):
       record = time_ours(
@@ -382,6 +399,8 @@ def main(argv=None):
                 speed_ratio=round(nf['images_per_s'] / bn['images_per_s'], 4),
                 nf_peak_memory_gib=nf['peak_memory_gib'],
                 bn_peak_memory_gib=bn['peak_memory_gib'],
+                nf_xla_temp_gib=nf['xla_temp_gib'],
+                bn_xla_temp_gib=bn['xla_temp_gib'],
             )
         ),
         flush=True,

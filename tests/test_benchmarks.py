@@ -30,3 +30,5 @@ def test_train_throughput_prints_json_lines(capsys):
   for record in modes.values():
     assert record['images_per_s'] > 0 and record['step_ms'] > 0
     assert record['devices'] == 8
+    # XLA's planned memory is reported on every backend, the CPU included.
+    assert record['xla_temp_gib'] > 0 and record['xla_args_gib'] > 0
