@@ -1,8 +1,9 @@
 """MixUp and CutMix on one device's batch, in numpy (the digits pipeline).
 
 The tf.data pipelines use `nfnets.data.augment.mix_batch`, the same recipe in
-TensorFlow ops; `tests/test_data_mixing.py` checks both against the same
-properties.
+TensorFlow ops, and the on-device path `nfnets.data.device_augment.mix_batch`
+(JAX, sharing `split_sizes` and `cutmix_boxes`); `tests/test_data_mixing.py`
+and `tests/test_device_augment.py` check them against the same properties.
 
 Recipe (NFNets paper, appendix): MixUp on the first half of each device batch
 and CutMix on the second half. Each example is mixed with its mirror within
@@ -34,18 +35,31 @@ def split_sizes(batch_size: int, mixup_alpha: float, cutmix: bool):
 def cutmix_boxes(
     height: int,
     width: int,
-    lam: np.ndarray,
-    centre_y: np.ndarray,
-    centre_x: np.ndarray,
+    lam,
+    centre_y,
+    centre_x,
+    xp=np,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """Boxes `[y0, y1) x [x0, x1)` covering about `1 - lam` of the image."""
-  side = np.sqrt(1.0 - lam)
-  half_h = np.round(side * height).astype(np.int64) // 2
-  half_w = np.round(side * width).astype(np.int64) // 2
-  y0 = np.clip(centre_y - half_h, 0, height)
-  y1 = np.clip(centre_y + half_h, 0, height)
-  x0 = np.clip(centre_x - half_w, 0, width)
-  x1 = np.clip(centre_x + half_w, 0, width)
+  """Boxes `[y0, y1) x [x0, x1)` covering about `1 - lam` of the image.
+
+  Args:
+    height: image height.
+    width: image width.
+    lam: `[N]` CutMix ratios.
+    centre_y: `[N]` integer box centres.
+    centre_x: `[N]` integer box centres.
+    xp: the array module, `numpy` or `jax.numpy` (the device pipeline).
+
+  Returns:
+    `(y0, y1, x0, x1)`, integer `[N]` each, clipped to the image.
+  """
+  side = xp.sqrt(1.0 - lam)
+  half_h = xp.round(side * height).astype(xp.int32) // 2
+  half_w = xp.round(side * width).astype(xp.int32) // 2
+  y0 = xp.clip(centre_y - half_h, 0, height)
+  y1 = xp.clip(centre_y + half_h, 0, height)
+  x0 = xp.clip(centre_x - half_w, 0, width)
+  x1 = xp.clip(centre_x + half_w, 0, width)
   return y0, y1, x0, x1
 
 

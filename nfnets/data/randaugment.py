@@ -35,13 +35,15 @@ from typing import Callable, Dict, Sequence
 import tensorflow as tf
 
 from nfnets.data import augment
+from nfnets.data import recipe
 from nfnets.data import tf_cpu
 
 tf_cpu.hide_accelerators()
 
-MAX_LEVEL = 10.0
-FILL_VALUE = 128
-APPLY_PROBABILITY_RANGE = (0.2, 0.8)
+MAX_LEVEL = recipe.MAX_LEVEL
+FILL_VALUE = recipe.FILL_VALUE
+APPLY_PROBABILITY_RANGE = recipe.APPLY_PROBABILITY_RANGE
+RANDAUGMENT_OPS = recipe.RANDAUGMENT_OPS
 
 
 # ---------------------------------------------------------------------------
@@ -371,25 +373,6 @@ OPS: Dict[str, Callable] = {
     'Cutout': _cutout,
     'SolarizeAdd': _solarize_add,
 }
-
-RANDAUGMENT_OPS = (
-    'AutoContrast',
-    'Equalize',
-    'Invert',
-    'Rotate',
-    'Posterize',
-    'Solarize',
-    'Color',
-    'Contrast',
-    'Brightness',
-    'Sharpness',
-    'ShearX',
-    'ShearY',
-    'TranslateX',
-    'TranslateY',
-    'Cutout',
-    'SolarizeAdd',
-)
 
 
 def apply_op(
