@@ -12,7 +12,10 @@ Modes:
            benchmarks time.
   full     everything experiment.py does per step: the config's optimizer
            chain (AGC, masked weight decay, schedule), EMA, label smoothing,
-           MixUp/CutMix labels and the logged norms.
+           MixUp/CutMix labels and the logged norms, plus the on-device
+           augmentation that runs before each step by default (RandAugment
+           at the variant's layers/magnitude, MixUp/CutMix, normalisation;
+           `device_augment` in the record).
 
 With torch and timm importable (and a CUDA device), the same run also times
 timm's `dm_nfnet_f0` (channels_last, bf16 autocast, SGD with timm's AGC) and
@@ -161,8 +164,23 @@ def build_step(model, batch, image_size, dtype, mode, num_classes=1000):
       ),
   }
   # On the devices once: the benchmark times compute, not host transfers.
-  device_batch = jax.pmap(lambda x: x, axis_name=train.AXIS_NAME)(host)
-  return step_fn, replicated, device_batch, config
+  to_devices = jax.pmap(lambda x: x, axis_name=train.AXIS_NAME)
+  device_batch = to_devices(host)
+  # `full` also runs what the runner runs on the devices before each step
+  # by default: RandAugment, MixUp/CutMix and normalisation of the uint8
+  # crops (config.data.augment_on='device').
+  augment = None
+  if mode == 'full':
+    augment = train.make_device_augment(config.data, seed=0)
+  raw_batch = to_devices(
+      {
+          'images': rng.integers(
+              0, 256, (devices, per_device, image_size, image_size, 3), np.uint8
+          ),
+          'labels': host['labels'],
+      }
+  )
+  return step_fn, replicated, device_batch, config, augment, raw_batch
 
 
 def _gib(num_bytes) -> float:
@@ -179,25 +197,32 @@ def _peak_memory_gib():
 
 def time_ours(model, batch, image_size, dtype, mode, steps, warmup):
   """Measures one (model, mode) setup; returns the JSON record."""
-  step_fn, state, device_batch, _ = build_step(
+  step_fn, state, device_batch, config, augment, raw_batch = build_step(
       model, batch, image_size, dtype, mode
   )
   start = time.perf_counter()
   step_fn = step_fn.lower(state, device_batch).compile()
+  if augment is not None:
+    jax.block_until_ready(augment(raw_batch, 0))
   compile_s = time.perf_counter() - start
   try:
     memory = step_fn.memory_analysis()
   except (NotImplementedError, AttributeError):  # Not every backend has it.
     memory = None
-  state, metrics = step_fn(state, device_batch)
+
+  def run(state, i):
+    batch = device_batch if augment is None else augment(raw_batch, i)
+    return step_fn(state, batch)
+
+  state, metrics = run(state, 0)
   jax.block_until_ready(metrics)
-  for _ in range(warmup):
-    state, metrics = step_fn(state, device_batch)
+  for i in range(warmup):
+    state, metrics = run(state, i)
   jax.block_until_ready(metrics)
   times = []
-  for _ in range(steps):
+  for i in range(steps):
     start = time.perf_counter()
-    state, metrics = step_fn(state, device_batch)
+    state, metrics = run(state, i)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
@@ -218,6 +243,11 @@ def time_ours(model, batch, image_size, dtype, mode, steps, warmup):
       images_per_s=round(images_per_s, 1),
       compile_s=round(compile_s, 2),
       peak_memory_gib=_peak_memory_gib(),
+      device_augment=(
+          [config.data.randaugment_layers, config.data.randaugment_magnitude]
+          if augment is not None
+          else None
+      ),
       # XLA's buffer assignment for one device (any backend, CPU included):
       # temporaries (activations kept for backward, workspaces) and the
       # arguments (state, batch). Backends plan differently, so compare it

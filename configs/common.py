@@ -88,6 +88,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.randaugment_magnitude = AUTO
   config.data.mixup_alpha = 0.2
   config.data.cutmix = True
+  # Where RandAugment, MixUp/CutMix and normalisation run: 'device' (the
+  # accelerator, in JAX, after the CPU has decoded, cropped, resized and
+  # flipped; the CPU then keeps up with a GPU, see benchmarks/RESULTS.md)
+  # or 'host' (all in tf.data on the CPU). The embedded digits ignore it.
+  config.data.augment_on = 'device'
   config.data.eval_resize = 'resize_crop'
   config.data.strict = False
   config.data.shuffle_buffer = 16_384

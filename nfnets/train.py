@@ -41,6 +41,9 @@ _DTYPES = {
     'bfloat16': jnp.bfloat16,
     'float16': jnp.float16,
 }
+# Folded into the run's seed for the on-device augmentations, so that their
+# random numbers are independent of the model's (init, dropout).
+_AUGMENT_TAG = 0x61756775
 # Codes of the first non-finite metric, kept in the train state.
 _NONFINITE_METRICS = {1: 'train_loss', 2: 'grad_norm'}
 
@@ -457,6 +460,46 @@ def _save_config(config, workdir):
     f.write(config.to_json_best_effort(indent=2))
 
 
+def make_device_augment(data_cfg, seed: int):
+  """The on-accelerator half of the train input pipeline, or None.
+
+  With `data.augment_on == 'device'` the tf.data pipeline yields cropped,
+  resized and flipped uint8 images; this pmapped function finishes them
+  (RandAugment, MixUp/CutMix, normalisation) where they will be used, so the
+  CPU only decodes. Its random numbers depend on (seed, step, global device
+  index) alone, so a resumed run sees the batches an uninterrupted one would.
+
+  Args:
+    data_cfg: the resolved data config.
+    seed: the run's seed.
+
+  Returns:
+    `augment(host_batch, step) -> device batch` (the dict `train_step`
+    takes, sharded over the local devices), or None on the host path.
+  """
+  if not data.augments_on_device(data_cfg):
+    return None
+  from nfnets.data import device_augment  # pylint: disable=g-import-not-at-top
+
+  finish = functools.partial(
+      device_augment.augment_batch,
+      randaugment_layers=data_cfg.randaugment_layers,
+      randaugment_magnitude=data_cfg.randaugment_magnitude,
+      mixup_alpha=data_cfg.mixup_alpha,
+      cutmix=data_cfg.cutmix,
+  )
+  base_key = jax.random.fold_in(jax.random.PRNGKey(seed), _AUGMENT_TAG)
+
+  def augment(batch, step):
+    key = jax.random.fold_in(
+        jax.random.fold_in(base_key, step), jax.lax.axis_index(AXIS_NAME)
+    )
+    return finish(batch['images'], batch['labels'], key)
+
+  pmapped = jax.pmap(augment, axis_name=AXIS_NAME, in_axes=(0, None))
+  return lambda batch, step: pmapped(batch, np.int32(step))
+
+
 def make_evaluator(config, forward, num_classes):
   """Returns `evaluate_all({prefix: replicated params}, replicated state)`.
 
@@ -631,6 +674,7 @@ def train_and_evaluate(
       seed=config.seed,
       start_step=start_step,
   )
+  device_augment = make_device_augment(config.data, config.seed)
   replicated = replicate(state)
   del state
   logger.print(
@@ -648,6 +692,8 @@ def train_and_evaluate(
     with _Preemption() as preemption:
       while step < total:
         batch = next(train_ds)
+        if device_augment is not None:
+          batch = device_augment(batch, step)
         replicated, metrics = p_train_step(replicated, batch)
         step += 1
         if step % config.train.log_every_steps == 0 or step == total:

@@ -50,3 +50,8 @@ def test_benchmark_prints_json_lines(tmp_path, capsys):
   (result,) = [line for line in lines if line.get('config') == 'f0_full']
   assert result['randaugment'] == [4, 5]
   assert result['images_per_s'] > 0 and result['images_per_cpu_s'] > 0
+  assert result['augment_on'] == 'device'
+  (host,) = [line for line in lines if line.get('config') == 'f0_full_on_host']
+  assert host['augment_on'] == 'host' and host['images_per_s'] > 0
+  (on_device,) = [l for l in lines if l.get('config') == 'device_augment']
+  assert on_device['batch_size'] == 4 and on_device['ms_per_batch'] > 0

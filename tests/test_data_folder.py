@@ -187,6 +187,30 @@ def test_resume_equals_uninterrupted_stream(tmp_path):
   assert not np.array_equal(batches[4]['images'], batches[5]['images'])
 
 
+def test_device_path_yields_unaugmented_uint8_crops_and_resumes(tmp_path):
+  root = _make_folder(str(tmp_path))
+  # F0-like augmentation, but left to the accelerator: the host only crops,
+  # resizes and flips, so every image is still one solid colour (its id)
+  # and carries its own label.
+  kwargs = dict(local_device_count=2, augment_on='device')
+  stream = _folder(root, 'train', 8, **kwargs)
+  batches = [next(stream) for _ in range(4)]
+  for batch in batches:
+    assert set(batch) == {'images', 'labels'}
+    assert batch['images'].shape == (2, 4, 8, 8, 3)
+    assert batch['images'].dtype == np.uint8
+    assert batch['labels'].dtype == np.int32
+    blue = batch['images'][..., 2].reshape(8, -1).astype(np.float32)
+    assert (np.ptp(blue, axis=1) < _ID_STEP / 2).all()
+    ids = np.round(np.median(blue, axis=1) / _ID_STEP).astype(int)
+    np.testing.assert_array_equal(ids // 7, batch['labels'].reshape(-1))
+  resumed = next(_folder(root, 'train', 8, start_step=3, **kwargs))
+  for key in batches[3]:
+    np.testing.assert_array_equal(resumed[key], batches[3][key])
+  with pytest.raises(ValueError, match='augment_on'):
+    _folder(root, 'train', 8, augment_on='gpu')
+
+
 def test_root_without_split_folders_is_split_90_10(tmp_path):
   root = str(tmp_path)
   _write_images(os.path.join(root, 'a'), range(0, 20))

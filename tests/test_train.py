@@ -286,3 +286,77 @@ def test_two_processes_train_like_one_with_all_devices(tmp_path):
     np.testing.assert_allclose(
         params_1[key], params_2[key], rtol=1e-5, atol=1e-6, err_msg=key
     )
+
+
+def _uint8_batch(seed, devices=8, per_device=4, size=16):
+  rng = np.random.default_rng(seed)
+  return {
+      'images': rng.integers(
+          0, 256, (devices, per_device, size, size, 3), np.uint8
+      ),
+      'labels': rng.integers(0, 10, (devices, per_device), np.int32),
+  }
+
+
+def test_device_augment_depends_only_on_seed_step_and_device():
+  from nfnets.data import testing  # pylint: disable=g-import-not-at-top
+
+  cfg = testing.config(name='folder:/unused', augment_on='device')
+  assert train.make_device_augment(testing.config(), 0) is None  # digits
+  assert (
+      train.make_device_augment(
+          testing.config(name='folder:/unused', augment_on='host'), 0
+      )
+      is None
+  )
+  augment = train.make_device_augment(cfg, seed=0)
+  batch = _uint8_batch(0)
+  # Every device holds the same images: only the device's key tells them
+  # apart.
+  batch['images'][:] = batch['images'][:1]
+  batch['labels'][:] = batch['labels'][:1]
+  out = jax.tree_util.tree_map(np.asarray, augment(batch, 3))
+  assert set(out) == {'images', 'labels', 'labels2', 'mix_ratio'}
+  assert out['images'].shape == (8, 4, 16, 16, 3)
+  assert out['images'].dtype == np.float32
+  assert np.isfinite(out['images']).all()
+  assert out['mix_ratio'].shape == (8, 4)
+  again = jax.tree_util.tree_map(np.asarray, augment(batch, 3))
+  for key in out:
+    np.testing.assert_array_equal(out[key], again[key])
+  later = np.asarray(augment(batch, 4)['images'])
+  assert not np.array_equal(later, out['images'])
+  assert not np.array_equal(out['images'][0], out['images'][1])
+  other_seed = train.make_device_augment(cfg, seed=1)
+  assert not np.array_equal(
+      np.asarray(other_seed(batch, 3)['images']), out['images']
+  )
+
+
+def test_image_folder_trains_with_augmentations_on_the_device(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  for split, count in (('train', 12), ('val', 4)):
+    for label in range(3):
+      directory = tmp_path / 'images' / split / f'class_{label}'
+      directory.mkdir(parents=True)
+      for i in range(count):
+        size = tuple(rng.integers(18, 40, 2))
+        pixels = rng.integers(0, 256, size + (3,), np.uint8)
+        pixels[..., label] = 255  # the class is the saturated channel
+        Image.fromarray(pixels).save(directory / f'{i}.jpg')
+  config = tiny_config.get_config(3)
+  config.data.name = f'folder:{tmp_path / "images"}'
+  config.data.eval_split = 'val'
+  config.data.augment_on = 'device'
+  config.data.randaugment_layers = 2
+  config.data.randaugment_magnitude = 10
+  config.data.mixup_alpha = 0.2
+  config.data.cutmix = True
+  config.train.batch_size = 16
+  config.eval.batch_size = 16
+  result = train.train_and_evaluate(config, str(tmp_path / 'workdir'))
+  assert result['step'] == 3
+  assert np.isfinite(result['train_loss'])
+  assert result['eval_count'] == 12

@@ -25,6 +25,10 @@ the config file holds every default, nothing here supplies one):
     (F3+). See `nfnets.data.randaugment`.
   mixup_alpha: MixUp's Beta(alpha, alpha) parameter (0.2; 0: off).
   cutmix: whether to CutMix (half of each device batch when MixUp is on).
+  augment_on: `'host'`: RandAugment, MixUp/CutMix and normalisation run in
+    tf.data on the CPU; `'device'`: the CPU only decodes, crops, resizes and
+    flips, and `nfnets.data.device_augment.augment_batch` does the rest on
+    the accelerator (see `augments_on_device`). The digits ignore it.
   eval_resize: `'resize_crop'` (resize to (S+32)^2, centre crop S) or
     `'crop_resize'` (aspect-preserving centre crop of S/(S+32) of the short
     side, resized to S).
@@ -42,6 +46,11 @@ int32 `[D, B]` and `mix_ratio` float32 `[D, B]`, the weight of `labels` in
 `labels2 == labels` and `mix_ratio == 1`). The stream is infinite and its
 batch at step k depends only on (seed, k): `start_step=k` resumes exactly.
 Each process reads a disjoint shard of the split; the shards cover it.
+
+With `augment_on='device'` (TFDS and image folders), train batches hold
+only `images` uint8 `[D, B, S, S, 3]` (cropped, resized, flipped) and
+`labels`; `nfnets.data.device_augment.augment_batch`, run on each device's
+share with a key from (seed, step, device), turns them into the dict above.
 
 Eval batches: `images`, `labels` and `mask` float32 `[D, B]` (1: real example,
 0: padding). One pass yields every example of the split exactly once over all
@@ -64,6 +73,7 @@ MEAN_RGB = batching.MEAN_RGB
 STDDEV_RGB = batching.STDDEV_RGB
 FOLDER_PREFIX = batching.FOLDER_PREFIX
 EVAL_RESIZE_METHODS = ('resize_crop', 'crop_resize')
+AUGMENT_ON = ('host', 'device')
 
 
 def _kind(cfg) -> str:
@@ -92,6 +102,15 @@ def _check_int(name: str, value, low: int, high=None) -> int:
     bounds = f'in [{low}, {high})' if high is not None else f'>= {low}'
     raise ValueError(f'{name}={value!r} must be an int {bounds}.')
   return int(value)
+
+
+def augments_on_device(cfg) -> bool:
+  """Whether train batches still need `device_augment.augment_batch`."""
+  if cfg.augment_on not in AUGMENT_ON:
+    raise ValueError(
+        f'cfg.augment_on={cfg.augment_on!r} must be one of {AUGMENT_ON}.'
+    )
+  return cfg.augment_on == 'device' and _kind(cfg) != 'digits'
 
 
 def num_examples(cfg, split: str) -> int:
@@ -175,6 +194,7 @@ def create_dataset(
     )
   if cfg.mixup_alpha < 0:
     raise ValueError(f'cfg.mixup_alpha={cfg.mixup_alpha} must be >= 0.')
+  augments_on_device(cfg)  # Validates cfg.augment_on.
   if split == 'eval':
     start_step = 0
 

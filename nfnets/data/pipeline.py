@@ -12,6 +12,8 @@ so resuming at step k skips to position `k * b` (whole epochs are skipped
 without reading them). Each example's augmentation is seeded by
 (seed, process, position), each device batch's mixing by
 (seed, process, device-batch index), so batch k depends only on (seed, k).
+(With `augment_on='device'` the stream stops after crop, resize and flip;
+the rest is seeded on the device by (seed, step, device).)
 
 Eval stream: the examples in a fixed order, padded with masked black images
 (`mask` 0) to the same number of batches on every process.
@@ -82,7 +84,9 @@ def train_dataset(
 
   Returns:
     A dataset of dicts: `images` float32 `[D, B, S, S, 3]`, `labels`,
-    `labels2` int32 `[D, B]` and `mix_ratio` float32 `[D, B]`.
+    `labels2` int32 `[D, B]` and `mix_ratio` float32 `[D, B]`; with
+    `cfg.augment_on == 'device'`, `images` uint8 `[D, B, S, S, 3]` (cropped,
+    resized, flipped) and `labels` only, for `device_augment.augment_batch`.
   """
   if examples_per_epoch < 1:
     raise ValueError(
@@ -96,7 +100,9 @@ def train_dataset(
   ds = ds.skip(skip).enumerate(start=start)
 
   example_key = key(seed, layout.process_index, EXAMPLE_TAG)
-  layers = cfg.randaugment_layers
+  on_device = cfg.augment_on == 'device'
+  # On the device path RandAugment runs later, on the accelerator.
+  layers = 0 if on_device else cfg.randaugment_layers
   magnitude = cfg.randaugment_magnitude
 
   def preprocess(position, example):
@@ -115,6 +121,10 @@ def train_dataset(
   # Batched as uint8: a quarter of the bytes to copy; the float work below is
   # vectorised over the device batch.
   ds = ds.batch(layout.device_batch_size, drop_remainder=True)
+  if on_device:
+    ds = ds.map(lambda _, images, labels: {'images': images, 'labels': labels})
+    ds = ds.batch(layout.local_device_count, drop_remainder=True)
+    return _finish(ds, cfg.prefetch)
 
   mix_key = key(seed, layout.process_index, MIX_TAG)
 

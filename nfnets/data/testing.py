@@ -25,6 +25,7 @@ def config(**overrides) -> ml_collections.ConfigDict:
           'randaugment_magnitude': 5,
           'mixup_alpha': 0.2,
           'cutmix': True,
+          'augment_on': 'host',
           'eval_resize': 'resize_crop',
           'strict': False,
           'shuffle_buffer': 1000,
