@@ -91,8 +91,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Where RandAugment, MixUp/CutMix and normalisation run: 'device' (the
   # accelerator, in JAX, after the CPU has decoded, cropped, resized and
   # flipped; the CPU then keeps up with a GPU, see benchmarks/RESULTS.md)
-  # or 'host' (all in tf.data on the CPU). The embedded digits ignore it.
-  config.data.augment_on = 'device'
+  # or 'host' (all in tf.data on the CPU); 'auto': 'device' on GPUs and
+  # TPUs, 'host' on a CPU backend. The embedded digits ignore it.
+  config.data.augment_on = AUTO
   config.data.eval_resize = 'resize_crop'
   config.data.strict = False
   config.data.shuffle_buffer = 16_384

@@ -9,6 +9,7 @@ every duration in steps is computed here, once, from the final config. So
 import math
 from typing import Optional
 
+import jax
 import ml_collections
 
 from nfnets import agc
@@ -86,6 +87,12 @@ def resolve(
     current = config[section][key]
     config[section][key] = (
         value if current == AUTO else _number(current, f'{section}.{key}', cast)
+    )
+  if config.data.augment_on == AUTO:
+    # On a CPU backend JAX's version is slower than tf.data's; on GPUs and
+    # TPUs it frees the host CPU (benchmarks/RESULTS.md).
+    config.data.augment_on = (
+        'host' if jax.default_backend() == 'cpu' else 'device'
     )
   _positive_int(config.data.train_image_size, 'data.train_image_size')
   _positive_int(config.data.eval_image_size, 'data.eval_image_size')

@@ -174,6 +174,18 @@ def test_auto_clipping_is_001_at_batch_4096():
   assert resolve.resolve(config).optimizer.agc.clipping == 0.01
 
 
+def test_auto_augment_on_is_host_on_cpu_and_device_on_accelerators(
+    monkeypatch,
+):
+  config = importlib.import_module('configs.nfnet').get_config('F0')
+  assert config.data.augment_on == 'auto'
+  assert resolve.resolve(config).data.augment_on == 'host'  # CPU here
+  monkeypatch.setattr(resolve.jax, 'default_backend', lambda: 'gpu')
+  assert resolve.resolve(config).data.augment_on == 'device'
+  config.data.augment_on = 'host'  # an explicit choice is kept
+  assert resolve.resolve(config).data.augment_on == 'host'
+
+
 def test_agc_batch_sweep_dry_run_lists_the_whole_grid(tmp_path):
   result = subprocess.run(
       [

@@ -108,7 +108,8 @@ def augments_on_device(cfg) -> bool:
   """Whether train batches still need `device_augment.augment_batch`."""
   if cfg.augment_on not in AUGMENT_ON:
     raise ValueError(
-        f'cfg.augment_on={cfg.augment_on!r} must be one of {AUGMENT_ON}.'
+        f'cfg.augment_on={cfg.augment_on!r} must be one of {AUGMENT_ON}'
+        " ('auto' is resolved by nfnets.resolve.resolve)."
     )
   return cfg.augment_on == 'device' and _kind(cfg) != 'digits'
 
