@@ -1,12 +1,16 @@
 """TFDS pipelines: ImageNet under `tfds.testing.mock_data`, and a tiny real
 TFDS dataset built on the fly (TFRecord files, like a prepared ImageNet)."""
 
+import functools
+
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from nfnets import data
 from nfnets.data import batching
+from nfnets.data import device_augment
 from nfnets.data import testing
 
 _TINY_TRAIN = 37
@@ -95,6 +99,29 @@ def _labels(batches, num):
   return labels[:num].tolist()
 
 
+def _finish_on_devices(cfg, batch):
+  """What the runner does to `augment_on='device'` batches, per device."""
+  assert set(batch) == {'images', 'labels'}
+  assert batch['images'].dtype == np.uint8
+  finish = jax.jit(
+      functools.partial(
+          device_augment.augment_batch,
+          randaugment_layers=cfg.randaugment_layers,
+          randaugment_magnitude=cfg.randaugment_magnitude,
+          mixup_alpha=cfg.mixup_alpha,
+          cutmix=cfg.cutmix,
+      )
+  )
+  outs = [
+      finish(images, labels, jax.random.PRNGKey(device))
+      for device, (images, labels) in enumerate(
+          zip(batch['images'], batch['labels'])
+      )
+  ]
+  return {k: np.stack([np.asarray(out[k]) for out in outs]) for k in outs[0]}
+
+
+@pytest.mark.parametrize('augment_on', ['host', 'device'])
 @pytest.mark.parametrize(
     'train_size, eval_size, magnitude',
     [
@@ -102,9 +129,14 @@ def _labels(batches, num):
         (320, 416, 15),  # NFNet-F3.
     ],
 )
-def test_imagenet_batches_under_mock_data(train_size, eval_size, magnitude):
+def test_imagenet_batches_under_mock_data(
+    train_size, eval_size, magnitude, augment_on
+):
   cfg = testing.config(
-      name='imagenet2012', randaugment_magnitude=magnitude, shuffle_buffer=8
+      name='imagenet2012',
+      randaugment_magnitude=magnitude,
+      shuffle_buffer=8,
+      augment_on=augment_on,
   )
   low = (0 - np.array(batching.MEAN_RGB)) / np.array(batching.STDDEV_RGB)
   high = (255 - np.array(batching.MEAN_RGB)) / np.array(batching.STDDEV_RGB)
@@ -121,6 +153,8 @@ def test_imagenet_batches_under_mock_data(train_size, eval_size, magnitude):
         local_device_count=2,
     )
     batch = next(train)
+    if augment_on == 'device':
+      batch = _finish_on_devices(cfg, batch)
     assert batch['images'].shape == (2, 4, train_size, train_size, 3)
     assert batch['images'].dtype == np.float32
     for key in ('labels', 'labels2'):
