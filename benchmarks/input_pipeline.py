@@ -58,6 +58,13 @@ _SIZES = (
 )
 _SIZE_WEIGHTS = (0.40, 0.15, 0.15, 0.08, 0.06, 0.06, 0.05, 0.05)
 _NUM_CLASSES = 10
+# NFNet-F0's training augmentation.
+_F0 = dict(
+    randaugment_layers=4,
+    randaugment_magnitude=5,
+    mixup_alpha=0.2,
+    cutmix=True,
+)
 
 
 def _synthetic_image(rng: np.random.Generator) -> Image.Image:
@@ -240,11 +247,32 @@ def main(argv=None):
       help='reuse (or create) this folder instead of a ' 'temporary one',
   )
   parser.add_argument(
+      '--device_augment_only',
+      action='store_true',
+      help='only time the device half (JAX; no TensorFlow or files needed),'
+      ' e.g. on a GPU machine',
+  )
+  parser.add_argument(
       '--full_only',
       action='store_true',
       help='only the F0 configuration, not the breakdown',
   )
   args = parser.parse_args(argv)
+  if args.batch_size % args.devices:
+    parser.error(
+        f'--batch_size={args.batch_size} is not divisible by'
+        f' --devices={args.devices}'
+    )
+  device_augment_line = lambda: measure_device_augment(
+      batch_size=args.batch_size // args.devices,
+      image_size=args.image_size,
+      repeats=args.num_batches,
+      layers=_F0['randaugment_layers'],
+      magnitude=_F0['randaugment_magnitude'],
+  )
+  if args.device_augment_only:
+    print(json.dumps(device_augment_line()), flush=True)
+    return
 
   root = args.folder or tempfile.mkdtemp(prefix='nfnets_bench_')
   try:
@@ -269,12 +297,7 @@ def main(argv=None):
         flush=True,
     )
 
-    f0 = dict(
-        randaugment_layers=4,
-        randaugment_magnitude=5,
-        mixup_alpha=0.2,
-        cutmix=True,
-    )
+    f0 = _F0
     configs = [
         ('f0_full', dict(f0, augment_on='device')),
         ('f0_full_on_host', f0),
@@ -301,18 +324,7 @@ def main(argv=None):
       print(json.dumps(result), flush=True)
     # The accelerator's share of the 'device' configuration (here the JAX
     # default backend; on a CPU-only machine this is CPU time too).
-    print(
-        json.dumps(
-            measure_device_augment(
-                batch_size=args.batch_size // args.devices,
-                image_size=args.image_size,
-                repeats=args.num_batches,
-                layers=f0['randaugment_layers'],
-                magnitude=f0['randaugment_magnitude'],
-            )
-        ),
-        flush=True,
-    )
+    print(json.dumps(device_augment_line()), flush=True)
   finally:
     if not args.folder:
       shutil.rmtree(root, ignore_errors=True)

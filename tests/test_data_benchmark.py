@@ -55,3 +55,25 @@ def test_benchmark_prints_json_lines(tmp_path, capsys):
   assert host['augment_on'] == 'host' and host['images_per_s'] > 0
   (on_device,) = [l for l in lines if l.get('config') == 'device_augment']
   assert on_device['batch_size'] == 4 and on_device['ms_per_batch'] > 0
+
+
+def test_device_augment_only_needs_no_folder(tmp_path, capsys, monkeypatch):
+  # What a GPU machine without TensorFlow runs: no files are written.
+  monkeypatch.chdir(tmp_path)
+  input_pipeline.main(
+      [
+          '--device_augment_only',
+          '--batch_size=8',
+          '--devices=2',
+          '--image_size=32',
+          '--num_batches=2',
+      ]
+  )
+  (line,) = [
+      json.loads(l)
+      for l in capsys.readouterr().out.splitlines()
+      if l.startswith('{')
+  ]
+  assert line['config'] == 'device_augment' and line['batch_size'] == 4
+  assert line['randaugment'] == [4, 5] and line['ms_per_batch'] > 0
+  assert not os.listdir(tmp_path)
