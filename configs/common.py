@@ -98,6 +98,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.strict = False
   config.data.shuffle_buffer = 16_384
   config.data.prefetch = -1
+  # Train batches copied to the accelerators ahead of the step (0: none).
+  config.data.device_prefetch = 2
   return config
 
 

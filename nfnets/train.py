@@ -11,13 +11,14 @@ data and the random numbers depend only on the step, a resumed run ends with
 exactly the parameters of an uninterrupted one.
 """
 
+import collections
 import functools
 import inspect
 import json
 import os
 import signal
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import haiku as hk
 import jax
@@ -338,6 +339,40 @@ def replicate(tree):
       lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree
   )
   return jax.pmap(lambda x: x, axis_name=AXIS_NAME)(stacked)
+
+
+def prefetch_to_devices(batches: Iterator[Any], size: int) -> Iterator[Any]:
+  """Yields `batches` already copied to the local devices, `size` ahead.
+
+  Each host batch `[local_devices, per_device, ...]` is sent to the devices
+  (sharded as pmap's outputs, so the step takes it without another copy)
+  while earlier steps run: the copy is dispatched asynchronously, and the
+  step that needs it finds it there.
+
+  Args:
+    batches: an iterator of host batches (dicts of numpy arrays).
+    size: batches kept on the devices ahead of the step (0: no prefetch,
+      the host batches are yielded as they are).
+
+  Returns:
+    An iterator of the batches, in order.
+  """
+  if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+    raise ValueError(f'data.device_prefetch={size!r} must be an int >= 0.')
+  if not size:
+    return iter(batches)
+  return _prefetch(batches, size)
+
+
+def _prefetch(batches, size):
+  to_devices = jax.pmap(lambda batch: batch, axis_name=AXIS_NAME)
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(to_devices(batch))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def unreplicate(tree):
@@ -666,13 +701,16 @@ def train_and_evaluate(
     checkpointer.save(step, host, wait=wait)
 
   total = config.steps.total
-  train_ds = data.create_dataset(
-      config.data,
-      split='train',
-      global_batch_size=config.train.batch_size,
-      image_size=config.data.train_image_size,
-      seed=config.seed,
-      start_step=start_step,
+  train_ds = prefetch_to_devices(
+      data.create_dataset(
+          config.data,
+          split='train',
+          global_batch_size=config.train.batch_size,
+          image_size=config.data.train_image_size,
+          seed=config.seed,
+          start_step=start_step,
+      ),
+      config.data.device_prefetch,
   )
   device_augment = make_device_augment(config.data, config.seed)
   replicated = replicate(state)

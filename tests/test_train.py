@@ -360,3 +360,27 @@ def test_image_folder_trains_with_augmentations_on_the_device(tmp_path):
   assert result['step'] == 3
   assert np.isfinite(result['train_loss'])
   assert result['eval_count'] == 12
+
+
+def test_prefetch_to_devices_keeps_order_and_reads_only_size_ahead():
+  pulled = []
+
+  def host_batches():
+    for i in range(5):
+      pulled.append(i)
+      yield {'x': np.full((8, 2), i, np.float32)}
+
+  batches = train.prefetch_to_devices(host_batches(), 2)
+  first = next(batches)
+  assert pulled == [0, 1, 2]  # the step's batch and two ahead
+  assert isinstance(first['x'], jax.Array)
+  assert len(first['x'].addressable_shards) == 8  # one row per device
+  rest = list(batches)
+  for i, batch in enumerate([first] + rest):
+    np.testing.assert_array_equal(np.asarray(batch['x']), np.full((8, 2), i))
+  # 0 turns it off; a negative or non-int size is a one-line error.
+  host = {'x': np.zeros((8, 2))}
+  assert next(train.prefetch_to_devices(iter([host]), 0)) is host
+  for bad in (-1, 1.5, True):
+    with pytest.raises(ValueError, match='device_prefetch'):
+      train.prefetch_to_devices(iter([]), bad)
