@@ -33,6 +33,7 @@ from nfnets import data
 from nfnets import models
 from nfnets import optim
 from nfnets import resolve
+from nfnets.data import device_augment
 
 # The one name of the data-parallel axis.
 AXIS_NAME = 'batch'
@@ -286,11 +287,14 @@ def eval_step(
     params, model_state, batch, *, forward, num_classes, compute_dtype
 ) -> dict[str, jax.Array]:
   """Sums of correct top-1/top-5, loss and count over real (mask=1) examples."""
+  images = batch['images']
+  if images.dtype == jnp.uint8:  # augment_on='device': not normalised yet
+    images = device_augment.normalize(images)
   logits, _ = forward.apply(
       params,
       model_state,
       None,
-      batch['images'].astype(compute_dtype),
+      images.astype(compute_dtype),
       is_training=False,
   )
   logits = logits.astype(jnp.float32)
@@ -514,8 +518,6 @@ def make_device_augment(data_cfg, seed: int):
   """
   if not data.augments_on_device(data_cfg):
     return None
-  from nfnets.data import device_augment  # pylint: disable=g-import-not-at-top
-
   finish = functools.partial(
       device_augment.augment_batch,
       randaugment_layers=data_cfg.randaugment_layers,

@@ -179,6 +179,9 @@ def test_imagenet_batches_under_mock_data(
     batch = next(evals)
     assert set(batch) == {'images', 'labels', 'mask'}
     assert batch['images'].shape == (2, 4, eval_size, eval_size, 3)
+    if augment_on == 'device':  # normalised by the eval step
+      assert batch['images'].dtype == np.uint8
+      batch['images'] = np.asarray(device_augment.normalize(batch['images']))
     assert batch['images'].dtype == np.float32
     assert batch['labels'].dtype == np.int32
     assert batch['mask'].dtype == np.float32

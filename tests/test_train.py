@@ -356,10 +356,18 @@ def test_image_folder_trains_with_augmentations_on_the_device(tmp_path):
   config.data.cutmix = True
   config.train.batch_size = 16
   config.eval.batch_size = 16
-  result = train.train_and_evaluate(config, str(tmp_path / 'workdir'))
+  workdir = str(tmp_path / 'workdir')
+  result = train.train_and_evaluate(config, workdir)
   assert result['step'] == 3
   assert np.isfinite(result['train_loss'])
   assert result['eval_count'] == 12
+  # Eval images came as uint8 and were normalised by the eval step: the
+  # same numbers as normalising them in tf.data.
+  config.data.augment_on = 'host'
+  on_host = train.evaluate_checkpoint(config, workdir)
+  assert on_host['eval_count'] == 12
+  assert on_host['eval_top1'] == result['eval_top1']
+  assert on_host['eval_loss'] == pytest.approx(result['eval_loss'], rel=1e-5)
 
 
 def test_prefetch_to_devices_keeps_order_and_reads_only_size_ahead():

@@ -50,7 +50,8 @@ Each process reads a disjoint shard of the split; the shards cover it.
 With `augment_on='device'` (TFDS and image folders), train batches hold
 only `images` uint8 `[D, B, S, S, 3]` (cropped, resized, flipped) and
 `labels`; `nfnets.data.device_augment.augment_batch`, run on each device's
-share with a key from (seed, step, device), turns them into the dict above.
+share with a key from (seed, step, device), turns them into the dict above;
+eval `images` are then uint8 too (the eval step normalises them).
 
 Eval batches: `images`, `labels` and `mask` float32 `[D, B]` (1: real example,
 0: padding). One pass yields every example of the split exactly once over all
