@@ -181,26 +181,19 @@ def measure(
 
 
 def measure_device_augment(
-    *, batch_size, image_size, repeats, layers, magnitude
+    *, batch_size, image_size, repeats, augmentation
 ) -> dict:
   """Times `device_augment.augment_batch` on JAX's default device.
 
   The second half of the `augment_on='device'` pipeline: RandAugment, MixUp /
   CutMix and normalisation of one device's uint8 batch, jitted, median of
-  `repeats` calls after compiling.
+  `repeats` calls after compiling. `augmentation`: the data config's
+  RandAugment / mixing fields (e.g. `_F0`).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from nfnets.data import device_augment  # pylint: disable=g-import-not-at-top
 
-  fn = jax.jit(
-      functools.partial(
-          device_augment.augment_batch,
-          randaugment_layers=layers,
-          randaugment_magnitude=magnitude,
-          mixup_alpha=0.2,
-          cutmix=True,
-      )
-  )
+  fn = jax.jit(functools.partial(device_augment.augment_batch, **augmentation))
   rng = np.random.default_rng(0)
   images = jax.device_put(
       rng.integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8)
@@ -221,7 +214,12 @@ def measure_device_augment(
       'backend': device.platform,
       'device': device.device_kind,
       'image_size': image_size,
-      'randaugment': [layers, magnitude],
+      'randaugment': [
+          augmentation['randaugment_layers'],
+          augmentation['randaugment_magnitude'],
+      ],
+      'mixup_alpha': augmentation['mixup_alpha'],
+      'cutmix': augmentation['cutmix'],
       'batch_size': batch_size,
       'ms_per_batch': round(seconds * 1e3, 2),
       'images_per_s': round(batch_size / seconds, 1),
@@ -267,8 +265,7 @@ def main(argv=None):
       batch_size=args.batch_size // args.devices,
       image_size=args.image_size,
       repeats=args.num_batches,
-      layers=_F0['randaugment_layers'],
-      magnitude=_F0['randaugment_magnitude'],
+      augmentation=_F0,
   )
   if args.device_augment_only:
     print(json.dumps(device_augment_line()), flush=True)
