@@ -294,17 +294,16 @@ def main(argv=None):
         flush=True,
     )
 
-    f0 = _F0
     configs = [
-        ('f0_full', dict(f0, augment_on='device')),
-        ('f0_full_on_host', f0),
+        ('f0_full', dict(_F0, augment_on='device')),
+        ('f0_full_on_host', _F0),
     ]
     if not args.full_only:
       configs += [
-          ('f0_no_mixing', dict(f0, mixup_alpha=0.0, cutmix=False)),
+          ('f0_no_mixing', dict(_F0, mixup_alpha=0.0, cutmix=False)),
           (
               'crop_flip_resize_only',
-              dict(f0, randaugment_layers=0, mixup_alpha=0.0, cutmix=False),
+              dict(_F0, randaugment_layers=0, mixup_alpha=0.0, cutmix=False),
           ),
       ]
     for name, overrides in configs:

@@ -164,15 +164,14 @@ def build_step(model, batch, image_size, dtype, mode, num_classes=1000):
       ),
   }
   # On the devices once: the benchmark times compute, not host transfers.
-  to_devices = jax.pmap(lambda x: x, axis_name=train.AXIS_NAME)
-  device_batch = to_devices(host)
+  device_batch = train.to_devices(host)
   # `full` also runs what the runner runs on the devices before each step
   # by default: RandAugment, MixUp/CutMix and normalisation of the uint8
   # crops (config.data.augment_on='device').
   augment = None
   if mode == 'full':
     augment = train.make_device_augment(config.data, seed=0)
-  raw_batch = to_devices(
+  raw_batch = train.to_devices(
       {
           'images': rng.integers(
               0, 256, (devices, per_device, image_size, image_size, 3), np.uint8

@@ -330,6 +330,21 @@ def evaluate(p_eval_step, params, model_state, dataset) -> dict[str, float]:
   )
 
 
+# One pmapped identity for every host-to-device copy (compiled once per tree
+# structure, shared by all callers).
+_TO_DEVICES = jax.pmap(lambda x: x, axis_name=AXIS_NAME)
+
+
+def to_devices(tree):
+  """Splits a host tree `[local_devices, ...]` over the local devices.
+
+  Laid out exactly as pmap's outputs are, so a pmapped step takes the result
+  without another copy (or another compilation). The copy is dispatched
+  asynchronously.
+  """
+  return _TO_DEVICES(tree)
+
+
 def replicate(tree):
   """Copies a tree onto every local device, laid out as pmap's outputs are.
 
@@ -342,16 +357,15 @@ def replicate(tree):
   stacked = jax.tree_util.tree_map(
       lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree
   )
-  return jax.pmap(lambda x: x, axis_name=AXIS_NAME)(stacked)
+  return to_devices(stacked)
 
 
 def prefetch_to_devices(batches: Iterator[Any], size: int) -> Iterator[Any]:
   """Yields `batches` already copied to the local devices, `size` ahead.
 
   Each host batch `[local_devices, per_device, ...]` is sent to the devices
-  (sharded as pmap's outputs, so the step takes it without another copy)
-  while earlier steps run: the copy is dispatched asynchronously, and the
-  step that needs it finds it there.
+  (`to_devices`) while earlier steps run, so the step that needs it finds it
+  there.
 
   Args:
     batches: an iterator of host batches (dicts of numpy arrays).
@@ -369,7 +383,6 @@ def prefetch_to_devices(batches: Iterator[Any], size: int) -> Iterator[Any]:
 
 
 def _prefetch(batches, size):
-  to_devices = jax.pmap(lambda batch: batch, axis_name=AXIS_NAME)
   queue = collections.deque()
   for batch in batches:
     queue.append(to_devices(batch))
@@ -714,7 +727,7 @@ def train_and_evaluate(
       ),
       config.data.device_prefetch,
   )
-  device_augment = make_device_augment(config.data, config.seed)
+  augment_on_device = make_device_augment(config.data, config.seed)
   replicated = replicate(state)
   del state
   logger.print(
@@ -732,8 +745,8 @@ def train_and_evaluate(
     with _Preemption() as preemption:
       while step < total:
         batch = next(train_ds)
-        if device_augment is not None:
-          batch = device_augment(batch, step)
+        if augment_on_device is not None:
+          batch = augment_on_device(batch, step)
         replicated, metrics = p_train_step(replicated, batch)
         step += 1
         if step % config.train.log_every_steps == 0 or step == total:
