@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(
     0,
     os.path.join(
@@ -12,6 +14,7 @@ sys.path.insert(
     ),
 )
 
+import profile_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -32,3 +35,90 @@ def test_train_throughput_prints_json_lines(capsys):
     assert record['devices'] == 8
     # XLA's planned memory is reported on every backend, the CPU included.
     assert record['xla_temp_gib'] > 0 and record['xla_args_gib'] > 0
+
+
+_GPU_HLO = """
+ENTRY %main {
+  %cudnn-conv-bias-activation.3 = (bf16[8,4,4,16]{3,2,1,0}, u8[0]{0}) custom-call(%a, %b), custom_call_target="__cudnn$convBiasActivationForward", metadata={op_name="jit(f)/jvp(NFNet)/conv0/conv_general_dilated"}
+  %cudnn-conv-bw-filter.1 = (bf16[3,3,16,16]{3,2,1,0}, u8[0]{0}) custom-call(%a, %c), custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(f)/transpose(jvp(NFNet))/conv0/conv_general_dilated"}
+  %cudnn-conv-bw-input.2 = (bf16[8,4,4,16]{3,2,1,0}, u8[0]{0}) custom-call(%c, %b), custom_call_target="__cudnn$convBackwardInput"
+  %loop_add_fusion.7 = bf16[8,4,4,16]{3,2,1,0} fusion(%a, %c), kind=kLoop, calls=%fused_add.7, metadata={op_name="jit(f)/jvp(NFNet)/add"}
+  %input_reduce_fusion = f32[16]{0} fusion(%a), kind=kInput, calls=%fused_reduce
+  ROOT %all-reduce = (f32[16]{0}, /*index=1*/f32[3,3,16,16]{3,2,1,0}) all-reduce(%x, %y), replica_groups={}, to_apply=%add
+}
+"""
+
+
+def test_profile_step_attributes_gpu_kernels_to_hlo_kinds():
+  hlo = profile_step.parse_hlo(_GPU_HLO)
+  assert hlo['cudnn-conv-bias-activation.3'][0] == 'conv_forward'
+  assert hlo['cudnn-conv-bw-filter.1'] == (
+      'conv_backward_filter',
+      'jit(f)/transpose(jvp(NFNet))/conv0/conv_general_dilated',
+  )
+  assert hlo['cudnn-conv-bw-input.2'][0] == 'conv_backward_input'
+  assert hlo['loop_add_fusion.7'][0] == 'elementwise_fusion'
+  assert hlo['input_reduce_fusion'][0] == 'reduction_fusion'
+  assert hlo['all-reduce'][0] == 'collective'
+
+  meta = lambda pid, tid, kind, name: dict(
+      ph='M', pid=pid, tid=tid, name=kind, args=dict(name=name)
+  )
+  kernel = lambda ts, dur, name, op, module='jit_step': dict(
+      ph='X',
+      pid=1,
+      tid=7,
+      ts=ts,
+      dur=dur,
+      name=name,
+      args=dict(hlo_op=op, hlo_module=module),
+  )
+  trace = dict(
+      traceEvents=[
+          meta(1, 0, 'process_name', '/device:GPU:0'),
+          meta(1, 7, 'thread_name', 'Stream #7(Compute)'),
+          meta(1, 9, 'thread_name', 'XLA Ops'),
+          kernel(0, 10, 'sm90_xmma_fprop', 'cudnn-conv-bias-activation.3'),
+          # Inside a CUDA graph: tagged with the thunk, named by the fusion.
+          kernel(5, 10, 'loop_add_fusion_7', 'command_buffer_12'),
+          kernel(30, 4, 'input_reduce_fusion', 'input_reduce_fusion'),
+          # Another module (a metric read): not the train step's time.
+          kernel(40, 1, 'copy', 'copy.1', module='jit_other'),
+          # The derived per-op line repeats the kernels; not counted twice.
+          dict(ph='X', pid=1, tid=9, ts=0, dur=34, name='fusion', args={}),
+      ]
+  )
+  events = profile_step.kernel_events(trace)
+  assert len(events) == 3
+  summary, rows = profile_step.summarize(events, hlo, steps=1, top=2)
+  assert summary['kernel_ms_per_step'] == 0.024
+  # Busy time is the union of the (overlapping) kernel intervals.
+  assert summary['device_busy_ms_per_step'] == 0.019
+  assert summary['categories_ms_per_step'] == {
+      'conv_forward': 0.01,
+      'elementwise_fusion': 0.01,
+      'reduction_fusion': 0.004,
+  }
+  assert [r['hlo_op'] for r in rows] == [
+      'cudnn-conv-bias-activation.3',
+      'loop_add_fusion.7',
+  ]
+
+
+def test_profile_step_prints_a_summary_and_the_top_ops(capsys):
+  profile_step.main(['--steps=1', '--timed_steps=1', '--top=3'])
+  lines = [
+      json.loads(l)
+      for l in capsys.readouterr().out.splitlines()
+      if l.startswith('{')
+  ]
+  summary = [l for l in lines if l['kind'] == 'summary']
+  top = [l for l in lines if l['kind'] == 'top']
+  assert len(summary) == 1 and len(top) == 3
+  assert summary[0]['kernel_ms_per_step'] > 0 and summary[0]['step_ms'] > 0
+  # The ops are the train step's HLO instructions, most of them mapped back
+  # to a kind (conv, fusion, ...).
+  assert sum(summary[0]['categories_ms_per_step'].values()) == pytest.approx(
+      summary[0]['kernel_ms_per_step'], abs=0.01
+  )
+  assert top[0]['ms_per_step'] >= top[-1]['ms_per_step']

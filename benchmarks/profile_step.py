@@ -1,0 +1,322 @@
+"""Where the train step's device time goes: a per-op profile as JSON lines.
+
+Builds the same pmapped `nfnets.train.train_step` as train_throughput.py,
+traces a few steps with `jax.profiler` and attributes the device time to the
+compiled program's HLO instructions (each kernel's `hlo_op`), which it maps
+back to their kind (cuDNN forward / backward-input / backward-filter
+convolution, GEMM, elementwise or reduction fusion, copy, collective) and to
+the JAX/Haiku op that made them (`op_name` metadata: module path and
+primitive). Prints, per traced step:
+
+  * one `summary` line: the untraced step time, the device's busy time (the
+    union of its kernel intervals) and the kernel time summed per kind;
+  * `--top` lines for the costliest HLO instructions.
+
+With `--out_dir` it also keeps the Perfetto trace (`perfetto_trace.json.gz`,
+open it at ui.perfetto.dev) and the optimized HLO (`hlo.txt.gz`).
+
+    python benchmarks/profile_step.py                       # F0 on a GPU
+    python benchmarks/profile_step.py --model=nf_resnet50 --image_size=224
+
+On a CPU (tiny defaults, for trying it) XLA runs ops on several threads, so
+per-kind sums there can exceed the step time.
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import train_throughput  # pylint: disable=g-import-not-at-top
+
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$')
+# The first `name(` right of the '=': shapes (tuples too) never match it.
+_OPCODE = re.compile(r'(?:^|\s)([a-z][\w\-]*)\(')
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_KIND = re.compile(r'kind=(k\w+)')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def _category(text: str) -> str:
+  """The kind of one HLO instruction from its text (right of the '=')."""
+  target = _TARGET.search(text)
+  if target:
+    name = target.group(1)
+    if 'convBackwardFilter' in name:
+      return 'conv_backward_filter'
+    if 'convBackwardInput' in name:
+      return 'conv_backward_input'
+    if 'conv' in name.lower():
+      return 'conv_forward'
+    if 'cublas' in name.lower() or 'gemm' in name.lower():
+      return 'gemm'
+    return 'custom_call:' + name
+  opcode = _OPCODE.search(text)
+  opcode = opcode.group(1) if opcode else 'unknown'
+  if opcode == 'fusion':
+    if '__triton_gemm' in text or 'gemm' in text:
+      return 'gemm'
+    if 'cudnn' in text:
+      return 'cudnn_fusion'
+    kind = _KIND.search(text)
+    return {
+        'kLoop': 'elementwise_fusion',
+        'kInput': 'reduction_fusion',
+        'kOutput': 'output_fusion',
+    }.get(kind.group(1) if kind else '', 'fusion')
+  if opcode == 'convolution':
+    return 'conv'
+  if opcode in ('dot',):
+    return 'gemm'
+  if opcode in ('copy', 'transpose', 'copy-start', 'copy-done'):
+    return 'copy_transpose'
+  if opcode.startswith(('all-', 'reduce-scatter', 'collective')):
+    return 'collective'
+  return opcode
+
+
+def parse_hlo(text: str) -> dict[str, tuple[str, str]]:
+  """Maps each instruction name of an HLO module to (category, op_name)."""
+  out = {}
+  for line in text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, rest = match.groups()
+    op_name = _OP_NAME.search(rest)
+    out[name] = (_category(rest), op_name.group(1) if op_name else '')
+  return out
+
+
+def _union_length(intervals) -> float:
+  total, end = 0.0, float('-inf')
+  for start, stop in sorted(intervals):
+    if stop <= end:
+      continue
+    total += stop - max(start, end)
+    end = stop
+  return total
+
+
+def kernel_events(trace: dict) -> list[dict]:
+  """The trace's op events, each with an `op` key naming its HLO instruction.
+
+  On a GPU: the kernels on the device's stream timelines (XLA tags each with
+  its `hlo_op`); failing that, the per-op line the profiler derives from
+  them ('XLA Ops'); failing that, the kernels by their own names. On a CPU:
+  the host's op events. Keeps only the HLO module with the most time (the
+  train step), so the copies and metric reads around it do not count.
+  """
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  processes, threads = {}, {}
+  for e in events:
+    if e.get('ph') == 'M' and e.get('name') == 'process_name':
+      processes[e['pid']] = e['args']['name']
+    elif e.get('ph') == 'M' and e.get('name') == 'thread_name':
+      threads[(e['pid'], e['tid'])] = e['args']['name']
+  device_pids = {p for p, n in processes.items() if n.startswith('/device:')}
+  spans = [e for e in events if e.get('ph') == 'X' and 'dur' in e]
+  thread = lambda e: threads.get((e['pid'], e['tid']), '')
+  if device_pids:
+    on_device = [e for e in spans if e['pid'] in device_pids]
+    streams = [e for e in on_device if 'stream' in thread(e).lower()]
+    tagged = [
+        dict(e, op=e['args']['hlo_op'])
+        for e in streams
+        if 'hlo_op' in e.get('args', {})
+    ]
+    derived = [
+        dict(e, op=e['name']) for e in on_device if thread(e) == 'XLA Ops'
+    ]
+    ops = tagged or derived or [dict(e, op=e['name']) for e in streams]
+  else:
+    ops = [
+        dict(e, op=e['args']['hlo_op'])
+        for e in spans
+        if 'hlo_op' in e.get('args', {})
+    ]
+  per_module = collections.Counter()
+  for e in ops:
+    per_module[e.get('args', {}).get('hlo_module', '')] += e['dur']
+  if len(per_module) <= 1:
+    return ops
+  module = per_module.most_common(1)[0][0]
+  return [e for e in ops if e.get('args', {}).get('hlo_module', '') == module]
+
+
+def resolve_op(event: dict, hlo: dict) -> str:
+  """The HLO instruction a kernel event belongs to.
+
+  Kernels that XLA launches inside a CUDA graph are tagged with the graph's
+  thunk (`command_buffer_N`), not their instruction; their kernel is named
+  after the fusion (`loop_add_fusion_3` for `loop_add_fusion.3`), which
+  names the instruction instead.
+  """
+  op = event['op']
+  if op in hlo:
+    return op
+  name = event.get('name', '')
+  base, _, index = name.rpartition('_')
+  candidates = [f'{base}.{index}'] if index.isdigit() else []
+  for candidate in candidates + [name]:
+    if candidate in hlo:
+      return candidate
+  return op
+
+
+def summarize(events, hlo, steps, top):
+  """(summary dict, top list) from kernel events and the parsed HLO."""
+  per_op = collections.defaultdict(lambda: [0.0, 0])
+  per_category = collections.Counter()
+  for e in events:
+    op = resolve_op(e, hlo)
+    per_op[op][0] += e['dur']
+    per_op[op][1] += 1
+    per_category[hlo.get(op, ('unmapped', ''))[0]] += e['dur']
+  kernel_us = sum(v[0] for v in per_op.values())
+  busy_us = _union_length((e['ts'], e['ts'] + e['dur']) for e in events)
+  summary = dict(
+      kernel_ms_per_step=round(kernel_us / steps / 1000, 3),
+      device_busy_ms_per_step=round(busy_us / steps / 1000, 3),
+      kernels_per_step=round(len(events) / steps, 1),
+      categories_ms_per_step={
+          k: round(v / steps / 1000, 3) for k, v in per_category.most_common()
+      },
+  )
+  ranked = sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top]
+  rows = []
+  for rank, (op, (dur, count)) in enumerate(ranked, 1):
+    category, op_name = hlo.get(op, ('unmapped', ''))
+    rows.append(
+        dict(
+            rank=rank,
+            hlo_op=op,
+            category=category,
+            ms_per_step=round(dur / steps / 1000, 3),
+            share=round(dur / kernel_us, 4) if kernel_us else None,
+            calls_per_step=round(count / steps, 2),
+            op_name=op_name[-160:],
+        )
+    )
+  return summary, rows
+
+
+def main(argv=None):
+  on_accelerator = jax.devices()[0].platform != 'cpu'
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--model', default=None)
+  parser.add_argument('--batch', type=int, default=None)
+  parser.add_argument('--image_size', type=int, default=None)
+  parser.add_argument(
+      '--dtype', default=None, choices=['bfloat16', 'float32', 'float16']
+  )
+  parser.add_argument('--mode', default='minimal', choices=['minimal', 'full'])
+  parser.add_argument('--steps', type=int, default=3, help='traced steps')
+  parser.add_argument('--timed_steps', type=int, default=10)
+  parser.add_argument('--top', type=int, default=25)
+  parser.add_argument(
+      '--out_dir', default=None, help='keep the trace and the HLO here'
+  )
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.timed_steps < 1 or args.top < 0:
+    parser.error('--steps and --timed_steps must be >= 1, --top >= 0')
+  defaults = (
+      dict(model='nfnet_f0', batch=256, image_size=192, dtype='bfloat16')
+      if on_accelerator
+      else dict(model='nfnet_tiny', batch=8, image_size=32, dtype='float32')
+  )
+  model = args.model or defaults['model']
+  train_throughput.models.info(model)  # unknown names fail here
+  batch = args.batch or defaults['batch']
+  size = args.image_size or defaults['image_size']
+  dtype = args.dtype or defaults['dtype']
+
+  step_fn, state, device_batch, _, augment, raw_batch = (
+      train_throughput.build_step(model, batch, size, dtype, args.mode)
+  )
+  compiled = step_fn.lower(state, device_batch).compile()
+  hlo_text = compiled.as_text()
+  hlo = parse_hlo(hlo_text)
+
+  def run(state, i):
+    inputs = device_batch if augment is None else augment(raw_batch, i)
+    return compiled(state, inputs)
+
+  for i in range(3):
+    state, metrics = run(state, i)
+  jax.block_until_ready(metrics)
+  times = []
+  for i in range(args.timed_steps):
+    start = time.perf_counter()
+    state, metrics = run(state, i)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+
+  log_dir = tempfile.mkdtemp(prefix='nfnets_profile_')
+  try:
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+      for i in range(args.steps):
+        state, metrics = run(state, i)
+      jax.block_until_ready(metrics)
+    paths = glob.glob(
+        os.path.join(log_dir, '**', 'perfetto_trace.json.gz'), recursive=True
+    )
+    if not paths:
+      raise FileNotFoundError(
+          f'jax.profiler wrote no Perfetto trace in {log_dir}'
+      )
+    with gzip.open(paths[0], 'rt') as f:
+      trace = json.load(f)
+    if args.out_dir:
+      os.makedirs(args.out_dir, exist_ok=True)
+      shutil.copy(
+          paths[0], os.path.join(args.out_dir, 'perfetto_trace.json.gz')
+      )
+      with gzip.open(os.path.join(args.out_dir, 'hlo.txt.gz'), 'wt') as f:
+        f.write(hlo_text)
+  finally:
+    shutil.rmtree(log_dir, ignore_errors=True)
+
+  events = kernel_events(trace)
+  if not events:
+    raise RuntimeError('the trace holds no XLA op events to attribute')
+  summary, rows = summarize(events, hlo, args.steps, args.top)
+  base = dict(
+      benchmark='profile_step',
+      model=model,
+      mode=args.mode,
+      batch=batch,
+      image_size=size,
+      dtype=dtype,
+      device_kind=jax.devices()[0].device_kind,
+  )
+  print(
+      json.dumps(
+          dict(
+              base,
+              kind='summary',
+              step_ms=round(1000 * statistics.median(times), 3),
+              traced_steps=args.steps,
+              **summary,
+          )
+      ),
+      flush=True,
+  )
+  for row in rows:
+    print(json.dumps(dict(base, kind='top', **row)), flush=True)
+
+
+if __name__ == '__main__':
+  main()
