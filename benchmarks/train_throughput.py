@@ -2,8 +2,9 @@
 
 Times `nfnets.train.train_step` (the function `experiment.py` runs, not a
 copy) pmapped over every local device, on synthetic batches already on the
-devices, and prints one JSON line per measurement: median step time over the
-timed steps after warm-up, images/s, compile time, peak device memory (and
+devices, and prints one JSON line per measurement: step time (steps run back
+to back as in the runner, the median over windows of `SYNC_EVERY` steps)
+after warm-up, images/s, compile time, peak device memory (and
 XLA's planned temporary memory, which the CPU reports too) and model FLOPs
 utilization (3 x forward FLOPs per image / the device's peak).
 
@@ -20,6 +21,9 @@ Modes:
 With torch and timm importable (and a CUDA device), the same run also times
 timm's `dm_nfnet_f0` (channels_last, bf16 autocast, SGD with timm's AGC) and
 prints our ratio to it. `--thesis` also runs nf_resnet50 against resnet50_bn.
+On an accelerator each measurement runs in a process of its own
+(`--isolate`), so that peak memory is that measurement's and JAX's memory
+reservation leaves timm the whole device.
 
     python benchmarks/train_throughput.py                  # device defaults
     python benchmarks/train_throughput.py --model=nfnet_f1 --batch=128
@@ -34,6 +38,7 @@ import functools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -62,6 +67,20 @@ PEAK_FLOPS = {
     'TPU v5p': 459e12,
     'TPU v3': 123e12,
 }
+
+
+# Steps run back to back, as in experiment.py (which waits for the devices
+# only when it logs), and the clock is read every SYNC_EVERY steps: the
+# step time is the median over those windows of their mean. Waiting after
+# every step would add the host's dispatch latency to each one (~2 ms for
+# F0 on an H100, where the device is busy 43.7 ms per step).
+SYNC_EVERY = 5
+
+
+def _windows(steps: int) -> list[int]:
+  """`steps` split into windows of SYNC_EVERY (the last may be shorter)."""
+  full, rest = divmod(steps, SYNC_EVERY)
+  return [SYNC_EVERY] * full + ([rest] if rest else [])
 
 
 def peak_flops(device) -> float | None:
@@ -219,11 +238,12 @@ def time_ours(model, batch, image_size, dtype, mode, steps, warmup):
     state, metrics = run(state, i)
   jax.block_until_ready(metrics)
   times = []
-  for i in range(steps):
+  for window in _windows(steps):
     start = time.perf_counter()
-    state, metrics = run(state, i)
+    for i in range(window):
+      state, metrics = run(state, i)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+    times.append((time.perf_counter() - start) / window)
   median = statistics.median(times)
   images_per_s = batch / median
   flops = 2 * models.count_flops(model, image_size)  # multiply-adds x 2
@@ -238,6 +258,7 @@ def time_ours(model, batch, image_size, dtype, mode, steps, warmup):
       image_size=image_size,
       dtype=dtype,
       steps=steps,
+      sync_every=SYNC_EVERY,
       step_ms=round(1000 * median, 3),
       images_per_s=round(images_per_s, 1),
       compile_s=round(compile_s, 2),
@@ -297,11 +318,12 @@ def time_timm(batch, image_size, steps, warmup):
   torch.cuda.synchronize()
   torch.cuda.reset_peak_memory_stats()
   times = []
-  for _ in range(steps):
+  for window in _windows(steps):
     start = time.perf_counter()
-    step()
+    for _ in range(window):
+      step()
     torch.cuda.synchronize()
-    times.append(time.perf_counter() - start)
+    times.append((time.perf_counter() - start) / window)
   median = statistics.median(times)
   return dict(
       benchmark='train_throughput',
@@ -312,6 +334,7 @@ def time_timm(batch, image_size, steps, warmup):
       image_size=image_size,
       dtype='bfloat16',
       steps=steps,
+      sync_every=SYNC_EVERY,
       step_ms=round(1000 * median, 3),
       images_per_s=round(batch / median, 1),
       peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
@@ -321,8 +344,59 @@ def time_timm(batch, image_size, steps, warmup):
   )
 
 
+def _measure(job: dict) -> dict | None:
+  """Runs one measurement described by `job` (see `main`)."""
+  if job['impl'] == 'timm':
+    return time_timm(
+        job['batch'], job['image_size'], job['steps'], job['warmup']
+    )
+  return time_ours(
+      job['model'],
+      job['batch'],
+      job['image_size'],
+      job['dtype'],
+      job['mode'],
+      job['steps'],
+      job['warmup'],
+  )
+
+
+def _measure_isolated(job: dict, env: dict) -> dict | None:
+  """`_measure` in a fresh process: its own peak memory, the whole device.
+
+  Device memory statistics keep a process-lifetime peak and JAX reserves
+  most of the device's memory when it starts, so measurements that share a
+  process (ours one after another, or timm's beside JAX) would report and
+  leave each other's memory. A failed child gives a record with `error`.
+  """
+  proc = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), '--job', json.dumps(job)],
+      capture_output=True,
+      text=True,
+      env=env,
+      check=False,
+  )
+  lines = [l for l in proc.stdout.splitlines() if l.startswith(('{', 'null'))]
+  if proc.returncode == 0 and lines:
+    return json.loads(lines[-1])
+  tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+  sys.stderr.write(proc.stderr[-4000:])
+  return dict(
+      benchmark='train_throughput',
+      impl=job['impl'],
+      model=job.get('model'),
+      mode=job.get('mode'),
+      error=f'exit {proc.returncode}: {tail[-300:]}',
+  )
+
+
+def _ratio(a, b, key='images_per_s'):
+  if not a or not b or key not in a or key not in b:
+    return None
+  return round(a[key] / b[key], 4)
+
+
 def main(argv=None):
-  on_accelerator = jax.devices()[0].platform != 'cpu'
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--model', default=None)
   parser.add_argument(
@@ -346,9 +420,32 @@ def main(argv=None):
   parser.add_argument('--thesis_batch', type=int, default=None)
   parser.add_argument('--thesis_image_size', type=int, default=None)
   parser.add_argument('--no_timm', action='store_true')
+  parser.add_argument(
+      '--isolate',
+      default='auto',
+      choices=['auto', 'yes', 'no'],
+      help=(
+          'each measurement in its own process (auto: on accelerators, '
+          'where peak memory is per process)'
+      ),
+  )
+  parser.add_argument('--job', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.job:  # A child of _measure_isolated: one measurement, one line.
+    print(json.dumps(_measure(json.loads(args.job))), flush=True)
+    return
   if args.steps < 1 or args.warmup < 0:
     parser.error('--steps must be >= 1 and --warmup >= 0')
+  for mode in [m for m in args.modes.split(',') if m]:
+    if mode not in ('minimal', 'full'):
+      parser.error(f'unknown mode {mode!r}: use minimal and/or full')
+
+  # The children get the environment as it was; this process only looks at
+  # the devices, so it must not reserve their memory first.
+  child_env = dict(os.environ)
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  on_accelerator = jax.devices()[0].platform != 'cpu'
+  isolate = args.isolate == 'yes' or (args.isolate == 'auto' and on_accelerator)
   defaults = (
       dict(model='nfnet_f0', batch=256, image_size=192, dtype='bfloat16')
       if on_accelerator
@@ -359,80 +456,58 @@ def main(argv=None):
   batch = args.batch or defaults['batch']
   size = args.image_size or defaults['image_size']
   dtype = args.dtype or defaults['dtype']
+  common = dict(steps=args.steps, warmup=args.warmup)
+
+  def measure(job):
+    job = dict(job, **common)
+    record = _measure_isolated(job, child_env) if isolate else _measure(job)
+    if record is not None:
+      print(json.dumps(record), flush=True)
+    return record
+
+  def compare(name, ratio, **extra):
+    line = dict(benchmark='train_throughput', comparison=name, ratio=ratio)
+    print(json.dumps(dict(line, **extra)), flush=True)
+
+  def ours(model, mode, batch, image_size):
+    return measure(
+        dict(
+            impl='nfnets-jax',
+            model=model,
+            mode=mode,
+            batch=batch,
+            image_size=image_size,
+            dtype=dtype,
+        )
+    )
 
   records = {}
   for mode in [m for m in args.modes.split(',') if m]:
-    if mode not in ('minimal', 'full'):
-      parser.error(f'unknown mode {mode!r}: use minimal and/or full')
-    record = time_ours(model, batch, size, dtype, mode, args.steps, args.warmup)
-    records[mode] = record
-    print(json.dumps(record), flush=True)
+    records[mode] = ours(model, mode, batch, size)
   if 'minimal' in records and 'full' in records:
-    print(
-        json.dumps(
-            dict(
-                benchmark='train_throughput',
-                comparison='full_vs_minimal',
-                model=model,
-                ratio=round(
-                    records['full']['images_per_s']
-                    / records['minimal']['images_per_s'],
-                    4,
-                ),
-            )
-        ),
-        flush=True,
+    compare(
+        'full_vs_minimal',
+        _ratio(records['full'], records['minimal']),
+        model=model,
     )
   if not args.no_timm and model == 'nfnet_f0' and on_accelerator:
-    theirs = time_timm(batch, size, args.steps, args.warmup)
-    if theirs is not None:
-      print(json.dumps(theirs), flush=True)
-      if 'minimal' in records:
-        print(
-            json.dumps(
-                dict(
-                    benchmark='train_throughput',
-                    comparison='ours_vs_timm',
-                    model=model,
-                    ratio=round(
-                        records['minimal']['images_per_s']
-                        / theirs['images_per_s'],
-                        4,
-                    ),
-                )
-            ),
-            flush=True,
-        )
+    theirs = measure(dict(impl='timm', batch=batch, image_size=size))
+    if theirs is not None and 'minimal' in records:
+      compare('ours_vs_timm', _ratio(records['minimal'], theirs), model=model)
   if args.thesis:
     thesis_batch = args.thesis_batch or (256 if on_accelerator else 8)
     thesis_size = args.thesis_image_size or (224 if on_accelerator else 32)
-    results = {}
-    for name in ('nf_resnet50', 'resnet50_bn'):
-      record = time_ours(
-          name,
-          thesis_batch,
-          thesis_size,
-          dtype,
-          'minimal',
-          args.steps,
-          args.warmup,
-      )
-      results[name] = record
-      print(json.dumps(record), flush=True)
-    nf, bn = results['nf_resnet50'], results['resnet50_bn']
-    print(
-        json.dumps(
-            dict(
-                benchmark='train_throughput',
-                comparison='nf_resnet50_vs_resnet50_bn',
-                speed_ratio=round(nf['images_per_s'] / bn['images_per_s'], 4),
-                nf_peak_memory_gib=nf['peak_memory_gib'],
-                bn_peak_memory_gib=bn['peak_memory_gib'],
-                nf_xla_temp_gib=nf['xla_temp_gib'],
-                bn_xla_temp_gib=bn['xla_temp_gib'],
-            )
-        ),
-        flush=True,
+    nf, bn = [
+        ours(name, 'minimal', thesis_batch, thesis_size)
+        for name in ('nf_resnet50', 'resnet50_bn')
+    ]
+    compare(
+        'nf_resnet50_vs_resnet50_bn',
+        _ratio(nf, bn),
+        nf_peak_memory_gib=(nf or {}).get('peak_memory_gib'),
+        bn_peak_memory_gib=(bn or {}).get('peak_memory_gib'),
+        nf_xla_temp_gib=(nf or {}).get('xla_temp_gib'),
+        bn_xla_temp_gib=(bn or {}).get('xla_temp_gib'),
     )
 
 
