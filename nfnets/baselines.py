@@ -188,8 +188,11 @@ class ResBlockV2(hk.Module):
       x = bn(x, is_training=is_training)
     return jax.nn.relu(x)
 
-  def __call__(self, x: jax.Array, *, is_training: bool):
+  def __call__(
+      self, x: jax.Array, *, is_training: bool, with_stats: bool = False
+  ):
     """Returns `(output, residual branch variance)`."""
+    del with_stats  # The variance costs nothing where it is unused.
     out = self._norm_act(self.bn0, x, is_training)
     shortcut = self.conv_shortcut(out) if self.use_projection else x
     out = self.conv0(out)
@@ -319,8 +322,11 @@ class FixupBlock(hk.Module):
           w_init=hk.initializers.RandomNormal((2.0 / in_ch) ** 0.5),
       )
 
-  def __call__(self, x: jax.Array, *, is_training: bool):
+  def __call__(
+      self, x: jax.Array, *, is_training: bool, with_stats: bool = False
+  ):
     """Returns `(output, residual branch variance)`."""
+    del with_stats  # The variance costs nothing where it is unused.
     del is_training
 
     def scalar(name, init=jnp.zeros):

@@ -46,6 +46,10 @@ _ACTIVATIONS: dict[str, Activation] = {
     'tanh': jnp.tanh,
 }
 
+# Activations whose gradient needs only a 0/1 mask of the input, which is
+# smaller than the input: recomputing them would keep more, not less.
+_MASK_GRADIENT = frozenset({'identity', 'relu', 'relu6', 'leaky_relu'})
+
 # The published gammas (estimated numerically by the original authors). They
 # are kept verbatim so that published checkpoints reproduce bit for bit;
 # `compute_gamma` recomputes them for any elementwise activation.
@@ -101,13 +105,21 @@ def nonlinearity(name: str, gamma: Optional[float] = None) -> Activation:
   fn = _ACTIVATIONS[name]
   gamma = GAMMAS[name] if gamma is None else float(gamma)
   if gamma == 1.0:
-    return fn
+    scaled = fn
+  else:
 
-  def scaled(x):
-    # A Python float keeps bfloat16 inputs in bfloat16.
-    return fn(x) * gamma
+    def scaled(x):
+      # A Python float keeps bfloat16 inputs in bfloat16.
+      return fn(x) * gamma
 
-  return scaled
+  if name in _MASK_GRADIENT:
+    return scaled
+  # Recomputed in the backward pass from its input (which the backward pass
+  # keeps anyway): GELU's gradient would otherwise keep its tanh as well, a
+  # second activation-sized tensor per call, written in the forward pass and
+  # read back in the backward one. The recomputation is elementwise and fuses
+  # into the backward kernels.
+  return jax.checkpoint(scaled)
 
 
 def compute_gamma(
@@ -265,8 +277,19 @@ class WSConv2D(hk.Module):
     )
     return standardize_weight(w, gain, self.eps)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Applies the conv to `x` of shape `[N, H, W, C]`; returns `[N, H', W', O]`."""
+  def __call__(
+      self, x: jax.Array, scale: Optional[jax.Array] = None
+  ) -> jax.Array:
+    """Applies the conv to `x` of shape `[N, H, W, C]`; returns `[N, H', W', O]`.
+
+    Args:
+      x: the input.
+      scale: an optional float32 scalar that multiplies the output. It is
+        applied to the kernel and bias instead (the same function, up to
+        rounding), so a scalar gain after the conv costs no pass over the
+        activation, and its gradient comes from weight-sized tensors rather
+        than from a saved copy of the output.
+    """
     check_nhwc(x, self.module_name)
     in_channels = x.shape[-1]
     if in_channels % self.feature_group_count:
@@ -274,7 +297,10 @@ class WSConv2D(hk.Module):
           f'{self.module_name}: input channels {in_channels} are not divisible '
           f'by feature_group_count={self.feature_group_count}.'
       )
-    w = self.kernel(in_channels).astype(x.dtype)
+    w = self.kernel(in_channels)
+    if scale is not None:
+      w = w * scale
+    w = w.astype(x.dtype)
     out = jax.lax.conv_general_dilated(
         x,
         w,
@@ -288,6 +314,8 @@ class WSConv2D(hk.Module):
     bias = hk.get_parameter(
         'bias', (self.output_channels,), jnp.float32, init=jnp.zeros
     )
+    if scale is not None:
+      bias = bias * scale
     return out + bias.astype(x.dtype)
 
 
@@ -405,16 +433,27 @@ class StochDepth(hk.Module):
       raise ValueError(f'drop_rate must be in [0, 1), got {drop_rate}.')
     self.drop_rate = drop_rate
 
-  def __call__(self, x: jax.Array, *, is_training: bool) -> jax.Array:
-    """Applies per-example dropping to the batch `x` (leading axis)."""
+  def keep_mask(
+      self, batch_size: int, ndim: int = 4, *, is_training: bool
+  ) -> Optional[jax.Array]:
+    """Float32 `[batch_size, 1, ...]` of 0/1 per example, or None (keep all).
+
+    For blocks that fold the mask into a per-example scale instead of
+    multiplying the full activation by it.
+    """
     if not is_training or self.drop_rate == 0.0:
-      return x
+      return None
     keep = jax.random.bernoulli(
         hk.next_rng_key(),
         1.0 - self.drop_rate,
-        (x.shape[0],) + (1,) * (x.ndim - 1),
+        (batch_size,) + (1,) * (ndim - 1),
     )
-    return x * keep.astype(x.dtype)
+    return keep.astype(jnp.float32)
+
+  def __call__(self, x: jax.Array, *, is_training: bool) -> jax.Array:
+    """Applies per-example dropping to the batch `x` (leading axis)."""
+    keep = self.keep_mask(x.shape[0], x.ndim, is_training=is_training)
+    return x if keep is None else x * keep.astype(x.dtype)
 
 
 SKIPINIT_INITS = ('zeros', 'inv_sqrt', 'ones')
@@ -434,6 +473,21 @@ def skip_gain(
   Returns:
     `x * skip_gain`, in x's dtype.
   """
+  return x * skip_gain_param(init, num_blocks).astype(x.dtype)
+
+
+def skip_gain_param(
+    init: Union[str, float] = 'zeros', num_blocks: int = 1
+) -> jax.Array:
+  """The enclosing module's SkipInit gain `skip_gain`, a float32 scalar.
+
+  Args:
+    init: as in `skip_gain`.
+    num_blocks: as in `skip_gain`.
+
+  Returns:
+    The parameter (created on first use with the init's value).
+  """
   if isinstance(init, str):
     if init not in SKIPINIT_INITS:
       raise ValueError(
@@ -447,10 +501,95 @@ def skip_gain(
     }[init]
   else:
     value = float(init)
-  gain = hk.get_parameter(
+  return hk.get_parameter(
       'skip_gain', (), jnp.float32, init=hk.initializers.Constant(value)
   )
-  return x * gain.astype(x.dtype)
+
+
+def _keep(
+    stoch_depth: Optional[StochDepth], batch_size: int, is_training: bool
+) -> Optional[jax.Array]:
+  if stoch_depth is None:
+    return None
+  return stoch_depth.keep_mask(batch_size, is_training=is_training)
+
+
+# The branch helpers below fold a block's scalar factors (`alpha *
+# skip_gain`, and the stochastic-depth keep mask) into something small, the
+# last conv's kernel or the Squeeze-Excite gate, instead of multiplying the
+# activation-sized branch output by each. That saves passes over the output
+# in both directions and, above all, the copy of the output the backward
+# pass would otherwise keep for the gain's gradient. The function is the
+# same up to rounding, and the random numbers are drawn in the same order.
+
+
+def scaled_conv_branch(
+    conv: 'WSConv2D',
+    x: jax.Array,
+    scale: jax.Array,
+    shortcut: jax.Array,
+    *,
+    stoch_depth: Optional[StochDepth],
+    is_training: bool,
+    with_stats: bool = False,
+) -> tuple[jax.Array, Optional[jax.Array]]:
+  """`shortcut + keep * scale * conv(x)`, the scale folded into the conv.
+
+  Args:
+    conv: the branch's last conv.
+    x: its input.
+    scale: the branch's float32 scalar scale, `alpha * skip_gain`.
+    shortcut: the block's shortcut.
+    stoch_depth: the block's StochDepth module, or None.
+    is_training: whether stochastic depth drops branches.
+    with_stats: also return the variance of the unscaled `conv(x)` (for
+      signal propagation plots). The scale then multiplies the output
+      instead, which gives the same function.
+
+  Returns:
+    `(output, residual branch variance or None)`.
+  """
+  if with_stats:
+    out = conv(x)
+    res_var = residual_variance(out)
+    out = out * scale.astype(out.dtype)
+  else:
+    out, res_var = conv(x, scale=scale), None
+  keep = _keep(stoch_depth, out.shape[0], is_training)
+  if keep is not None:
+    out = out * keep.astype(out.dtype)
+  return out + shortcut, res_var
+
+
+def scaled_gate_branch(
+    x: jax.Array,
+    gate: jax.Array,
+    scale: jax.Array,
+    shortcut: jax.Array,
+    *,
+    stoch_depth: Optional[StochDepth],
+    is_training: bool,
+) -> tuple[jax.Array, jax.Array]:
+  """`shortcut + keep * scale * gate * x`, the scalars folded into the gate.
+
+  Args:
+    x: the branch output `[N, H, W, C]`.
+    gate: its Squeeze-Excite gate `[N, 1, 1, C]` (already doubled).
+    scale: the branch's float32 scalar scale, `alpha * skip_gain`.
+    shortcut: the block's shortcut.
+    stoch_depth: the block's StochDepth module, or None.
+    is_training: whether stochastic depth drops branches.
+
+  Returns:
+    `(output, residual branch variance)`, the variance of `gate * x` (the
+    compiler drops it where it is not used).
+  """
+  res_var = residual_variance(gate * x)
+  gate = gate.astype(jnp.float32) * scale
+  keep = _keep(stoch_depth, x.shape[0], is_training)
+  if keep is not None:
+    gate = gate * keep
+  return x * gate.astype(x.dtype) + shortcut, res_var
 
 
 def signal_metrics(x: jax.Array, index: int) -> dict[str, jax.Array]:
@@ -499,7 +638,8 @@ def apply_blocks(
   """Runs residual blocks in order, recording their signal statistics.
 
   Args:
-    blocks: modules returning `(output, residual branch variance)`.
+    blocks: modules taking `(x, *, is_training, with_stats)` and returning
+      `(output, residual branch variance)` (None allowed without stats).
     x: the stem's output.
     is_training: passed to every block.
     metrics: a dict to fill (`avg_sq_mean_i`, `avg_var_i` after block i >= 1,
@@ -509,7 +649,9 @@ def apply_blocks(
     The last block's output.
   """
   for i, block in enumerate(blocks):
-    x, res_var = block(x, is_training=is_training)
+    x, res_var = block(
+        x, is_training=is_training, with_stats=metrics is not None
+    )
     if metrics is not None:
       metrics.update(signal_metrics(x, i + 1))
       metrics[f'res_avg_var_{i}'] = res_var

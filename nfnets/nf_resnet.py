@@ -195,17 +195,31 @@ class NFResBlock(hk.Module):
     if 0.0 < stochdepth_rate < 1.0:
       self.stoch_depth = layers.StochDepth(stochdepth_rate)
 
-  def __call__(self, x: jax.Array, *, is_training: bool):
+  def __call__(
+      self, x: jax.Array, *, is_training: bool, with_stats: bool = False
+  ):
     """Returns `(output, residual branch variance)`."""
     out = self.activation(x) * self.beta
     shortcut = self.conv_shortcut(out) if self.use_projection else x
     out = self.conv0(out)
-    out = self.conv1(self.activation(out))
-    out = self.conv2(self.activation(out))
-    if self.se is not None:
-      out = 2 * self.se(out) * out
-    res_var = layers.residual_variance(out)
-    if self.stoch_depth is not None:
-      out = self.stoch_depth(out, is_training=is_training)
-    out = layers.skip_gain(out, self.skipinit, self.num_blocks)
-    return out * self.alpha + shortcut, res_var
+    out = self.activation(self.conv1(self.activation(out)))
+    scale = layers.skip_gain_param(self.skipinit, self.num_blocks) * self.alpha
+    if self.se is None:
+      return layers.scaled_conv_branch(
+          self.conv2,
+          out,
+          scale,
+          shortcut,
+          stoch_depth=self.stoch_depth,
+          is_training=is_training,
+          with_stats=with_stats,
+      )
+    out = self.conv2(out)
+    return layers.scaled_gate_branch(
+        out,
+        2 * self.se(out),
+        scale,
+        shortcut,
+        stoch_depth=self.stoch_depth,
+        is_training=is_training,
+    )

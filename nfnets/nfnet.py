@@ -323,8 +323,11 @@ class NFBlock(hk.Module):
     if 0.0 < stochdepth_rate < 1.0:
       self.stoch_depth = layers.StochDepth(stochdepth_rate)
 
-  def __call__(self, x: jax.Array, *, is_training: bool):
+  def __call__(
+      self, x: jax.Array, *, is_training: bool, with_stats: bool = False
+  ):
     """Returns `(output, residual branch variance)`."""
+    del with_stats  # The gated branch's variance is free where unused.
     out = self.activation(x) * self.beta
     # Transitions average-pool, then project, on the shortcut.
     shortcut = layers.nf_shortcut(
@@ -339,9 +342,12 @@ class NFBlock(hk.Module):
       out = self.conv1b(self.activation(out))
     out = self.conv2(self.activation(out))
     # x2 so that the gate, ~0.5 at init, preserves the signal's scale.
-    out = (self.se(out) * 2) * out
-    res_var = layers.residual_variance(out)
-    if self.stoch_depth is not None:
-      out = self.stoch_depth(out, is_training=is_training)
-    out = layers.skip_gain(out, self.skipinit, self.num_blocks)
-    return out * self.alpha + shortcut, res_var
+    scale = layers.skip_gain_param(self.skipinit, self.num_blocks) * self.alpha
+    return layers.scaled_gate_branch(
+        out,
+        self.se(out) * 2,
+        scale,
+        shortcut,
+        stoch_depth=self.stoch_depth,
+        is_training=is_training,
+    )

@@ -116,6 +116,123 @@ def test_skipinit_gain_inits(init, want):
   assert float(params['~']['skip_gain']) == pytest.approx(want)
 
 
+@pytest.mark.parametrize('name', ['gelu', 'silu', 'elu', 'softplus', 'tanh'])
+def test_smooth_activation_backward_keeps_only_its_input(name):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8))
+  f = layers.nonlinearity(name)
+  _, vjp_fn = jax.vjp(f, x)
+  kept = [
+      leaf
+      for leaf in jax.tree_util.tree_leaves(vjp_fn)
+      if getattr(leaf, 'shape', None) == x.shape
+  ]
+  # Recomputed in the backward pass: only the input is kept, not also the
+  # intermediates (GELU's tanh, ...), and the gradient is unchanged.
+  assert len(kept) == 1
+  plain = lambda x: layers._ACTIVATIONS[name](x) * layers.GAMMAS[name]
+  np.testing.assert_allclose(
+      vjp_fn(jnp.ones_like(x))[0],
+      jax.grad(lambda x: plain(x).sum())(x),
+      rtol=1e-6,
+  )
+
+
+def _branch(fold, *, gate, is_training):
+  """A residual branch through the folded helpers or multiplied by hand."""
+
+  def fn(x, shortcut):
+    conv = layers.WSConv2D(6, 3, name='conv2')
+    scale = layers.skip_gain_param(0.7) * 0.2
+    sd = layers.StochDepth(0.5)
+    if gate:
+      out = conv(x)
+      g = 2 * layers.SqueezeExcite(6, 6)(out)
+      if fold:
+        return layers.scaled_gate_branch(
+            out, g, scale, shortcut, stoch_depth=sd, is_training=is_training
+        )[0]
+      out = sd(g * out, is_training=is_training)
+    else:
+      if fold:
+        return layers.scaled_conv_branch(
+            conv, x, scale, shortcut, stoch_depth=sd, is_training=is_training
+        )[0]
+      out = sd(conv(x), is_training=is_training)
+    return out * scale + shortcut
+
+  return hk.transform(fn)
+
+
+@pytest.mark.parametrize('gate', [False, True])
+@pytest.mark.parametrize('is_training', [False, True])
+def test_folded_branch_scale_is_the_same_function(gate, is_training):
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 5, 5, 4))
+  shortcut = jax.random.normal(jax.random.PRNGKey(1), (8, 5, 5, 6))
+  folded = _branch(True, gate=gate, is_training=is_training)
+  by_hand = _branch(False, gate=gate, is_training=is_training)
+  params = by_hand.init(jax.random.PRNGKey(2), x, shortcut)
+  assert jax.tree_util.tree_structure(
+      folded.init(jax.random.PRNGKey(2), x, shortcut)
+  ) == jax.tree_util.tree_structure(params)
+  rng = jax.random.PRNGKey(3)
+
+  def loss(t, p):
+    return jnp.sum(jnp.sin(t.apply(p, rng, x, shortcut)))
+
+  np.testing.assert_allclose(
+      folded.apply(params, rng, x, shortcut),
+      by_hand.apply(params, rng, x, shortcut),
+      rtol=1e-5,
+      atol=1e-6,
+  )
+  got, want = jax.grad(loss, 1)(folded, params), jax.grad(loss, 1)(
+      by_hand, params
+  )
+  for path, g in jax.tree_util.tree_leaves_with_path(want):
+    np.testing.assert_allclose(
+        got[path[0].key][path[1].key], g, rtol=1e-4, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize('gate', [False, True])
+def test_folded_branch_keeps_no_scaled_copy_of_its_output(gate):
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 5, 5, 6))
+  params = _branch(False, gate=gate, is_training=True).init(
+      jax.random.PRNGKey(2), x, x
+  )
+
+  def kept(fold):
+    t = _branch(fold, gate=gate, is_training=True)
+    apply = lambda p: t.apply(p, jax.random.PRNGKey(3), x, x)
+    _, vjp_fn = jax.vjp(apply, params)
+    return [
+        leaf
+        for leaf in jax.tree_util.tree_leaves(vjp_fn)
+        if getattr(leaf, 'shape', None) == x.shape
+    ]
+
+  # By hand the gain's gradient needs the (masked, gated) output kept for
+  # the backward pass; folded, it comes from weight- or gate-sized tensors.
+  assert len(kept(True)) < len(kept(False))
+
+
+def test_scaled_conv_branch_stats_are_of_the_unscaled_conv():
+  def fn(x):
+    conv = layers.WSConv2D(6, 1, name='conv2')
+    scale = layers.skip_gain_param('zeros')
+    out, res_var = layers.scaled_conv_branch(
+        conv, x, scale, x, stoch_depth=None, is_training=False, with_stats=True
+    )
+    return out, res_var, layers.residual_variance(conv(x))
+
+  t = hk.transform(fn)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 3, 6))
+  out, res_var, want = t.apply(t.init(jax.random.PRNGKey(1), x), None, x)
+  # SkipInit: the branch adds nothing, yet its statistics are measured.
+  np.testing.assert_allclose(out, x)
+  assert float(res_var) == pytest.approx(float(want)) and float(want) > 0
+
+
 def test_squeeze_excite_gates_are_per_channel_in_unit_interval():
   t = hk.transform(lambda x: layers.SqueezeExcite(6, 6, 0.5)(x))
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 6))
