@@ -8,8 +8,9 @@ convolution, GEMM, elementwise or reduction fusion, copy, collective) and to
 the JAX/Haiku op that made them (`op_name` metadata: module path and
 primitive). Prints, per traced step:
 
-  * one `summary` line: the untraced step time, the device's busy time (the
-    union of its kernel intervals) and the kernel time summed per kind;
+  * one `summary` line: the untraced step time (timed as in
+    train_throughput.py), the device's busy time (the union of its kernel
+    intervals) and the kernel time summed per kind;
   * `--top` lines for the costliest HLO instructions.
 
 With `--out_dir` it also keeps the Perfetto trace (`perfetto_trace.json.gz`,
@@ -30,10 +31,8 @@ import json
 import os
 import re
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 
 import jax
 
@@ -66,7 +65,7 @@ def _category(text: str) -> str:
   opcode = _OPCODE.search(text)
   opcode = opcode.group(1) if opcode else 'unknown'
   if opcode == 'fusion':
-    if '__triton_gemm' in text or 'gemm' in text:
+    if 'gemm' in text:  # e.g. "__triton_nested_gemm_fusion"
       return 'gemm'
     if 'cudnn' in text:
       return 'cudnn_fusion'
@@ -232,16 +231,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.steps < 1 or args.timed_steps < 1 or args.top < 0:
     parser.error('--steps and --timed_steps must be >= 1, --top >= 0')
-  defaults = (
-      dict(model='nfnet_f0', batch=256, image_size=192, dtype='bfloat16')
-      if on_accelerator
-      else dict(model='nfnet_tiny', batch=8, image_size=32, dtype='float32')
-  )
-  model = args.model or defaults['model']
+  default = train_throughput.defaults(on_accelerator)
+  model = args.model or default['model']
   train_throughput.models.info(model)  # unknown names fail here
-  batch = args.batch or defaults['batch']
-  size = args.image_size or defaults['image_size']
-  dtype = args.dtype or defaults['dtype']
+  batch = args.batch or default['batch']
+  size = args.image_size or default['image_size']
+  dtype = args.dtype or default['dtype']
 
   step_fn, state, device_batch, _, augment, raw_batch = (
       train_throughput.build_step(model, batch, size, dtype, args.mode)
@@ -254,22 +249,20 @@ def main(argv=None):
     inputs = device_batch if augment is None else augment(raw_batch, i)
     return compiled(state, inputs)
 
-  for i in range(3):
-    state, metrics = run(state, i)
-  jax.block_until_ready(metrics)
-  times = []
-  for i in range(args.timed_steps):
-    start = time.perf_counter()
-    state, metrics = run(state, i)
+  def run_steps(count):
+    nonlocal state, metrics
+    for i in range(count):
+      state, metrics = run(state, i)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+
+  metrics = None
+  run_steps(3)  # warm-up
+  step_s = train_throughput.median_step_seconds(run_steps, args.timed_steps)
 
   log_dir = tempfile.mkdtemp(prefix='nfnets_profile_')
   try:
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-      for i in range(args.steps):
-        state, metrics = run(state, i)
-      jax.block_until_ready(metrics)
+      run_steps(args.steps)
     paths = glob.glob(
         os.path.join(log_dir, '**', 'perfetto_trace.json.gz'), recursive=True
     )
@@ -307,7 +300,8 @@ def main(argv=None):
           dict(
               base,
               kind='summary',
-              step_ms=round(1000 * statistics.median(times), 3),
+              step_ms=round(1000 * step_s, 3),
+              sync_every=train_throughput.SYNC_EVERY,
               traced_steps=args.steps,
               **summary,
           )

@@ -77,10 +77,28 @@ PEAK_FLOPS = {
 SYNC_EVERY = 5
 
 
-def _windows(steps: int) -> list[int]:
-  """`steps` split into windows of SYNC_EVERY (the last may be shorter)."""
+def median_step_seconds(run_steps, steps: int) -> float:
+  """Median seconds per step, over windows of SYNC_EVERY steps.
+
+  Args:
+    run_steps: `run_steps(n)` runs n steps back to back, then waits for the
+      device to finish them.
+    steps: steps to time in all (the last window may be shorter).
+  """
   full, rest = divmod(steps, SYNC_EVERY)
-  return [SYNC_EVERY] * full + ([rest] if rest else [])
+  times = []
+  for window in [SYNC_EVERY] * full + ([rest] if rest else []):
+    start = time.perf_counter()
+    run_steps(window)
+    times.append((time.perf_counter() - start) / window)
+  return statistics.median(times)
+
+
+def defaults(on_accelerator: bool) -> dict:
+  """The model, global batch, image size and dtype timed by default."""
+  if on_accelerator:
+    return dict(model='nfnet_f0', batch=256, image_size=192, dtype='bfloat16')
+  return dict(model='nfnet_tiny', batch=8, image_size=32, dtype='float32')
 
 
 def peak_flops(device) -> float | None:
@@ -237,14 +255,14 @@ def time_ours(model, batch, image_size, dtype, mode, steps, warmup):
   for i in range(warmup):
     state, metrics = run(state, i)
   jax.block_until_ready(metrics)
-  times = []
-  for window in _windows(steps):
-    start = time.perf_counter()
-    for i in range(window):
+
+  def run_steps(count):
+    nonlocal state, metrics
+    for i in range(count):
       state, metrics = run(state, i)
     jax.block_until_ready(metrics)
-    times.append((time.perf_counter() - start) / window)
-  median = statistics.median(times)
+
+  median = median_step_seconds(run_steps, steps)
   images_per_s = batch / median
   flops = 2 * models.count_flops(model, image_size)  # multiply-adds x 2
   peak = peak_flops(jax.devices()[0])
@@ -317,14 +335,13 @@ def time_timm(batch, image_size, steps, warmup):
     step()
   torch.cuda.synchronize()
   torch.cuda.reset_peak_memory_stats()
-  times = []
-  for window in _windows(steps):
-    start = time.perf_counter()
-    for _ in range(window):
+
+  def run_steps(count):
+    for _ in range(count):
       step()
     torch.cuda.synchronize()
-    times.append((time.perf_counter() - start) / window)
-  median = statistics.median(times)
+
+  median = median_step_seconds(run_steps, steps)
   return dict(
       benchmark='train_throughput',
       impl='timm',
@@ -361,7 +378,7 @@ def _measure(job: dict) -> dict | None:
   )
 
 
-def _measure_isolated(job: dict, env: dict) -> dict | None:
+def _measure_isolated(job: dict) -> dict | None:
   """`_measure` in a fresh process: its own peak memory, the whole device.
 
   Device memory statistics keep a process-lifetime peak and JAX reserves
@@ -373,7 +390,6 @@ def _measure_isolated(job: dict, env: dict) -> dict | None:
       [sys.executable, os.path.abspath(__file__), '--job', json.dumps(job)],
       capture_output=True,
       text=True,
-      env=env,
       check=False,
   )
   lines = [l for l in proc.stdout.splitlines() if l.startswith(('{', 'null'))]
@@ -390,10 +406,11 @@ def _measure_isolated(job: dict, env: dict) -> dict | None:
   )
 
 
-def _ratio(a, b, key='images_per_s'):
-  if not a or not b or key not in a or key not in b:
+def _ratio(a, b):
+  """a's images/s over b's, or None where either measurement failed."""
+  if not a or not b or 'images_per_s' not in a or 'images_per_s' not in b:
     return None
-  return round(a[key] / b[key], 4)
+  return round(a['images_per_s'] / b['images_per_s'], 4)
 
 
 def main(argv=None):
@@ -440,27 +457,31 @@ def main(argv=None):
     if mode not in ('minimal', 'full'):
       parser.error(f'unknown mode {mode!r}: use minimal and/or full')
 
-  # The children get the environment as it was; this process only looks at
-  # the devices, so it must not reserve their memory first.
-  child_env = dict(os.environ)
-  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-  on_accelerator = jax.devices()[0].platform != 'cpu'
-  isolate = args.isolate == 'yes' or (args.isolate == 'auto' and on_accelerator)
-  defaults = (
-      dict(model='nfnet_f0', batch=256, image_size=192, dtype='bfloat16')
-      if on_accelerator
-      else dict(model='nfnet_tiny', batch=8, image_size=32, dtype='float32')
+  # Where children measure, this process only looks at the devices, so it
+  # must not reserve their memory first. The variable matters only while
+  # the backend starts; the children get the environment as it was.
+  no_prealloc = (
+      args.isolate != 'no' and 'XLA_PYTHON_CLIENT_PREALLOCATE' not in os.environ
   )
-  model = args.model or defaults['model']
+  if no_prealloc:
+    os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
+  try:
+    on_accelerator = jax.devices()[0].platform != 'cpu'
+  finally:
+    if no_prealloc:
+      del os.environ['XLA_PYTHON_CLIENT_PREALLOCATE']
+  isolate = args.isolate == 'yes' or (args.isolate == 'auto' and on_accelerator)
+  default = defaults(on_accelerator)
+  model = args.model or default['model']
   models.info(model)  # unknown names fail here, listing the valid ones
-  batch = args.batch or defaults['batch']
-  size = args.image_size or defaults['image_size']
-  dtype = args.dtype or defaults['dtype']
+  batch = args.batch or default['batch']
+  size = args.image_size or default['image_size']
+  dtype = args.dtype or default['dtype']
   common = dict(steps=args.steps, warmup=args.warmup)
 
   def measure(job):
     job = dict(job, **common)
-    record = _measure_isolated(job, child_env) if isolate else _measure(job)
+    record = _measure_isolated(job) if isolate else _measure(job)
     if record is not None:
       print(json.dumps(record), flush=True)
     return record
