@@ -13,8 +13,14 @@ primitive). Prints, per traced step:
     intervals) and the kernel time summed per kind;
   * `--top` lines for the costliest HLO instructions.
 
+With `--mode=full` on an accelerator the runner's on-device augmentation is
+a program of its own that runs before each step; it is traced separately
+and gets its own lines (`"program": "augment"`; the train step's are
+`"program": "train_step"`).
+
 With `--out_dir` it also keeps the Perfetto trace (`perfetto_trace.json.gz`,
-open it at ui.perfetto.dev) and the optimized HLO (`hlo.txt.gz`).
+open it at ui.perfetto.dev) and the optimized HLO (`hlo.txt.gz`), and the
+augmentation's as `augment_perfetto_trace.json.gz` and `augment_hlo.txt.gz`.
 
     python benchmarks/profile_step.py                       # F0 on a GPU
     python benchmarks/profile_step.py --model=nf_resnet50 --image_size=224
@@ -35,10 +41,13 @@ import sys
 import tempfile
 
 import jax
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import train_throughput  # pylint: disable=g-import-not-at-top
+
+from nfnets import train  # pylint: disable=g-import-not-at-top
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$')
 # The first `name(` right of the '=': shapes (tuples too) never match it.
@@ -212,6 +221,31 @@ def summarize(events, hlo, steps, top):
   return summary, rows
 
 
+def _trace(run, out_dir=None, name='') -> dict:
+  """The parsed Perfetto trace of `run()` (kept in `out_dir` as well)."""
+  log_dir = tempfile.mkdtemp(prefix='nfnets_profile_')
+  try:
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+      run()
+    paths = glob.glob(
+        os.path.join(log_dir, '**', 'perfetto_trace.json.gz'), recursive=True
+    )
+    if not paths:
+      raise FileNotFoundError(
+          f'jax.profiler wrote no Perfetto trace in {log_dir}'
+      )
+    with gzip.open(paths[0], 'rt') as f:
+      trace = json.load(f)
+    if out_dir:
+      os.makedirs(out_dir, exist_ok=True)
+      shutil.copy(
+          paths[0], os.path.join(out_dir, f'{name}perfetto_trace.json.gz')
+      )
+  finally:
+    shutil.rmtree(log_dir, ignore_errors=True)
+  return trace
+
+
 def main(argv=None):
   on_accelerator = jax.devices()[0].platform != 'cpu'
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -238,12 +272,28 @@ def main(argv=None):
   size = args.image_size or default['image_size']
   dtype = args.dtype or default['dtype']
 
-  step_fn, state, device_batch, _, augment, raw_batch = (
+  step_fn, state, device_batch, config, augment, raw_batch = (
       train_throughput.build_step(model, batch, size, dtype, args.mode)
   )
   compiled = step_fn.lower(state, device_batch).compile()
-  hlo_text = compiled.as_text()
-  hlo = parse_hlo(hlo_text)
+  # (name, compiled program, its arguments for the i-th call) per program.
+  programs = [('train_step', compiled, lambda i: (state, device_batch))]
+  if augment is not None:
+    # The runner's augmentation (`full` mode) is a program of its own that
+    # runs before each step; compiled here too, for its HLO.
+    augment_compiled = (
+        jax.pmap(
+            train.device_augment_fn(config.data, seed=0),
+            axis_name=train.AXIS_NAME,
+            in_axes=(0, None),
+        )
+        .lower(raw_batch, np.int32(0))
+        .compile()
+    )
+    augment = lambda batch, i: augment_compiled(batch, np.int32(i))
+    programs.append(
+        ('augment', augment_compiled, lambda i: (raw_batch, np.int32(i)))
+    )
 
   def run(state, i):
     inputs = device_batch if augment is None else augment(raw_batch, i)
@@ -259,33 +309,6 @@ def main(argv=None):
   run_steps(3)  # warm-up
   step_s = train_throughput.median_step_seconds(run_steps, args.timed_steps)
 
-  log_dir = tempfile.mkdtemp(prefix='nfnets_profile_')
-  try:
-    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-      run_steps(args.steps)
-    paths = glob.glob(
-        os.path.join(log_dir, '**', 'perfetto_trace.json.gz'), recursive=True
-    )
-    if not paths:
-      raise FileNotFoundError(
-          f'jax.profiler wrote no Perfetto trace in {log_dir}'
-      )
-    with gzip.open(paths[0], 'rt') as f:
-      trace = json.load(f)
-    if args.out_dir:
-      os.makedirs(args.out_dir, exist_ok=True)
-      shutil.copy(
-          paths[0], os.path.join(args.out_dir, 'perfetto_trace.json.gz')
-      )
-      with gzip.open(os.path.join(args.out_dir, 'hlo.txt.gz'), 'wt') as f:
-        f.write(hlo_text)
-  finally:
-    shutil.rmtree(log_dir, ignore_errors=True)
-
-  events = kernel_events(trace)
-  if not events:
-    raise RuntimeError('the trace holds no XLA op events to attribute')
-  summary, rows = summarize(events, hlo, args.steps, args.top)
   base = dict(
       benchmark='profile_step',
       model=model,
@@ -295,21 +318,41 @@ def main(argv=None):
       dtype=dtype,
       device_kind=jax.devices()[0].device_kind,
   )
-  print(
-      json.dumps(
-          dict(
-              base,
-              kind='summary',
-              step_ms=round(1000 * step_s, 3),
-              sync_every=train_throughput.SYNC_EVERY,
-              traced_steps=args.steps,
-              **summary,
-          )
-      ),
-      flush=True,
-  )
-  for row in rows:
-    print(json.dumps(dict(base, kind='top', **row)), flush=True)
+  for name, program, arguments in programs:
+    # Each program traced on its own: JAX names every pmapped module alike,
+    # so their kernels could not be told apart in one trace.
+    def run_program(program=program, arguments=arguments, name=name):
+      nonlocal state
+      outputs = None
+      for i in range(args.steps):
+        outputs = program(*arguments(i))
+        if name == 'train_step':  # The state was donated: use the new one.
+          state = outputs[0]
+      jax.block_until_ready(outputs)
+
+    prefix = '' if name == 'train_step' else f'{name}_'
+    trace = _trace(run_program, args.out_dir, prefix)
+    hlo_text = program.as_text()
+    if args.out_dir:
+      with gzip.open(
+          os.path.join(args.out_dir, f'{prefix}hlo.txt.gz'), 'wt'
+      ) as f:
+        f.write(hlo_text)
+    events = kernel_events(trace)
+    if not events:
+      raise RuntimeError(f'the {name} trace holds no XLA op events')
+    summary, rows = summarize(events, parse_hlo(hlo_text), args.steps, args.top)
+    line = dict(base, program=name, kind='summary')
+    if name == 'train_step':  # A whole step's time, augmentation included.
+      line.update(
+          step_ms=round(1000 * step_s, 3),
+          sync_every=train_throughput.SYNC_EVERY,
+      )
+    print(
+        json.dumps(dict(line, traced_steps=args.steps, **summary)), flush=True
+    )
+    for row in rows:
+      print(json.dumps(dict(base, program=name, kind='top', **row)), flush=True)
 
 
 if __name__ == '__main__':

@@ -512,22 +512,17 @@ def _save_config(config, workdir):
     f.write(config.to_json_best_effort(indent=2))
 
 
-def make_device_augment(data_cfg, seed: int):
-  """The on-accelerator half of the train input pipeline, or None.
-
-  With `data.augment_on == 'device'` the tf.data pipeline yields cropped,
-  resized and flipped uint8 images; this pmapped function finishes them
-  (RandAugment, MixUp/CutMix, normalisation) where they will be used, so the
-  CPU only decodes. Its random numbers depend on (seed, step, global device
-  index) alone, so a resumed run sees the batches an uninterrupted one would.
+def device_augment_fn(data_cfg, seed: int):
+  """The per-device function `make_device_augment` pmaps, or None.
 
   Args:
     data_cfg: the resolved data config.
     seed: the run's seed.
 
   Returns:
-    `augment(host_batch, step) -> device batch` (the dict `train_step`
-    takes, sharded over the local devices), or None on the host path.
+    `augment(host_batch, step) -> device batch`, to run under `jax.pmap`
+    with `axis_name=AXIS_NAME` and `in_axes=(0, None)` (the step is shared),
+    or None on the host path.
   """
   if not data.augments_on_device(data_cfg):
     return None
@@ -546,6 +541,29 @@ def make_device_augment(data_cfg, seed: int):
     )
     return finish(batch['images'], batch['labels'], key)
 
+  return augment
+
+
+def make_device_augment(data_cfg, seed: int):
+  """The on-accelerator half of the train input pipeline, or None.
+
+  With `data.augment_on == 'device'` the tf.data pipeline yields cropped,
+  resized and flipped uint8 images; this pmapped function finishes them
+  (RandAugment, MixUp/CutMix, normalisation) where they will be used, so the
+  CPU only decodes. Its random numbers depend on (seed, step, global device
+  index) alone, so a resumed run sees the batches an uninterrupted one would.
+
+  Args:
+    data_cfg: the resolved data config.
+    seed: the run's seed.
+
+  Returns:
+    `augment(host_batch, step) -> device batch` (the dict `train_step`
+    takes, sharded over the local devices), or None on the host path.
+  """
+  augment = device_augment_fn(data_cfg, seed)
+  if augment is None:
+    return None
   pmapped = jax.pmap(augment, axis_name=AXIS_NAME, in_axes=(0, None))
   return lambda batch, step: pmapped(batch, np.int32(step))
 
