@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets import layers
+from nfnets import ops
 
 VARIANTS = {
     'ResNet26': dict(depth=(2, 2, 2, 2)),
@@ -141,9 +142,7 @@ class ResNet(hk.Module):
     """
     layers.check_nhwc(x, 'ResNet')
     out = self.initial_conv(x)
-    out = hk.max_pool(
-        out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME'
-    )
+    out = ops.max_pool(out, window=3, strides=2, padding='SAME')
     metrics = layers.signal_metrics(out, 0) if return_metrics else None
     out = layers.apply_blocks(
         self.blocks, out, is_training=is_training, metrics=metrics
@@ -257,9 +256,7 @@ class FixupResNet(hk.Module):
     out = self.initial_conv(x)
     bias1 = hk.get_parameter('bias1', (), jnp.float32, init=jnp.zeros)
     out = jax.nn.relu(out + bias1.astype(out.dtype))
-    out = hk.max_pool(
-        out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME'
-    )
+    out = ops.max_pool(out, window=3, strides=2, padding='SAME')
     metrics = layers.signal_metrics(out, 0) if return_metrics else None
     out = layers.apply_blocks(
         self.blocks, out, is_training=is_training, metrics=metrics

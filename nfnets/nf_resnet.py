@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets import layers
+from nfnets import ops
 
 # The release defines no dropout for NF-ResNets and crashes without one;
 # 0.25 before the classifier is the regularization its ImageNet runs used.
@@ -124,9 +125,7 @@ class NFResNet(hk.Module):
     """
     layers.check_nhwc(x, 'NF_ResNet')
     out = self.initial_conv(x)
-    out = hk.max_pool(
-        out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME'
-    )
+    out = ops.max_pool(out, window=3, strides=2, padding='SAME')
     metrics = layers.signal_metrics(out, 0) if return_metrics else None
     out = layers.apply_blocks(
         self.blocks, out, is_training=is_training, metrics=metrics
