@@ -466,6 +466,43 @@ def test_mix_batch_ratios_have_the_numpy_recipe_distribution():
     assert abs(got[part].std() - want[part].std()) < 0.05
 
 
+@pytest.mark.parametrize('alpha', [0.2, 1.0, 2.0])
+def test_mixup_draws_have_the_beta_distribution(alpha):
+  stats = pytest.importorskip('scipy.stats')
+  size = 20_000
+  x_key, y_key = jax.random.split(jax.random.key(int(alpha * 10)))
+  # log(X / Y) of the two Gamma draws: the lower half of the symmetric Beta
+  # from it in float64 (float32 rounds Beta(0.2, 0.2)'s mass near 1 to 1).
+  log_ratio = np.asarray(
+      device_augment._log_gamma(x_key, alpha, size)  # pylint: disable=protected-access
+      - device_augment._log_gamma(y_key, alpha, size),  # pylint: disable=protected-access
+      np.float64,
+  )
+  lower = 1.0 / (1.0 + np.exp(np.abs(log_ratio)))
+  beta = stats.beta(alpha, alpha)
+  assert stats.kstest(lower, lambda t: 2.0 * beta.cdf(t)).pvalue > 1e-3
+  assert abs((log_ratio > 0).mean() - 0.5) < 0.02
+  draws = np.asarray(
+      device_augment._symmetric_beta(x_key, alpha, size)  # pylint: disable=protected-access
+  )
+  assert ((draws >= 0) & (draws <= 1)).all()
+  assert abs(draws.std() - beta.std()) < 0.01
+
+
+def test_augment_batch_loops_only_a_fixed_number_of_times():
+  fn = functools.partial(device_augment.augment_batch, **_CONFIG)
+  jaxpr = jax.make_jaxpr(fn)(
+      jnp.zeros((4, 16, 16, 3), jnp.uint8),
+      jnp.zeros((4,), jnp.int32),
+      jax.random.key(0),
+  )
+  # A while loop whose trip count depends on the data (as jax.random.beta's
+  # rejection sampling) makes an accelerator's host wait for the device.
+  loops = [e.primitive.name for e in jaxpr.jaxpr.eqns]
+  assert 'while' not in str(jaxpr)
+  assert loops.count('scan') == 1  # The RandAugment layers.
+
+
 def test_normalize_uses_imagenet_statistics():
   images = _BATCH[:2]
   got = np.asarray(device_augment.normalize(images))
