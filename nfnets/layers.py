@@ -294,9 +294,14 @@ class WSConv2D(hk.Module):
     if scale is not None:
       w = w * scale
     w = w.astype(x.dtype)
-    # `ops.conv2d` is this conv with a cheaper input gradient when strided
-    # and grouped (XLA would run it over a zero-dilated copy).
-    out = ops.conv2d(x, w, self.stride, self.padding, self.feature_group_count)
+    out = jax.lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=self.stride,
+        padding=self.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=self.feature_group_count,
+    )
     if not self.with_bias:
       return out
     bias = hk.get_parameter(
