@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/RESULTS.md in one call on a lent GPU machine.
+# The GPU figures of benchmarks/RESULTS.md on a lent GPU machine.
 #
 # The GPU image has JAX, optax, orbax, timm and torch but not dm-haiku, jmp,
 # ml-collections or tensorboardX. Once, here, fetch them as wheels into the
@@ -10,12 +10,16 @@
 #     --python-version 3.12 --implementation cp -d .whl \
 #     dm-haiku==0.0.17 jmp==0.0.4 ml-collections==1.1.0 tensorboardX==2.6.5
 #
-# then run `bash benchmarks/gpu_session.sh` there with `.whl` carried and a
-# timeout of ~560 s (about 9 of a session's 15 device minutes). Each
-# benchmark has its own time limit, so an overrun still returns the lines
-# printed so far. Output: $OUT (or /tmp/gpu_session)
-# holds gpu.txt, one .jsonl per benchmark (the same lines go to stdout),
-# stderr.log and f0/ (F0's Perfetto trace and optimized HLO).
+# then, with `.whl` carried, run `bash benchmarks/gpu_session.sh throughput`
+# there with a timeout of ~560 s (~9 of a session's 15 device minutes; on a
+# cold machine it takes ~8.5), and right after it, while the machine is
+# still warm and its compilation cache full, `bash benchmarks/gpu_session.sh
+# profile` (~1-2 minutes). `all` runs both in one call, which fits only a
+# warm cache. Each benchmark has its own time limit, so an overrun still
+# returns the lines printed so far. Output: $OUT (or /tmp/gpu_session) holds
+# gpu.txt, one .jsonl per benchmark (the same lines go to stdout),
+# stderr.log and f0/ (Perfetto traces and optimized HLO of F0's full step
+# and of the augmentation; the step's trace may be too large to fetch).
 # On a CPU (PYTHON=.venv/bin/python) the benchmarks pick tiny defaults.
 set -uo pipefail
 out="${OUT:-/tmp/gpu_session}"
@@ -45,27 +49,38 @@ log="${out}/stderr.log"
 # Records a step that failed or ran out of time (timeout exits 124).
 check() { local rc=$?; ((rc)) && echo "step '$1' exited ${rc}" | tee -a "${log}"; }
 
-# NFNet-F0 minimal and full at 192 px, batch 256, bf16; timm's dm_nfnet_f0
-# side by side; NF-ResNet-50 vs BN-ResNet-50 at 224 px. Each measurement in
-# its own process (peak memory per measurement). On an H100 each of ours
-# compiles in 40-60 s (XLA autotunes every convolution), so the five take
-# ~5-6 minutes.
-timeout 400 "${python}" benchmarks/train_throughput.py --thesis \
-  2>>"${log}" | tee "${out}/train_throughput.jsonl"; check throughput
+what="${1:-all}"  # throughput, profile or all
+case "${what}" in throughput | profile | all) ;;
+  *) echo "usage: $0 [throughput|profile|all]" >&2; exit 2 ;;
+esac
 
-# Where F0's step time goes, per HLO instruction and kind (trace and HLO
-# kept in $OUT/f0 for ui.perfetto.dev); reuses the compiled step above.
-timeout 60 "${python}" benchmarks/profile_step.py --out_dir="${out}/f0" \
-  2>>"${log}" | tee "${out}/profile.jsonl"; check profile_f0
+# On a cold H100 each of our measurements takes ~90 s in its own process
+# (JAX start, model init, 50-60 s of compiling with XLA's autotuning of
+# every convolution), so the steps below are ordered by what they settle
+# and each has its own time limit.
+if [[ "${what}" != profile ]]; then
+  # The thesis pair first: NF-ResNet-50 vs BN-ResNet-50, 224 px, batch 256.
+  timeout 240 "${python}" benchmarks/train_throughput.py --modes= --no_timm \
+    --thesis 2>>"${log}" | tee "${out}/thesis.jsonl"; check thesis
+  # NFNet-F0 minimal and full at 192 px, batch 256, bf16; timm's
+  # dm_nfnet_f0 beside them.
+  timeout 290 "${python}" benchmarks/train_throughput.py \
+    2>>"${log}" | tee "${out}/train_throughput.jsonl"; check throughput
+fi
 
-# The device half of the input pipeline (no TensorFlow needed): RandAugment
-# 4/5 + MixUp/CutMix + normalisation of a 256-image batch at 192 px.
-timeout 40 "${python}" benchmarks/input_pipeline.py --device_augment_only \
-  --batch_size=256 --devices=1 --num_batches=20 \
-  2>>"${log}" | tee "${out}/device_augment.jsonl"; check device_augment
+if [[ "${what}" != throughput ]]; then
+  # Where F0's full step and the on-device augmentation before it spend
+  # their time, per HLO instruction and kind (traces and HLO in $OUT/f0 for
+  # ui.perfetto.dev); reuses the executables compiled above when the
+  # machine is the same (~1 minute, ~2 when cold).
+  timeout 150 "${python}" benchmarks/profile_step.py --mode=full --top=40 \
+    --out_dir="${out}/f0" 2>>"${log}" | tee "${out}/profile.jsonl"
+  check profile_f0
+fi
 
 echo '--- summary'
 grep -h -E '"(comparison|kind": "summary)' "${out}"/*.jsonl
-grep -h -o -E '"impl": "[^"]*", "mode": "[a-z]*", "model": "[a-z0-9_]*"|"images_per_s": [0-9.]*|"peak_memory_gib": [0-9.a-z]*|"error": "[^"]*"' \
-  "${out}/train_throughput.jsonl" | paste -sd' ' | sed 's/"impl"/\n"impl"/g'
+cat "${out}"/thesis.jsonl "${out}"/train_throughput.jsonl 2>/dev/null |
+  grep -h -o -E '"impl": "[^"]*", "mode": "[a-z]*", "model": "[a-z0-9_]*"|"images_per_s": [0-9.]*|"peak_memory_gib": [0-9.a-z]*|"error": "[^"]*"' |
+  paste -sd' ' | sed 's/"impl"/\n"impl"/g'
 tail -5 "${log}"
