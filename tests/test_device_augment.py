@@ -237,6 +237,18 @@ def _reference_argument(name, magnitude, sign, centre, height, width):
   return ()
 
 
+@pytest.mark.parametrize('shape', [(3, 8, 8, 3), (2, 6, 6, 3), (2, 17, 23, 3)])
+def test_channel_stats_equal_direct_reductions(shape):
+  images = jnp.asarray(_RNG.integers(0, 256, shape), jnp.uint8)
+  low, high, total = device_augment._channel_stats(images)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(low, jnp.min(images, axis=(1, 2)))
+  np.testing.assert_array_equal(high, jnp.max(images, axis=(1, 2)))
+  np.testing.assert_array_equal(
+      total, jnp.sum(images.astype(jnp.int32), axis=(1, 2))
+  )
+  assert low.dtype == high.dtype == jnp.uint8 and total.dtype == jnp.int32
+
+
 @pytest.mark.parametrize('magnitude', [9.0, 15.0])
 def test_fused_layer_equals_the_single_op(magnitude):
   batch = len(_BATCH)

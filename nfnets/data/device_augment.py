@@ -257,21 +257,55 @@ def _equalize_lut(histogram: jax.Array) -> jax.Array:
   return lut.astype(jnp.float32)
 
 
-def _auto_contrast_lut(images: jax.Array) -> jax.Array:
-  """Tables stretching each channel to [0, 255]: `[B, 3, 256]`."""
-  low = jnp.min(images, axis=(1, 2)).astype(jnp.float32)[..., None]
-  high = jnp.max(images, axis=(1, 2)).astype(jnp.float32)[..., None]
+def _channel_stats(images: jax.Array):
+  """Per-example, per-channel `(min, max, sum)` of uint8 `[B, H, W, 3]`.
+
+  One pass, laid out for the reduction: reducing `[B, H * W, 3]` over its
+  middle axis leaves 3 columns, and XLA's GPU reduction keeps a warp per 32
+  columns, so most of its threads idled (0.19 ms per 256 images at 192 px
+  on an H100, ~150 GB/s). Groups of `k` pixels are reduced as `k * 3`
+  columns first, then the `k` partial results per channel. Exact: min, max
+  and integer sums do not depend on the order.
+
+  Returns:
+    `(low, high, total)`: uint8 `[B, 3]` twice and int32 `[B, 3]`.
+  """
+  batch, height, width, channels = images.shape
+  pixels = height * width
+  group = next(k for k in (32, 16, 8, 4, 2, 1) if pixels % k == 0)
+  x = images.reshape(batch, pixels // group, group * channels)
+  partial = (
+      jnp.min(x, axis=1),
+      jnp.max(x, axis=1),
+      jnp.sum(x.astype(jnp.int32), axis=1),
+  )
+  low, high, total = (p.reshape(batch, group, channels) for p in partial)
+  return jnp.min(low, axis=1), jnp.max(high, axis=1), jnp.sum(total, axis=1)
+
+
+def _auto_contrast_lut(low: jax.Array, high: jax.Array) -> jax.Array:
+  """Tables stretching each channel's `[low, high]` to [0, 255]: `[B, 3, 256]`.
+
+  Args:
+    low: the channels' minima, `[B, 3]`.
+    high: their maxima, `[B, 3]`.
+  """
+  low = low.astype(jnp.float32)[..., None]
+  high = high.astype(jnp.float32)[..., None]
   spread = high > low
   scale = jnp.where(spread, 255.0 / jnp.maximum(high - low, 1.0), 1.0)
   offset = jnp.where(spread, -_product(scale, low), 0.0)
   return _product(scale, _levels()) + offset
 
 
-def _mean_luma(images: jax.Array) -> jax.Array:
-  """Rounded mean luma of each image (the luma of the channel means): `[B]`."""
-  height, width = images.shape[1:3]
-  sums = jnp.sum(images.astype(jnp.int32), axis=(1, 2)).astype(jnp.float32)
-  means = _divide(sums, float(height * width))
+def _mean_luma(sums: jax.Array, pixels: int) -> jax.Array:
+  """Rounded mean luma of each image (the luma of the channel means): `[B]`.
+
+  Args:
+    sums: the channels' int32 sums, `[B, 3]`.
+    pixels: pixels per image.
+  """
+  means = _divide(sums.astype(jnp.float32), float(pixels))
   # TF adds the three rounded products in order.
   weighted = _unfused(means * jnp.array(_LUMA, jnp.float32))
   return jnp.round(weighted[..., 0] + weighted[..., 1] + weighted[..., 2])
@@ -516,7 +550,9 @@ def color(image: jax.Array, factor) -> jax.Array:
 def contrast(image: jax.Array, factor) -> jax.Array:
   """0 gives a flat image at the mean luma, 1 the image."""
   images = jnp.asarray(image)[None]
-  lut = _contrast_lut(_mean_luma(images), _scalar(factor, jnp.float32)[None])
+  _, _, sums = _channel_stats(images)
+  mean = _mean_luma(sums, images.shape[1] * images.shape[2])
+  lut = _contrast_lut(mean, _scalar(factor, jnp.float32)[None])
   return _apply_lut(images, lut)[0]
 
 
@@ -534,7 +570,8 @@ def sharpness(image: jax.Array, factor) -> jax.Array:
 def auto_contrast(image: jax.Array) -> jax.Array:
   """Stretches each channel to span [0, 255] (flat channels unchanged)."""
   images = jnp.asarray(image)[None]
-  return _apply_lut(images, _auto_contrast_lut(images))[0]
+  low, high, _ = _channel_stats(images)
+  return _apply_lut(images, _auto_contrast_lut(low, high))[0]
 
 
 def equalize(image: jax.Array) -> jax.Array:
@@ -701,8 +738,9 @@ def _layer(images, op_index, apply, sign, cutout_centre, magnitude: float):
     return jnp.full([1], value, dtype)
 
   histogram = _histogram(_lut_index(images), active=is_op('Equalize'))
+  low, high, sums = _channel_stats(images)
   tables = {
-      'AutoContrast': _auto_contrast_lut(images),
+      'AutoContrast': _auto_contrast_lut(low, high),
       'Equalize': _equalize_lut(histogram),
       'Invert': _invert_lut(),
       'Posterize': _posterize_lut(
@@ -712,7 +750,7 @@ def _layer(images, op_index, apply, sign, cutout_centre, magnitude: float):
       'SolarizeAdd': _solarize_add_lut(
           constant(_solarize_addition(magnitude)), constant(128)
       ),
-      'Contrast': _contrast_lut(_mean_luma(images), factor),
+      'Contrast': _contrast_lut(_mean_luma(sums, height * width), factor),
       'Brightness': _brightness_lut(factor),
   }
   slot = jnp.zeros_like(op)  # Slot 0: the identity table.
