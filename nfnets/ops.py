@@ -23,8 +23,6 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
-Padding = Union[str, Sequence[tuple[int, int]]]
-
 
 def pair(value: Union[int, Sequence[int]], what: str) -> tuple[int, int]:
   """`(value, value)` for an int, else the pair; both positive (`what` errs)."""
@@ -40,17 +38,15 @@ def explicit_padding(
     spatial: Sequence[int],
     window: Sequence[int],
     strides: Sequence[int],
-    padding: Padding,
+    padding: str,
 ) -> tuple[tuple[int, int], ...]:
   """`((low, high), ...)` per spatial dimension, as XLA pads 'SAME'/'VALID'."""
-  if isinstance(padding, str):
-    if padding not in ('SAME', 'VALID'):
-      raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}.")
-    return tuple(
-        tuple(p)
-        for p in jax.lax.padtype_to_pads(spatial, window, strides, padding)
-    )
-  return tuple((int(lo), int(hi)) for lo, hi in padding)
+  if padding not in ('SAME', 'VALID'):
+    raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}.")
+  return tuple(
+      tuple(p)
+      for p in jax.lax.padtype_to_pads(spatial, window, strides, padding)
+  )
 
 
 def _output_size(padded: int, window: int, stride: int) -> int:
@@ -177,8 +173,6 @@ def max_pool(
   strides = pair(strides, 'strides')
   if window[0] * window[1] > 256:
     raise ValueError(f'max_pool window {window} has more than 256 taps.')
-  if padding not in ('SAME', 'VALID'):
-    raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}.")
   x = jnp.asarray(x)
   if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(
