@@ -282,11 +282,7 @@ def main(argv=None):
     # The runner's augmentation (`full` mode) is a program of its own that
     # runs before each step; compiled here too, for its HLO.
     augment_compiled = (
-        jax.pmap(
-            train.device_augment_fn(config.data, seed=0),
-            axis_name=train.AXIS_NAME,
-            in_axes=(0, None),
-        )
+        train.pmap_device_augment(config.data, seed=0)
         .lower(raw_batch, np.int32(0))
         .compile()
     )

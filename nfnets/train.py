@@ -512,17 +512,17 @@ def _save_config(config, workdir):
     f.write(config.to_json_best_effort(indent=2))
 
 
-def device_augment_fn(data_cfg, seed: int):
-  """The per-device function `make_device_augment` pmaps, or None.
+def pmap_device_augment(data_cfg, seed: int):
+  """The pmapped augmentation `make_device_augment` calls, or None.
 
   Args:
     data_cfg: the resolved data config.
     seed: the run's seed.
 
   Returns:
-    `augment(host_batch, step) -> device batch`, to run under `jax.pmap`
-    with `axis_name=AXIS_NAME` and `in_axes=(0, None)` (the step is shared),
-    or None on the host path.
+    `augment(host_batch, step)`, pmapped over the local devices with the
+    int32 `step` shared by all of them (`.lower()` gives its HLO), or None
+    on the host path.
   """
   if not data.augments_on_device(data_cfg):
     return None
@@ -541,7 +541,7 @@ def device_augment_fn(data_cfg, seed: int):
     )
     return finish(batch['images'], batch['labels'], key)
 
-  return augment
+  return jax.pmap(augment, axis_name=AXIS_NAME, in_axes=(0, None))
 
 
 def make_device_augment(data_cfg, seed: int):
@@ -561,10 +561,9 @@ def make_device_augment(data_cfg, seed: int):
     `augment(host_batch, step) -> device batch` (the dict `train_step`
     takes, sharded over the local devices), or None on the host path.
   """
-  augment = device_augment_fn(data_cfg, seed)
-  if augment is None:
+  pmapped = pmap_device_augment(data_cfg, seed)
+  if pmapped is None:
     return None
-  pmapped = jax.pmap(augment, axis_name=AXIS_NAME, in_axes=(0, None))
   return lambda batch, step: pmapped(batch, np.int32(step))
 
 
