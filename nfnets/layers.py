@@ -294,14 +294,8 @@ class WSConv2D(hk.Module):
     if scale is not None:
       w = w * scale
     w = w.astype(x.dtype)
-    out = jax.lax.conv_general_dilated(
-        x,
-        w,
-        window_strides=self.stride,
-        padding=self.padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=self.feature_group_count,
-    )
+    # The stems' stride-2 convs of RGB images run as space-to-depth convs.
+    out = ops.conv2d(x, w, self.stride, self.padding, self.feature_group_count)
     if not self.with_bias:
       return out
     bias = hk.get_parameter(
