@@ -10,12 +10,17 @@
 #     --python-version 3.12 --implementation cp -d .whl \
 #     dm-haiku==0.0.17 jmp==0.0.4 ml-collections==1.1.0 tensorboardX==2.6.5
 #
-# then, with `.whl` carried, run `bash benchmarks/gpu_session.sh throughput`
-# there with a timeout of ~560 s (~9 of a session's 15 device minutes; on a
-# cold machine it takes ~8.5), and right after it, while the machine is
-# still warm and its compilation cache full, `bash benchmarks/gpu_session.sh
-# profile` (~1-2 minutes). `all` runs both in one call, which fits only a
-# warm cache. Each benchmark has its own time limit, so an overrun still
+# To compare with an earlier commit in the same call, put its tree in the
+# ignored folder .base (e.g. `git archive 88af882 | tar -x -C .base`).
+#
+# Then, with `.whl` (and `.base`) carried, run `bash benchmarks/gpu_session.sh
+# ablate` (~4.5 minutes cold: F0 minimal for this tree, for .base, and
+# without donating the state), and right after it, while the machine is
+# still warm, `bash benchmarks/gpu_session.sh throughput` (~6 minutes: the
+# thesis pair, then F0 minimal, from the cache, and full; `--timm` in
+# TIMM=1 adds timm's dm_nfnet_f0, ~1.5 minutes), each with a timeout of at
+# most ~560 s; `profile` (~1-2 minutes) if time is left. `all` runs
+# throughput and profile in one call, which fits only a warm cache. Each benchmark has its own time limit, so an overrun still
 # returns the lines printed so far. Output: $OUT (or /tmp/gpu_session) holds
 # gpu.txt, one .jsonl per benchmark (the same lines go to stdout),
 # stderr.log and f0/ (Perfetto traces and optimized HLO of F0's full step
@@ -49,26 +54,42 @@ log="${out}/stderr.log"
 # Records a step that failed or ran out of time (timeout exits 124).
 check() { local rc=$?; ((rc)) && echo "step '$1' exited ${rc}" | tee -a "${log}"; }
 
-what="${1:-all}"  # throughput, profile or all
-case "${what}" in throughput | profile | all) ;;
-  *) echo "usage: $0 [throughput|profile|all]" >&2; exit 2 ;;
+what="${1:-all}"  # ablate, throughput, profile or all
+case "${what}" in ablate | throughput | profile | all) ;;
+  *) echo "usage: $0 [ablate|throughput|profile|all]" >&2; exit 2 ;;
 esac
+timm_flag=--no_timm
+[[ "${TIMM:-0}" == 1 ]] && timm_flag=
+
+if [[ "${what}" == ablate ]]; then
+  # NFNet-F0 minimal three ways, each in its own process on this machine:
+  # this tree, the tree in .base, and this tree with fresh output buffers.
+  f0=(timeout 120 "${python}" benchmarks/train_throughput.py --modes=minimal
+    --no_timm)
+  "${f0[@]}" 2>>"${log}" | tee "${out}/ablate_head.jsonl"; check head
+  if [[ -d .base ]]; then
+    (cd .base && "${f0[@]}") 2>>"${log}" | tee "${out}/ablate_base.jsonl"
+    check base
+  fi
+  "${f0[@]}" --no_donate 2>>"${log}" | tee "${out}/ablate_no_donate.jsonl"
+  check no_donate
+fi
 
 # On a cold H100 each of our measurements takes ~90 s in its own process
 # (JAX start, model init, 50-60 s of compiling with XLA's autotuning of
 # every convolution), so the steps below are ordered by what they settle
 # and each has its own time limit.
-if [[ "${what}" != profile ]]; then
+if [[ "${what}" == throughput || "${what}" == all ]]; then
   # The thesis pair first: NF-ResNet-50 vs BN-ResNet-50, 224 px, batch 256.
   timeout 240 "${python}" benchmarks/train_throughput.py --modes= --no_timm \
     --thesis 2>>"${log}" | tee "${out}/thesis.jsonl"; check thesis
-  # NFNet-F0 minimal and full at 192 px, batch 256, bf16; timm's
-  # dm_nfnet_f0 beside them.
-  timeout 290 "${python}" benchmarks/train_throughput.py \
+  # NFNet-F0 minimal and full at 192 px, batch 256, bf16 (and timm's
+  # dm_nfnet_f0 beside them with TIMM=1).
+  timeout 290 "${python}" benchmarks/train_throughput.py ${timm_flag} \
     2>>"${log}" | tee "${out}/train_throughput.jsonl"; check throughput
 fi
 
-if [[ "${what}" != throughput ]]; then
+if [[ "${what}" == profile || "${what}" == all ]]; then
   # Where F0's full step and the on-device augmentation before it spend
   # their time, per HLO instruction and kind (traces and HLO in $OUT/f0 for
   # ui.perfetto.dev); reuses the executables compiled above when the
@@ -80,7 +101,8 @@ fi
 
 echo '--- summary'
 grep -h -E '"(comparison|kind": "summary)' "${out}"/*.jsonl
-cat "${out}"/thesis.jsonl "${out}"/train_throughput.jsonl 2>/dev/null |
-  grep -h -o -E '"impl": "[^"]*", "mode": "[a-z]*", "model": "[a-z0-9_]*"|"images_per_s": [0-9.]*|"peak_memory_gib": [0-9.a-z]*|"error": "[^"]*"' |
+cat "${out}"/ablate_*.jsonl "${out}"/thesis.jsonl \
+  "${out}"/train_throughput.jsonl 2>/dev/null |
+  grep -h -o -E '"impl": "[^"]*", "mode": "[a-z]*", "model": "[a-z0-9_]*"|"donate": [a-z]*|"images_per_s": [0-9.]*|"peak_memory_gib": [0-9.a-z]*|"error": "[^"]*"' |
   paste -sd' ' | sed 's/"impl"/\n"impl"/g'
 tail -5 "${log}"

@@ -131,8 +131,15 @@ def _config(model, batch, image_size, dtype):
   return config
 
 
-def build_step(model, batch, image_size, dtype, mode, num_classes=1000):
-  """(pmapped step, replicated state, device batch, config) for one setup."""
+def build_step(
+    model, batch, image_size, dtype, mode, num_classes=1000, donate=True
+):
+  """(pmapped step, replicated state, device batch, config) for one setup.
+
+  `donate=False` gives the step fresh output buffers instead of the state's,
+  which the runner does not do: an experiment, since XLA copies the outputs
+  it cannot write in place into the donated buffers.
+  """
   config = _config(model, batch, image_size, dtype)
   forward = train.create_model(config, num_classes)
   agc_cfg = config.optimizer.agc
@@ -177,7 +184,7 @@ def build_step(model, batch, image_size, dtype, mode, num_classes=1000):
           **kwargs,
       ),
       axis_name=train.AXIS_NAME,
-      donate_argnums=(0,),
+      donate_argnums=(0,) if donate else (),
   )
   state = train.create_train_state(
       jax.random.PRNGKey(0), forward, optimizer, image_size
@@ -231,10 +238,12 @@ def _peak_memory_gib():
   return max(peaks) / 2**30
 
 
-def time_ours(model, batch, image_size, dtype, mode, steps, warmup):
+def time_ours(
+    model, batch, image_size, dtype, mode, steps, warmup, donate=True
+):
   """Measures one (model, mode) setup; returns the JSON record."""
   step_fn, state, device_batch, config, augment, raw_batch = build_step(
-      model, batch, image_size, dtype, mode
+      model, batch, image_size, dtype, mode, donate=donate
   )
   start = time.perf_counter()
   step_fn = step_fn.lower(state, device_batch).compile()
@@ -272,6 +281,7 @@ def time_ours(model, batch, image_size, dtype, mode, steps, warmup):
       impl='nfnets-jax',
       mode=mode,
       model=model,
+      donate=donate,
       batch=batch,
       image_size=image_size,
       dtype=dtype,
@@ -375,6 +385,7 @@ def _measure(job: dict) -> dict | None:
       job['mode'],
       job['steps'],
       job['warmup'],
+      job.get('donate', True),
   )
 
 
@@ -438,6 +449,11 @@ def main(argv=None):
   parser.add_argument('--thesis_image_size', type=int, default=None)
   parser.add_argument('--no_timm', action='store_true')
   parser.add_argument(
+      '--no_donate',
+      action='store_true',
+      help="our steps don't donate the state (an experiment; see build_step)",
+  )
+  parser.add_argument(
       '--isolate',
       default='auto',
       choices=['auto', 'yes', 'no'],
@@ -481,6 +497,8 @@ def main(argv=None):
 
   def measure(job):
     job = dict(job, **common)
+    if args.no_donate and job['impl'] == 'nfnets-jax':
+      job['donate'] = False
     record = _measure_isolated(job) if isolate else _measure(job)
     if record is not None:
       print(json.dumps(record), flush=True)
