@@ -80,6 +80,37 @@ def test_ws_output_equals_lax_conv_with_standardized_kernel(groups):
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
+def _autodiff_standardize(w, gain, eps=1e-4):
+  # The forward formula, differentiated by JAX.
+  axes = tuple(range(w.ndim - 1))
+  fan_in = np.prod(w.shape[:-1])
+  mean = jnp.mean(w, axis=axes, keepdims=True)
+  var = jnp.var(w, axis=axes, keepdims=True)
+  return (w - mean) * jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
+
+
+@pytest.mark.parametrize('shape', [(3, 3, 16, 6), (1, 1, 32, 6), (20, 6)])
+def test_ws_written_out_gradient_matches_autodiff(shape):
+  rng = np.random.default_rng(len(shape) * 10 + shape[-2])
+  w = rng.standard_normal(shape) * 0.1 + 0.05
+  w[..., 0] = 0.0  # eps floors this channel's variance: no variance term
+  w[..., 1] *= 1e-3  # and nearly floors this one
+  w = jnp.asarray(w, jnp.float32)
+  gain = jnp.asarray(rng.uniform(0.5, 2.0, shape[-1:]), jnp.float32)
+  g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  out, vjp = jax.vjp(layers.standardize_weight, w, gain)
+  want, want_vjp = jax.vjp(_autodiff_standardize, w, gain)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+  for got, expected in zip(vjp(g), want_vjp(g)):
+    scale = float(jnp.max(jnp.abs(expected)))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_ws_rejects_gain_of_the_wrong_shape():
+  with pytest.raises(ValueError, match='gain'):
+    layers.standardize_weight(jnp.ones((3, 3, 4, 8)), jnp.ones((4,)))
+
+
 def test_ws_follows_input_dtype_with_float32_params():
   t = hk.transform(lambda x: layers.WSConv2D(4, 3)(x))
   x = jnp.ones((1, 5, 5, 3), jnp.float32)
