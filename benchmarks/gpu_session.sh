@@ -13,18 +13,22 @@
 # To compare with an earlier commit in the same call, put its tree in the
 # ignored folder .base (e.g. `git archive 88af882 | tar -x -C .base`).
 #
-# Then, with `.whl` (and `.base`) carried, run `bash benchmarks/gpu_session.sh
-# ablate` (~4.5 minutes cold: F0 minimal for this tree, for .base, and
-# without donating the state), and right after it, while the machine is
-# still warm, `bash benchmarks/gpu_session.sh throughput` (~6 minutes: the
-# thesis pair, then F0 minimal, from the cache, and full; `--timm` in
-# TIMM=1 adds timm's dm_nfnet_f0, ~1.5 minutes), each with a timeout of at
-# most ~560 s; `profile` (~1-2 minutes) if time is left. `all` runs
-# throughput and profile in one call, which fits only a warm cache. Each benchmark has its own time limit, so an overrun still
-# returns the lines printed so far. Output: $OUT (or /tmp/gpu_session) holds
+# Then, with `.whl` (and `.base`) carried, run, each with a timeout of at
+# most ~560 s and one right after the other while the machine is warm:
+#   `bash benchmarks/gpu_session.sh ablate` (~4.5 minutes cold): F0 minimal
+#     for this tree, for .base, and without donating the state;
+#   `bash benchmarks/gpu_session.sh throughput` (~6 minutes): the thesis
+#     pair, then F0 minimal (from the cache) and full; TIMM=1 adds timm's
+#     dm_nfnet_f0 (~1.5 minutes);
+#   `bash benchmarks/gpu_session.sh profile` (~2-4 minutes), if time is
+#     left: F0 full, then NF-ResNet-50.
+# `all` runs throughput and profile in one call, which fits only a warm
+# cache. Each benchmark has its own time limit, so an overrun still returns
+# the lines printed so far. Output: $OUT (or /tmp/gpu_session) holds
 # gpu.txt, one .jsonl per benchmark (the same lines go to stdout),
-# stderr.log and f0/ (Perfetto traces and optimized HLO of F0's full step
-# and of the augmentation; the step's trace may be too large to fetch).
+# stderr.log, f0/ (Perfetto traces and optimized HLO of F0's full step
+# and of the augmentation; the step's trace may be too large to fetch) and
+# nfr50/ (the same for NF-ResNet-50's minimal step).
 # On a CPU (PYTHON=.venv/bin/python) the benchmarks pick tiny defaults.
 set -uo pipefail
 out="${OUT:-/tmp/gpu_session}"
@@ -97,6 +101,12 @@ if [[ "${what}" == profile || "${what}" == all ]]; then
   timeout 150 "${python}" benchmarks/profile_step.py --mode=full --top=40 \
     --out_dir="${out}/f0" 2>>"${log}" | tee "${out}/profile.jsonl"
   check profile_f0
+  # NF-ResNet-50's minimal step, never profiled yet: what stands between it
+  # and 1.2x BN-ResNet-50.
+  timeout 150 "${python}" benchmarks/profile_step.py --model=nf_resnet50 \
+    --image_size=224 --top=40 --out_dir="${out}/nfr50" 2>>"${log}" |
+    tee "${out}/profile_nfr50.jsonl"
+  check profile_nfr50
 fi
 
 echo '--- summary'

@@ -184,6 +184,10 @@ def resolve_op(event: dict, hlo: dict) -> str:
   return op
 
 
+# Kernels shorter than this (microseconds) are counted apart in summaries.
+SMALL_KERNEL_US = 5.0
+
+
 def summarize(events, hlo, steps, top):
   """(summary dict, top list) from kernel events and the parsed HLO."""
   per_op = collections.defaultdict(lambda: [0.0, 0])
@@ -195,10 +199,14 @@ def summarize(events, hlo, steps, top):
     per_category[hlo.get(op, ('unmapped', ''))[0]] += e['dur']
   kernel_us = sum(v[0] for v in per_op.values())
   busy_us = _union_length((e['ts'], e['ts'] + e['dur']) for e in events)
+  small = [e['dur'] for e in events if e['dur'] < SMALL_KERNEL_US]
   summary = dict(
       kernel_ms_per_step=round(kernel_us / steps / 1000, 3),
       device_busy_ms_per_step=round(busy_us / steps / 1000, 3),
       kernels_per_step=round(len(events) / steps, 1),
+      # Kernels too short to be worth their launch: per-parameter work.
+      small_kernels_per_step=round(len(small) / steps, 1),
+      small_kernels_ms_per_step=round(sum(small) / steps / 1000, 3),
       categories_ms_per_step={
           k: round(v / steps / 1000, 3) for k, v in per_category.most_common()
       },

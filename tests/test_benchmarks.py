@@ -105,6 +105,9 @@ def test_profile_step_attributes_gpu_kernels_to_hlo_kinds():
   assert summary['kernel_ms_per_step'] == 0.024
   # Busy time is the union of the (overlapping) kernel intervals.
   assert summary['device_busy_ms_per_step'] == 0.019
+  # The 4 us reduction is the one kernel under SMALL_KERNEL_US.
+  assert summary['small_kernels_per_step'] == 1
+  assert summary['small_kernels_ms_per_step'] == 0.004
   assert summary['categories_ms_per_step'] == {
       'conv_forward': 0.01,
       'elementwise_fusion': 0.01,
