@@ -17,9 +17,9 @@
 # most ~560 s and one right after the other while the machine is warm:
 #   `bash benchmarks/gpu_session.sh ablate` (~4.5 minutes cold): F0 minimal
 #     for this tree, for .base, and without donating the state;
-#   `bash benchmarks/gpu_session.sh throughput` (~6 minutes): the thesis
-#     pair, then F0 minimal (from the cache) and full; TIMM=1 adds timm's
-#     dm_nfnet_f0 (~1.5 minutes);
+#   `bash benchmarks/gpu_session.sh throughput` (~7 minutes): the thesis
+#     pair, then F0 minimal (from the cache), full_step and full; TIMM=1
+#     adds timm's dm_nfnet_f0 (~1.5 minutes);
 #   `bash benchmarks/gpu_session.sh profile` (~2-4 minutes), if time is
 #     left: F0 full, then NF-ResNet-50.
 # `all` runs throughput and profile in one call, which fits only a warm
@@ -87,8 +87,8 @@ if [[ "${what}" == throughput || "${what}" == all ]]; then
   # The thesis pair first: NF-ResNet-50 vs BN-ResNet-50, 224 px, batch 256.
   timeout 240 "${python}" benchmarks/train_throughput.py --modes= --no_timm \
     --thesis 2>>"${log}" | tee "${out}/thesis.jsonl"; check thesis
-  # NFNet-F0 minimal and full at 192 px, batch 256, bf16 (and timm's
-  # dm_nfnet_f0 beside them with TIMM=1).
+  # NFNet-F0 minimal, full_step and full at 192 px, batch 256, bf16 (and
+  # timm's dm_nfnet_f0 beside them with TIMM=1).
   timeout 290 "${python}" benchmarks/train_throughput.py ${timm_flag} \
     2>>"${log}" | tee "${out}/train_throughput.jsonl"; check throughput
 fi

@@ -263,7 +263,9 @@ def main(argv=None):
   parser.add_argument(
       '--dtype', default=None, choices=['bfloat16', 'float32', 'float16']
   )
-  parser.add_argument('--mode', default='minimal', choices=['minimal', 'full'])
+  parser.add_argument(
+      '--mode', default='minimal', choices=train_throughput.MODES
+  )
   parser.add_argument('--steps', type=int, default=3, help='traced steps')
   parser.add_argument('--timed_steps', type=int, default=10)
   parser.add_argument('--top', type=int, default=25)

@@ -9,14 +9,17 @@ XLA's planned temporary memory, which the CPU reports too) and model FLOPs
 utilization (3 x forward FLOPs per image / the device's peak).
 
 Modes:
-  minimal  forward/backward + AGC + SGD-Nesterov: the work peers'
-           benchmarks time.
-  full     everything experiment.py does per step: the config's optimizer
-           chain (AGC, masked weight decay, schedule), EMA, label smoothing,
-           MixUp/CutMix labels and the logged norms, plus the on-device
-           augmentation that runs before each step by default (RandAugment
-           at the variant's layers/magnitude, MixUp/CutMix, normalisation;
-           `device_augment` in the record).
+  minimal    forward/backward + AGC + SGD-Nesterov: the work peers'
+             benchmarks time.
+  full_step  the runner's train step as configured: the config's optimizer
+             chain (AGC, masked weight decay, schedule), EMA, label
+             smoothing, MixUp/CutMix labels and the logged norms, on a
+             batch that is ready.
+  full       everything experiment.py does per step on an accelerator:
+             `full_step` plus the on-device augmentation that runs before
+             each step by default (RandAugment at the variant's
+             layers/magnitude, MixUp/CutMix, normalisation;
+             `device_augment` in the record).
 
 With torch and timm importable (and a CUDA device), the same run also times
 timm's `dm_nfnet_f0` (channels_last, bf16 autocast, SGD with timm's AGC) and
@@ -29,8 +32,9 @@ reservation leaves timm the whole device.
     python benchmarks/train_throughput.py --model=nfnet_f1 --batch=128
     python benchmarks/train_throughput.py --thesis         # NF vs BN ResNet-50
 
-Defaults: on an accelerator nfnet_f0, 192 px, global batch 256, bf16, both
-modes; on a CPU nfnet_tiny, 32 px, batch 8, float32 (well under 2 minutes).
+Defaults: on an accelerator nfnet_f0, 192 px, global batch 256, bf16, all
+three modes; on a CPU nfnet_tiny, 32 px, batch 8, float32 (well under 2
+minutes).
 """
 
 import argparse
@@ -75,6 +79,8 @@ PEAK_FLOPS = {
 # every step would add the host's dispatch latency to each one (~2 ms for
 # F0 on an H100, where the device is busy 43.7 ms per step).
 SYNC_EVERY = 5
+
+MODES = ('minimal', 'full_step', 'full')
 
 
 def median_step_seconds(run_steps, steps: int) -> float:
@@ -140,6 +146,8 @@ def build_step(
   which the runner does not do: an experiment, since XLA copies the outputs
   it cannot write in place into the donated buffers.
   """
+  if mode not in MODES:
+    raise ValueError(f'Unknown mode {mode!r}; valid: {MODES}.')
   config = _config(model, batch, image_size, dtype)
   forward = train.create_model(config, num_classes)
   agc_cfg = config.optimizer.agc
@@ -437,7 +445,7 @@ def main(argv=None):
   parser.add_argument(
       '--dtype', default=None, choices=['bfloat16', 'float32', 'float16']
   )
-  parser.add_argument('--modes', default='minimal,full')
+  parser.add_argument('--modes', default=','.join(MODES))
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument(
@@ -470,8 +478,8 @@ def main(argv=None):
   if args.steps < 1 or args.warmup < 0:
     parser.error('--steps must be >= 1 and --warmup >= 0')
   for mode in [m for m in args.modes.split(',') if m]:
-    if mode not in ('minimal', 'full'):
-      parser.error(f'unknown mode {mode!r}: use minimal and/or full')
+    if mode not in MODES:
+      parser.error(f'unknown mode {mode!r}: use some of {MODES}')
 
   # Where children measure, this process only looks at the devices, so it
   # must not reserve their memory first. The variable matters only while
@@ -523,12 +531,13 @@ def main(argv=None):
   records = {}
   for mode in [m for m in args.modes.split(',') if m]:
     records[mode] = ours(model, mode, batch, size)
-  if 'minimal' in records and 'full' in records:
-    compare(
-        'full_vs_minimal',
-        _ratio(records['full'], records['minimal']),
-        model=model,
-    )
+  for mode in ('full_step', 'full'):
+    if 'minimal' in records and mode in records:
+      compare(
+          f'{mode}_vs_minimal',
+          _ratio(records[mode], records['minimal']),
+          model=model,
+      )
   if not args.no_timm and model == 'nfnet_f0' and on_accelerator:
     theirs = measure(dict(impl='timm', batch=batch, image_size=size))
     if theirs is not None and 'minimal' in records:

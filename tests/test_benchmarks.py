@@ -37,6 +37,13 @@ def test_train_throughput_prints_json_lines(capsys):
     assert record['xla_temp_gib'] > 0 and record['xla_args_gib'] > 0
 
 
+def test_train_throughput_rejects_an_unknown_mode():
+  with pytest.raises(ValueError, match='full_step'):
+    train_throughput.build_step('nfnet_tiny', 8, 32, 'float32', 'fast')
+  with pytest.raises(SystemExit):
+    train_throughput.main(['--modes=minimal,fast'])
+
+
 @pytest.mark.parametrize('donate', [True, False])
 def test_train_throughput_donates_the_state_unless_told_not_to(donate):
   step_fn, state, batch, *_ = train_throughput.build_step(
