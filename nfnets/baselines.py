@@ -185,7 +185,10 @@ class ResBlockV2(hk.Module):
   def _norm_act(self, bn, x, is_training):
     if bn is not None:
       x = bn(x, is_training=is_training)
-    return jax.nn.relu(x)
+    # Its output feeds a conv, which keeps it for its own gradient anyway; so
+    # the relu's gradient reads that rather than keeping a mask of its input.
+    # Without BatchNorm, conv and relu also run as one cuDNN call on GPUs.
+    return layers.relu_keeping_output(x)
 
   def __call__(
       self, x: jax.Array, *, is_training: bool, with_stats: bool = False

@@ -115,14 +115,88 @@ def nonlinearity(name: str, gamma: Optional[float] = None) -> Activation:
       # A Python float keeps bfloat16 inputs in bfloat16.
       return fn(x) * gamma
 
-  if name in _MASK_GRADIENT:
-    return scaled
-  # Recomputed in the backward pass from its input (which the backward pass
-  # keeps anyway): GELU's gradient would otherwise keep its tanh as well, a
-  # second activation-sized tensor per call, written in the forward pass and
-  # read back in the backward one. The recomputation is elementwise and fuses
-  # into the backward kernels.
-  return jax.checkpoint(scaled)
+  if name not in _MASK_GRADIENT:
+    # Recomputed in the backward pass from its input (which the backward
+    # pass keeps anyway): GELU's gradient would otherwise keep its tanh as
+    # well, a second activation-sized tensor per call, written in the
+    # forward pass and read back in the backward one. The recomputation is
+    # elementwise and fuses into the backward kernels.
+    scaled = jax.checkpoint(scaled)
+  return _ScaledActivation(name, gamma, scaled)
+
+
+class _ScaledActivation:
+  """`x -> gamma * g(x)`, knowing its `name` and `gamma` (see `conv_act`)."""
+
+  def __init__(self, name: str, gamma: float, fn: Activation):
+    self.name, self.gamma, self._fn = name, gamma, fn
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self._fn(x)
+
+  def __repr__(self):
+    return f'nonlinearity({self.name!r}, gamma={self.gamma})'
+
+
+@jax.custom_vjp
+def relu_keeping_output(x: jax.Array) -> jax.Array:
+  """`jax.nn.relu` whose backward pass reads its output, not its input.
+
+  The gradient mask `y > 0` equals `x > 0`, so the pre-activation has no
+  other use than this relu. When it comes straight from a convolution (and
+  its bias), XLA's GPU compiler can then run conv, bias and relu as one cuDNN
+  call, which writes only the activation: one full pass over it less in the
+  forward pass, and one activation-sized tensor less kept for the backward
+  pass. (`jax.nn.relu` keeps a mask of its input, a second use of the
+  pre-activation that rules the fusion out.) Reverse mode only.
+  """
+  return jnp.maximum(x, jnp.zeros((), x.dtype))
+
+
+def _relu_keeping_output_fwd(x):
+  y = relu_keeping_output(x)
+  return y, y
+
+
+def _relu_keeping_output_bwd(y, g):
+  return (jnp.where(y > 0, g, jnp.zeros_like(g)),)
+
+
+relu_keeping_output.defvjp(_relu_keeping_output_fwd, _relu_keeping_output_bwd)
+
+
+def conv_act(
+    conv: Callable[..., jax.Array],
+    x: jax.Array,
+    activation: Activation,
+    input_scale: Optional[float] = None,
+) -> jax.Array:
+  """`activation(conv(x))`, as one cuDNN call where the activation allows.
+
+  For the gamma-scaled relu, `gamma * relu(z) = relu(gamma * z)` (gamma > 0),
+  and `gamma` folds into the conv's kernel and bias (`WSConv2D`'s `scale`):
+  what is left is conv, bias and a plain relu, which XLA fuses on GPUs (see
+  `relu_keeping_output`). The same function up to rounding; any other
+  activation is applied as it is.
+
+  Args:
+    conv: a `WSConv2D` (anything taking `(x, scale=..., input_scale=...)`).
+    x: its input.
+    activation: from `nonlinearity`, or any elementwise function.
+    input_scale: passed to the conv: a constant factor of its input.
+
+  Returns:
+    The activation of the conv's output.
+  """
+  if folds_into_conv(activation):
+    out = conv(x, scale=activation.gamma, input_scale=input_scale)
+    return relu_keeping_output(out)
+  return activation(conv(x, input_scale=input_scale))
+
+
+def folds_into_conv(activation: Activation) -> bool:
+  """Whether `activation` is `gamma * relu` with `gamma > 0` (see `conv_act`)."""
+  return getattr(activation, 'name', None) == 'relu' and activation.gamma > 0
 
 
 def compute_gamma(
@@ -315,7 +389,10 @@ class WSConv2D(hk.Module):
     return standardize_weight(w, gain, self.eps)
 
   def __call__(
-      self, x: jax.Array, scale: Optional[jax.Array] = None
+      self,
+      x: jax.Array,
+      scale: Optional[jax.Array] = None,
+      input_scale: Optional[float] = None,
   ) -> jax.Array:
     """Applies the conv to `x` of shape `[N, H, W, C]`; returns `[N, H', W', O]`.
 
@@ -326,6 +403,8 @@ class WSConv2D(hk.Module):
         rounding), so a scalar gain after the conv costs no pass over the
         activation, and its gradient comes from weight-sized tensors rather
         than from a saved copy of the output.
+      input_scale: an optional constant that multiplies the input, applied
+        to the kernel alone, for the same reasons.
     """
     check_nhwc(x, self.module_name)
     in_channels = x.shape[-1]
@@ -337,6 +416,8 @@ class WSConv2D(hk.Module):
     w = self.kernel(in_channels)
     if scale is not None:
       w = w * scale
+    if input_scale is not None:
+      w = w * input_scale
     w = w.astype(x.dtype)
     # The stems' stride-2 convs of RGB images run as space-to-depth convs.
     out = ops.conv2d(x, w, self.stride, self.padding, self.feature_group_count)

@@ -198,10 +198,20 @@ class NFResBlock(hk.Module):
       self, x: jax.Array, *, is_training: bool, with_stats: bool = False
   ):
     """Returns `(output, residual branch variance)`."""
-    out = self.activation(x) * self.beta
-    shortcut = self.conv_shortcut(out) if self.use_projection else x
-    out = self.conv0(out)
-    out = self.activation(self.conv1(self.activation(out)))
+    if layers.folds_into_conv(self.activation):
+      # gamma * beta * relu(x) with the factor moved into the convs' kernels:
+      # the relu's output is then what the convs keep for their gradients,
+      # and all its gradient needs (no mask of x on the side).
+      out = layers.relu_keeping_output(x)
+      in_scale = self.activation.gamma * self.beta
+    else:
+      out, in_scale = self.activation(x) * self.beta, None
+    shortcut = x
+    if self.use_projection:
+      shortcut = self.conv_shortcut(out, input_scale=in_scale)
+    # Conv, bias and relu in one cuDNN call each on GPUs (see conv_act).
+    out = layers.conv_act(self.conv0, out, self.activation, in_scale)
+    out = layers.conv_act(self.conv1, out, self.activation)
     scale = layers.skip_gain_param(self.skipinit, self.num_blocks) * self.alpha
     if self.se is None:
       return layers.scaled_conv_branch(

@@ -147,6 +147,64 @@ def test_skipinit_gain_inits(init, want):
   assert float(params['~']['skip_gain']) == pytest.approx(want)
 
 
+def test_relu_keeping_output_is_relu_with_relus_gradient_from_its_output():
+  x = jnp.asarray([-2.0, -0.0, 0.0, 0.5, 3.0], jnp.bfloat16)
+  y, vjp_fn = jax.vjp(layers.relu_keeping_output, x)
+  want, want_vjp = jax.vjp(jax.nn.relu, x)
+  np.testing.assert_array_equal(y, want)
+  g = jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0], jnp.bfloat16)
+  np.testing.assert_array_equal(vjp_fn(g)[0], want_vjp(g)[0])
+  # What the backward pass keeps is the output itself, nothing of the input.
+  (kept,) = [l for l in jax.tree_util.tree_leaves(vjp_fn) if l.shape == x.shape]
+  np.testing.assert_array_equal(kept, y)
+
+
+@pytest.mark.parametrize('name', ['relu', 'gelu', 'identity'])
+def test_conv_act_is_the_activation_of_the_conv(name):
+  act = layers.nonlinearity(name)
+
+  def f(x, fold):
+    conv = layers.WSConv2D(8, 3, name='c')
+    return layers.conv_act(conv, x, act) if fold else act(conv(x))
+
+  t = hk.transform(f)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 4))
+  params = t.init(jax.random.PRNGKey(1), x, True)
+  params['c']['bias'] = jnp.linspace(-0.5, 0.5, 8)  # so the test can fail
+  np.testing.assert_allclose(
+      t.apply(params, None, x, True),
+      t.apply(params, None, x, False),
+      rtol=1e-5,
+      atol=1e-5,
+  )
+  loss = lambda p, x, fold: jnp.sum(t.apply(p, None, x, fold) ** 2)
+  got = jax.grad(loss, (0, 1))(params, x, True)
+  want = jax.grad(loss, (0, 1))(params, x, False)
+  for g, w in zip(
+      jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+  ):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+
+
+def test_conv_act_folds_gamma_so_relu_follows_the_conv_directly():
+  # relu(conv(x, gamma * w) + gamma * b): no multiply after the relu, and the
+  # relu's input (conv plus bias) has no other use, as cuDNN fusion needs.
+  act = layers.nonlinearity('relu')
+  t = hk.transform(
+      lambda x: layers.conv_act(layers.WSConv2D(8, 1, name='c'), x, act)
+  )
+  x = jnp.ones((2, 5, 5, 4))
+  params = t.init(jax.random.PRNGKey(0), x)
+  jaxpr = jax.make_jaxpr(lambda x: t.apply(params, None, x))(x).jaxpr
+  call = jaxpr.eqns[-1]  # the output: the relu
+  assert call.outvars == jaxpr.outvars
+  relu = call.params['call_jaxpr'].jaxpr.eqns
+  assert [e.primitive.name for e in relu] == ['max']
+  (producer,) = [e for e in jaxpr.eqns if call.invars[0] in e.outvars]
+  assert producer.primitive.name == 'add'  # the bias
+  assert repr(act) == f"nonlinearity('relu', gamma={layers.GAMMAS['relu']})"
+
+
 @pytest.mark.parametrize('name', ['gelu', 'silu', 'elu', 'softplus', 'tanh'])
 def test_smooth_activation_backward_keeps_only_its_input(name):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8))

@@ -155,3 +155,35 @@ def test_batchnorm_resnet_variance_grows_linearly():
   steps = np.diff(stage)
   assert np.all(steps > 0.4) and np.all(steps < 1.2), stage
   assert steps.max() / steps.min() < 1.5, stage
+
+
+@pytest.mark.parametrize('stride,in_ch', [(1, 32), (2, 16)])
+def test_nf_resnet_block_with_relu_folded_into_its_convs_is_the_same_function(
+    stride, in_ch, monkeypatch
+):
+  # The relu blocks move gamma * beta and gamma into their convs' kernels
+  # (layers.conv_act); unfolded, they compute gamma * relu after each conv.
+  from nfnets import layers, nf_resnet  # pylint: disable=g-import-not-at-top
+
+  def block(x, is_training):
+    return nf_resnet.NFResBlock(
+        in_ch,
+        32,
+        stride=stride,
+        beta=0.7,
+        activation=layers.nonlinearity('relu'),
+        skipinit=0.5,
+        name='b',
+    )(x, is_training=is_training)[0]
+
+  t = hk.transform(block)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, in_ch))
+  params = t.init(jax.random.PRNGKey(1), x, True)
+  params = jax.tree_util.tree_map(lambda p: p + 0.05, params)  # biases too
+  loss = lambda p, x: jnp.sum(t.apply(p, None, x, False) ** 2)
+  folded = t.apply(params, None, x, False), jax.grad(loss, (0, 1))(params, x)
+  monkeypatch.setattr(layers, 'folds_into_conv', lambda activation: False)
+  plain = t.apply(params, None, x, False), jax.grad(loss, (0, 1))(params, x)
+  np.testing.assert_allclose(folded[0], plain[0], rtol=1e-5, atol=1e-5)
+  for a, b in zip(*(jax.tree_util.tree_leaves(f[1]) for f in (folded, plain))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
