@@ -16,7 +16,8 @@
 # Then, with `.whl` (and `.base`) carried, run, each with a timeout of at
 # most ~560 s and one right after the other while the machine is warm:
 #   `bash benchmarks/gpu_session.sh ablate` (~4.5 minutes cold): F0 minimal
-#     for this tree, for .base, and without donating the state;
+#     for this tree, for .base, and without donating the state
+#     (ABLATE=nf_resnet50: NF-ResNet-50's instead);
 #   `bash benchmarks/gpu_session.sh throughput` (~7 minutes): the thesis
 #     pair, then F0 minimal (from the cache), full_step and full; TIMM=1
 #     adds timm's dm_nfnet_f0 (~1.5 minutes);
@@ -66,16 +67,22 @@ timm_flag=--no_timm
 [[ "${TIMM:-0}" == 1 ]] && timm_flag=
 
 if [[ "${what}" == ablate ]]; then
-  # NFNet-F0 minimal three ways, each in its own process on this machine:
+  # A minimal step three ways, each in its own process on this machine:
   # this tree, the tree in .base, and this tree with fresh output buffers.
-  f0=(timeout 120 "${python}" benchmarks/train_throughput.py --modes=minimal
-    --no_timm)
-  "${f0[@]}" 2>>"${log}" | tee "${out}/ablate_head.jsonl"; check head
+  # ABLATE=nf_resnet50 does it for NF-ResNet-50 at 224 px instead of F0.
+  case "${ABLATE:-nfnet_f0}" in
+    nfnet_f0) model=() ;;
+    nf_resnet50) model=(--model=nf_resnet50 --image_size=224) ;;
+    *) echo "ABLATE must be nfnet_f0 or nf_resnet50" >&2; exit 2 ;;
+  esac
+  one=(timeout 120 "${python}" benchmarks/train_throughput.py --modes=minimal
+    --no_timm "${model[@]}")
+  "${one[@]}" 2>>"${log}" | tee "${out}/ablate_head.jsonl"; check head
   if [[ -d .base ]]; then
-    (cd .base && "${f0[@]}") 2>>"${log}" | tee "${out}/ablate_base.jsonl"
+    (cd .base && "${one[@]}") 2>>"${log}" | tee "${out}/ablate_base.jsonl"
     check base
   fi
-  "${f0[@]}" --no_donate 2>>"${log}" | tee "${out}/ablate_no_donate.jsonl"
+  "${one[@]}" --no_donate 2>>"${log}" | tee "${out}/ablate_no_donate.jsonl"
   check no_donate
 fi
 
