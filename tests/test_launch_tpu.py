@@ -272,9 +272,13 @@ def test_run_launch_command_starts_experiment_with_exact_args(
   code = home / "nfnets-jax"
   code.mkdir(parents=True)
   argv_file = tmp_path / "argv.json"
+  # Written whole, then renamed: the test polls for the file and must never
+  # read it half written.
+  partial = f"{argv_file}.tmp"
   (code / "experiment.py").write_text(
-      "import json, sys\n"
-      f"open({str(argv_file)!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+      "import json, os, sys\n"
+      f"open({partial!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+      f"os.replace({partial!r}, {str(argv_file)!r})\n"
   )
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
