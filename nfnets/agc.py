@@ -124,30 +124,6 @@ def _flat(arrays):
   return jnp.concatenate([a.reshape(-1) for a in arrays])
 
 
-def _clip_scales(grads, params, clipping, eps):
-  """AGC's per-unit factors for lists of gradient and parameter leaves.
-
-  The unit norms of every leaf go into one vector, so the threshold, the
-  comparison and the factor are a single small computation for the whole
-  model instead of a few launches per leaf (F0 has 233 leaves; on a GPU
-  each launch costs more than the work).
-
-  Returns:
-    `(scales, clipped)`: per leaf, the factor for each unit in the keepdims
-    shape of `unitwise_norm` (exactly 1 where the unit is not clipped), and
-    the flat bool vector of which units are clipped.
-  """
-  g_squares = [_unit_squares(g) for g in grads]
-  g_norm = jnp.sqrt(_flat(g_squares))
-  p_norm = jnp.sqrt(_flat([_unit_squares(p) for p in params]))
-  max_norm = clipping * jnp.maximum(p_norm, eps)
-  clipped = g_norm > max_norm
-  scale = jnp.where(clipped, max_norm / jnp.maximum(g_norm, _DIV_EPS), 1.0)
-  offsets = np.cumsum([s.size for s in g_squares])[:-1]
-  pieces = jnp.split(scale, offsets) if g_squares else []
-  return [p.reshape(s.shape) for p, s in zip(pieces, g_squares)], clipped
-
-
 def _check_shapes(path, grad, param):
   if jnp.shape(grad) != jnp.shape(param):
     raise ValueError(
@@ -156,8 +132,21 @@ def _check_shapes(path, grad, param):
     )
 
 
-def _clipped_leaves(grads, params, exclude):
-  """`(indices, grad leaves, param leaves, treedef)` of the clipped leaves."""
+def _clip_scales(grads, params, clipping, eps, exclude):
+  """AGC's per-unit factors for every clipped leaf of `grads`.
+
+  The unit norms of every clipped leaf go into one vector, so the threshold,
+  the comparison and the factor are a single small computation for the
+  whole model instead of a few launches per leaf (F0 has 233 leaves; on a
+  GPU each launch costs more than the work).
+
+  Returns:
+    `(treedef, leaves, chosen, scales, clipped)`: `grads`' structure and
+    leaves, the indices of the leaves AGC clips (not excluded), the factor
+    for each unit of those leaves in the keepdims shape of `unitwise_norm`
+    (exactly 1 where the unit is not clipped), and the flat bool vector of
+    which units are clipped.
+  """
   is_excluded = make_exclude_predicate(exclude)
   flat, treedef = jax.tree_util.tree_flatten_with_path(grads)
   param_leaves = treedef.flatten_up_to(params)
@@ -166,8 +155,17 @@ def _clipped_leaves(grads, params, exclude):
     _check_shapes(path, grad, param)
     if not is_excluded(path_to_str(path)):
       chosen.append(i)
-  grad_leaves = [leaf for _, leaf in flat]
-  return chosen, grad_leaves, param_leaves, treedef
+  leaves = [leaf for _, leaf in flat]
+  g_squares = [_unit_squares(leaves[i]) for i in chosen]
+  g_norm = jnp.sqrt(_flat(g_squares))
+  p_norm = jnp.sqrt(_flat([_unit_squares(param_leaves[i]) for i in chosen]))
+  max_norm = clipping * jnp.maximum(p_norm, eps)
+  clipped = g_norm > max_norm
+  scale = jnp.where(clipped, max_norm / jnp.maximum(g_norm, _DIV_EPS), 1.0)
+  offsets = np.cumsum([s.size for s in g_squares])[:-1]
+  pieces = jnp.split(scale, offsets) if g_squares else []
+  scales = [p.reshape(s.shape) for p, s in zip(pieces, g_squares)]
+  return treedef, leaves, chosen, scales, clipped
 
 
 def global_norm(tree: Any) -> jax.Array:
@@ -358,14 +356,8 @@ def adaptive_grad_clip(
           "update(updates, state, params)."
       )
 
-    chosen, grads, param_leaves, treedef = _clipped_leaves(
-        updates, params, exclude
-    )
-    scales, _ = _clip_scales(
-        [grads[i] for i in chosen],
-        [param_leaves[i] for i in chosen],
-        clipping,
-        eps,
+    treedef, grads, chosen, scales, _ = _clip_scales(
+        updates, params, clipping, eps, exclude
     )
     for i, scale in zip(chosen, scales):
       # A factor of exactly 1 leaves the unit's gradient bit for bit as it
@@ -400,16 +392,10 @@ def clipped_fraction(
     A float32 scalar in [0, 1]; 0 when no parameter is clipped at all.
   """
   _check_hyperparameters(clipping, eps)
-  chosen, grad_leaves, param_leaves, _ = _clipped_leaves(grads, params, exclude)
+  # The same computation as adaptive_grad_clip's, which XLA then shares.
+  _, _, chosen, _, clipped = _clip_scales(grads, params, clipping, eps, exclude)
   if not chosen:
     return jnp.zeros((), jnp.float32)
-  # The same computation as adaptive_grad_clip's, which XLA then shares.
-  _, clipped = _clip_scales(
-      [grad_leaves[i] for i in chosen],
-      [param_leaves[i] for i in chosen],
-      clipping,
-      eps,
-  )
   return jnp.mean(clipped.astype(jnp.float32))
 
 
