@@ -15,6 +15,9 @@
 #
 # Then, with `.whl` (and `.base`) carried, run, each with a timeout of at
 # most ~560 s and one right after the other while the machine is warm:
+#   `bash benchmarks/gpu_session.sh round` (~9 minutes cold) where one call
+#     is all the session affords: F0 minimal and full, the thesis pair, and
+#     F0 minimal for .base;
 #   `bash benchmarks/gpu_session.sh ablate` (~4.5 minutes cold): F0 minimal
 #     for this tree, for .base, and without donating the state
 #     (ABLATE=nf_resnet50: NF-ResNet-50's instead);
@@ -36,6 +39,8 @@ out="${OUT:-/tmp/gpu_session}"
 mkdir -p "${out}"
 cd "$(dirname "$0")/.." || exit 1
 python="${PYTHON:-python3}"  # PYTHON=.venv/bin/python to try it on a CPU
+# Absolute, so that the .base tree (run from its own folder) finds it too.
+[[ "${python}" == */* && "${python}" != /* ]] && python="${PWD}/${python}"
 if [[ -d .whl ]]; then
   "${python}" -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -59,9 +64,9 @@ log="${out}/stderr.log"
 # Records a step that failed or ran out of time (timeout exits 124).
 check() { local rc=$?; ((rc)) && echo "step '$1' exited ${rc}" | tee -a "${log}"; }
 
-what="${1:-all}"  # ablate, throughput, profile or all
-case "${what}" in ablate | throughput | profile | all) ;;
-  *) echo "usage: $0 [ablate|throughput|profile|all]" >&2; exit 2 ;;
+what="${1:-all}"  # ablate, round, throughput, profile or all
+case "${what}" in ablate | round | throughput | profile | all) ;;
+  *) echo "usage: $0 [ablate|round|throughput|profile|all]" >&2; exit 2 ;;
 esac
 timm_flag=--no_timm
 [[ "${TIMM:-0}" == 1 ]] && timm_flag=
@@ -84,6 +89,23 @@ if [[ "${what}" == ablate ]]; then
   fi
   "${one[@]}" --no_donate 2>>"${log}" | tee "${out}/ablate_no_donate.jsonl"
   check no_donate
+fi
+
+if [[ "${what}" == round ]]; then
+  # The acceptance figures and the A/B against .base in one call that fits
+  # ~9.5 minutes cold: F0 minimal and full for this tree, the thesis pair,
+  # then F0 minimal for the tree in .base. Put the fresh machine's time into
+  # what settles the issue first; the A/B comes last.
+  timeout 220 "${python}" benchmarks/train_throughput.py --modes=minimal,full \
+    --no_timm 2>>"${log}" | tee "${out}/train_throughput.jsonl"
+  check throughput
+  timeout 200 "${python}" benchmarks/train_throughput.py --modes= --no_timm \
+    --thesis 2>>"${log}" | tee "${out}/thesis.jsonl"; check thesis
+  if [[ -d .base ]]; then
+    (cd .base && timeout 110 "${python}" benchmarks/train_throughput.py \
+      --modes=minimal --no_timm) 2>>"${log}" | tee "${out}/ablate_base.jsonl"
+    check base
+  fi
 fi
 
 # On a cold H100 each of our measurements takes ~90 s in its own process
