@@ -11,15 +11,16 @@
 #     dm-haiku==0.0.17 jmp==0.0.4 ml-collections==1.1.0 tensorboardX==2.6.5
 #
 # To compare with an earlier commit in the same call, put its tree in the
-# ignored folder .base (e.g. `git archive 88af882 | tar -x -C .base`).
+# ignored folder .base (e.g. `git archive 9df6ad3 | tar -x -C .base`, the
+# last commit before the runner kept conv kernels OHWI on GPUs).
 #
 # Then, with `.whl` (and `.base`) carried, run, each with a timeout of at
 # most ~560 s and one right after the other while the machine is warm:
-#   `bash benchmarks/gpu_session.sh round` (~9 minutes cold) where one call
-#     is all the session affords: F0 minimal and full, the thesis pair, and
-#     F0 minimal for .base;
+#   `bash benchmarks/gpu_session.sh round` (351 s cold on machine E): F0
+#     minimal and full, the thesis pair, and F0 minimal for .base; then,
+#     on the same warm machine, the modes below take 40-110 s each;
 #   `bash benchmarks/gpu_session.sh ablate` (~4.5 minutes cold): F0 minimal
-#     for this tree, for .base, and without donating the state
+#     for this tree, for .base, and with HWIO kernels in the state
 #     (ABLATE=nf_resnet50: NF-ResNet-50's instead);
 #   `bash benchmarks/gpu_session.sh throughput` (~7 minutes): the thesis
 #     pair, then F0 minimal (from the cache), full_step and full; TIMM=1
@@ -73,7 +74,10 @@ timm_flag=--no_timm
 
 if [[ "${what}" == ablate ]]; then
   # A minimal step three ways, each in its own process on this machine:
-  # this tree, the tree in .base, and this tree with fresh output buffers.
+  # this tree, the tree in .base, and this tree with the conv kernels kept
+  # HWIO between steps (the A/B of train.to_device_layout, which keeps them
+  # OHWI on GPUs). (Donation was settled
+  # on machine E: --no_donate took 41.24 ms against 40.65 ms.)
   # ABLATE=nf_resnet50 does it for NF-ResNet-50 at 224 px instead of F0.
   case "${ABLATE:-nfnet_f0}" in
     nfnet_f0) model=() ;;
@@ -87,13 +91,14 @@ if [[ "${what}" == ablate ]]; then
     (cd .base && "${one[@]}") 2>>"${log}" | tee "${out}/ablate_base.jsonl"
     check base
   fi
-  "${one[@]}" --no_donate 2>>"${log}" | tee "${out}/ablate_no_donate.jsonl"
-  check no_donate
+  "${one[@]}" --kernel_layout=hwio 2>>"${log}" |
+    tee "${out}/ablate_hwio.jsonl"
+  check hwio
 fi
 
 if [[ "${what}" == round ]]; then
-  # The acceptance figures and the A/B against .base in one call that fits
-  # ~9.5 minutes cold: F0 minimal and full for this tree, the thesis pair,
+  # The acceptance figures and the A/B against .base in one call (351 s
+  # cold on machine E): F0 minimal and full for this tree, the thesis pair,
   # then F0 minimal for the tree in .base. Put the fresh machine's time into
   # what settles the issue first; the A/B comes last.
   timeout 220 "${python}" benchmarks/train_throughput.py --modes=minimal,full \
@@ -142,6 +147,6 @@ echo '--- summary'
 grep -h -E '"(comparison|kind": "summary)' "${out}"/*.jsonl
 cat "${out}"/ablate_*.jsonl "${out}"/thesis.jsonl \
   "${out}"/train_throughput.jsonl 2>/dev/null |
-  grep -h -o -E '"impl": "[^"]*", "mode": "[a-z]*", "model": "[a-z0-9_]*"|"donate": [a-z]*|"images_per_s": [0-9.]*|"peak_memory_gib": [0-9.a-z]*|"error": "[^"]*"' |
+  grep -h -o -E '"impl": "[^"]*", "mode": "[a-z]*", "model": "[a-z0-9_]*"|"donate": [a-z]*|"kernel_layout": "[a-z]*"|"images_per_s": [0-9.]*|"peak_memory_gib": [0-9.a-z]*|"error": "[^"]*"' |
   paste -sd' ' | sed 's/"impl"/\n"impl"/g'
 tail -5 "${log}"

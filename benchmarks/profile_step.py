@@ -1,12 +1,12 @@
 """Where the train step's device time goes: a per-op profile as JSON lines.
 
-Builds the same pmapped `nfnets.train.train_step` as train_throughput.py,
-traces a few steps with `jax.profiler` and attributes the device time to the
-compiled program's HLO instructions (each kernel's `hlo_op`), which it maps
-back to their kind (cuDNN forward / backward-input / backward-filter
-convolution, GEMM, elementwise or reduction fusion, copy, collective) and to
-the JAX/Haiku op that made them (`op_name` metadata: module path and
-primitive). Prints, per traced step:
+Builds the same pmapped `nfnets.train.device_train_step` as
+train_throughput.py, traces a few steps with `jax.profiler` and attributes
+the device time to the compiled program's HLO instructions (each kernel's
+`hlo_op`), which it maps back to their kind (cuDNN forward / backward-input
+/ backward-filter convolution, GEMM, elementwise or reduction fusion, copy,
+collective) and to the JAX/Haiku op that made them (`op_name` metadata:
+module path and primitive). Prints, per traced step:
 
   * one `summary` line: the untraced step time (timed as in
     train_throughput.py), the device's busy time (the union of its kernel

@@ -1,12 +1,13 @@
 """Training throughput of the runner's own train step, on all local devices.
 
-Times `nfnets.train.train_step` (the function `experiment.py` runs, not a
-copy) pmapped over every local device, on synthetic batches already on the
-devices, and prints one JSON line per measurement: step time (steps run back
-to back as in the runner, the median over windows of `SYNC_EVERY` steps)
-after warm-up, images/s, compile time, peak device memory (and
-XLA's planned temporary memory, which the CPU reports too) and model FLOPs
-utilization (3 x forward FLOPs per image / the device's peak).
+Times `nfnets.train.device_train_step` (the function `experiment.py` runs,
+not a copy: `train_step` on a state that keeps conv kernels OHWI) pmapped
+over every local device, on synthetic batches already on the devices, and
+prints one JSON line per measurement: step time (steps run back to back as
+in the runner, the median over windows of `SYNC_EVERY` steps) after warm-up,
+images/s, compile time, peak device memory (and XLA's planned temporary
+memory, which the CPU reports too) and model FLOPs utilization (3 x forward
+FLOPs per image / the device's peak).
 
 Modes:
   minimal    forward/backward + AGC + SGD-Nesterov: the work peers'
@@ -57,6 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nfnets import agc  # pylint: disable=g-import-not-at-top
 from nfnets import models  # pylint: disable=g-import-not-at-top
 from nfnets import optim  # pylint: disable=g-import-not-at-top
+from nfnets import resolve  # pylint: disable=g-import-not-at-top
 from nfnets import train  # pylint: disable=g-import-not-at-top
 
 # Dense bf16 peak FLOP/s per device (vendor figures), for MFU.
@@ -138,16 +140,26 @@ def _config(model, batch, image_size, dtype):
 
 
 def build_step(
-    model, batch, image_size, dtype, mode, num_classes=1000, donate=True
+    model,
+    batch,
+    image_size,
+    dtype,
+    mode,
+    num_classes=1000,
+    donate=True,
+    kernel_layout='auto',
 ):
   """(pmapped step, replicated state, device batch, config) for one setup.
 
   `donate=False` gives the step fresh output buffers instead of the state's,
   which the runner does not do: an experiment, since XLA copies the outputs
-  it cannot write in place into the donated buffers.
+  it cannot write in place into the donated buffers. `kernel_layout` is
+  `config.train.kernel_layout`'s: 'auto' as the runner, or 'hwio' / 'ohwi'
+  to compare them (`train.to_device_layout`).
   """
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; valid: {MODES}.')
+  kernel_layout = resolve.kernel_layout(kernel_layout)
   config = _config(model, batch, image_size, dtype)
   forward = train.create_model(config, num_classes)
   agc_cfg = config.optimizer.agc
@@ -180,7 +192,8 @@ def build_step(
     )
   step_fn = jax.pmap(
       functools.partial(
-          train.train_step,
+          train.device_train_step,
+          kernel_layout=kernel_layout,
           forward=forward,
           optimizer=optimizer,
           lr_fn=lr_fn,
@@ -197,7 +210,7 @@ def build_step(
   state = train.create_train_state(
       jax.random.PRNGKey(0), forward, optimizer, image_size
   )
-  replicated = train.replicate(state)
+  replicated = train.replicate(train.to_device_layout(state, kernel_layout))
   devices = jax.local_device_count()
   if batch % devices:
     raise ValueError(
@@ -247,11 +260,25 @@ def _peak_memory_gib():
 
 
 def time_ours(
-    model, batch, image_size, dtype, mode, steps, warmup, donate=True
+    model,
+    batch,
+    image_size,
+    dtype,
+    mode,
+    steps,
+    warmup,
+    donate=True,
+    kernel_layout='auto',
 ):
   """Measures one (model, mode) setup; returns the JSON record."""
   step_fn, state, device_batch, config, augment, raw_batch = build_step(
-      model, batch, image_size, dtype, mode, donate=donate
+      model,
+      batch,
+      image_size,
+      dtype,
+      mode,
+      donate=donate,
+      kernel_layout=kernel_layout,
   )
   start = time.perf_counter()
   step_fn = step_fn.lower(state, device_batch).compile()
@@ -290,6 +317,7 @@ def time_ours(
       mode=mode,
       model=model,
       donate=donate,
+      kernel_layout=resolve.kernel_layout(kernel_layout),
       batch=batch,
       image_size=image_size,
       dtype=dtype,
@@ -394,6 +422,7 @@ def _measure(job: dict) -> dict | None:
       job['steps'],
       job['warmup'],
       job.get('donate', True),
+      job.get('kernel_layout', 'auto'),
   )
 
 
@@ -462,6 +491,12 @@ def main(argv=None):
       help="our steps don't donate the state (an experiment; see build_step)",
   )
   parser.add_argument(
+      '--kernel_layout',
+      default='auto',
+      choices=['auto', *resolve.KERNEL_LAYOUTS],
+      help='conv kernels between our steps (config.train.kernel_layout)',
+  )
+  parser.add_argument(
       '--isolate',
       default='auto',
       choices=['auto', 'yes', 'no'],
@@ -505,8 +540,10 @@ def main(argv=None):
 
   def measure(job):
     job = dict(job, **common)
-    if args.no_donate and job['impl'] == 'nfnets-jax':
-      job['donate'] = False
+    if job['impl'] == 'nfnets-jax':
+      if args.no_donate:
+        job['donate'] = False
+      job['kernel_layout'] = args.kernel_layout
     record = _measure_isolated(job) if isolate else _measure(job)
     if record is not None:
       print(json.dumps(record), flush=True)

@@ -43,6 +43,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.label_smoothing = 0.1
   # Forward/backward dtype; params, optimizer state and grads stay float32.
   config.train.compute_dtype = 'bfloat16'
+  # How conv kernels (and their momenta and EMAs) are kept on the devices
+  # between steps: 'hwio' (Haiku's), 'ohwi' (cuDNN's filter layout, which
+  # spares a GPU step the transposes and copies of every kernel), or 'auto':
+  # 'ohwi' on GPUs, else 'hwio'. Checkpoints are HWIO either way.
+  config.train.kernel_layout = 'auto'
   config.train.log_every_steps = 100
   config.train.checkpoint_every_steps = 1000
   config.train.keep_checkpoints = 3

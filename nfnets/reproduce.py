@@ -738,8 +738,10 @@ def _time_train_step(
   optimizer = optim.create_optimizer(config.optimizer, **kwargs)
   lr_fn = optim.learning_rate_fn_from_config(config.optimizer, **kwargs)
   agc_cfg = config.optimizer.agc
+  kernel_layout = config.train.kernel_layout  # resolved above
   step_fn = functools.partial(
-      train.train_step,
+      train.device_train_step,
+      kernel_layout=kernel_layout,
       forward=forward,
       optimizer=optimizer,
       lr_fn=lr_fn,
@@ -769,8 +771,11 @@ def _time_train_step(
 
   start = time.time()
   state = replicate(
-      train.create_train_state(
-          jax.random.PRNGKey(0), forward, optimizer, image_size
+      train.to_device_layout(
+          train.create_train_state(
+              jax.random.PRNGKey(0), forward, optimizer, image_size
+          ),
+          kernel_layout,
       )
   )
   init_s = time.time() - start

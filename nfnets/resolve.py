@@ -18,6 +18,8 @@ from nfnets import nfnet
 
 AUTO = 'auto'
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+# How the runner keeps conv kernels on the devices (`nfnets.train`).
+KERNEL_LAYOUTS = ('hwio', 'ohwi')
 
 
 def model_name(config: ml_collections.ConfigDict) -> str:
@@ -40,6 +42,33 @@ def _number(value, field, cast):
 def _positive_int(value, field):
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f'{field} must be a positive int, got {value!r}.')
+  return value
+
+
+def kernel_layout(value: str, backend: Optional[str] = None) -> str:
+  """`train.kernel_layout` resolved: 'hwio' or 'ohwi'.
+
+  Args:
+    value: 'auto', 'hwio' or 'ohwi'. 'auto' is 'ohwi' on GPUs, where cuDNN
+      takes OHWI filters and HWIO kernels cost a transpose and a copy each
+      per step (`nfnets.train.to_device_layout`), else 'hwio' (CPUs
+      convolve HWIO kernels; TPUs are not measured).
+    backend: JAX's backend (default: `jax.default_backend()`).
+
+  Returns:
+    'hwio' or 'ohwi'.
+
+  Raises:
+    ValueError: an unknown value, naming the field.
+  """
+  if value == AUTO:
+    backend = backend or jax.default_backend()
+    return 'ohwi' if backend in ('gpu', 'cuda') else 'hwio'
+  if value not in KERNEL_LAYOUTS:
+    raise ValueError(
+        f"train.kernel_layout must be 'auto' or one of {KERNEL_LAYOUTS}, "
+        f'got {value!r}.'
+    )
   return value
 
 
@@ -68,6 +97,7 @@ def resolve(
         f'train.compute_dtype must be one of {COMPUTE_DTYPES}, '
         f'got {config.train.compute_dtype!r}.'
     )
+  config.train.kernel_layout = kernel_layout(config.train.kernel_layout)
   config.model.name = name
 
   derived = {

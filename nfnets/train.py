@@ -140,6 +140,95 @@ def create_train_state(
   return init(rng)
 
 
+# Conv kernels are HWIO in Haiku, in checkpoints and inside `train_step`.
+# cuDNN convolves NHWC activations with OHWI filters, so with HWIO kernels in
+# the state XLA transposed every kernel before the forward pass, and the
+# fused optimizer update transposed the new kernels, momenta and EMAs back,
+# writes it cannot make in place, so it copied them once more into the
+# donated buffers (an H100 profile of F0: 1.3 ms of transposing fusions and
+# 0.9 ms of copies per 41 ms step). On GPUs the runner keeps them OHWI
+# between steps instead (`to_device_layout`); inside the step they are
+# viewed as HWIO again, a transpose that XLA can make a bitcast there
+# (`config.train.kernel_layout`, resolved by `resolve.kernel_layout`).
+_HWIO_TO_OHWI = (3, 0, 1, 2)
+_OHWI_TO_HWIO = (1, 2, 3, 0)
+
+
+def _permute_kernels(tree, axes):
+  def permute(x):
+    if getattr(x, 'ndim', 0) != 4:
+      return x
+    if isinstance(x, np.ndarray):  # host copies: contiguous for the writers
+      return np.ascontiguousarray(x.transpose(axes))
+    return x.transpose(axes)
+
+  return jax.tree_util.tree_map(permute, tree)
+
+
+def kernels_to_ohwi(tree: Any) -> Any:
+  """`tree` with every 4-D array (conv kernels, HWIO) permuted to OHWI.
+
+  Also permutes the 4-D arrays that are not kernels (e.g. a `(1, 1, 1, C)`
+  gain): harmless, since `kernels_to_hwio` undoes it exactly.
+
+  Args:
+    tree: unreplicated parameters (or anything shaped like them), numpy or
+      JAX arrays.
+
+  Returns:
+    The same tree; numpy leaves come back contiguous.
+  """
+  return _permute_kernels(tree, _HWIO_TO_OHWI)
+
+
+def kernels_to_hwio(tree: Any) -> Any:
+  """The inverse of `kernels_to_ohwi`."""
+  return _permute_kernels(tree, _OHWI_TO_HWIO)
+
+
+def _checked(kernel_layout):
+  if kernel_layout not in resolve.KERNEL_LAYOUTS:  # resolved before a step
+    raise ValueError(
+        f'kernel_layout must be one of {resolve.KERNEL_LAYOUTS} '
+        f'(resolve.kernel_layout resolves "auto"), got {kernel_layout!r}.'
+    )
+  return kernel_layout
+
+
+def _map_kernels(state, permute):
+  """`permute` applied to the state's params, optimizer state and EMA."""
+  return state._replace(
+      params=permute(state.params),
+      opt_state=permute(state.opt_state),
+      ema_params=permute(state.ema_params),
+  )
+
+
+def to_device_layout(state: TrainState, kernel_layout: str) -> TrainState:
+  """An unreplicated state as the runner keeps it on the devices.
+
+  Args:
+    state: a train state with HWIO kernels, as `create_train_state` and the
+      checkpoints have it.
+    kernel_layout: 'ohwi': the params, optimizer state and EMA params get
+      their 4-D leaves OHWI (step counter, Haiku state and keys unchanged);
+      'hwio': `state` itself. Resolved: not 'auto'.
+
+  Returns:
+    The state in `kernel_layout`.
+  """
+  if _checked(kernel_layout) == 'hwio':
+    return state
+  return _map_kernels(state, kernels_to_ohwi)
+
+
+def from_device_layout(state: TrainState, kernel_layout: str) -> TrainState:
+  """The inverse of `to_device_layout`: Haiku's HWIO kernels again."""
+  if _checked(kernel_layout) == 'hwio':
+    return state
+  return _map_kernels(state, kernels_to_hwio)
+
+
 def cross_entropy(
     logits: jax.Array,
     labels: jax.Array,
@@ -276,6 +365,34 @@ def train_step(
           grads, state.params, agc_clipping, agc_eps, agc_exclude
       )
   return new_state, metrics
+
+
+def device_train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    kernel_layout: str,
+    **kwargs,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`train_step` on a state in the device layout, returned in it.
+
+  What the runner pmaps (`to_device_layout` explains why). The same function
+  as `train_step` up to that layout, and up to the order in which XLA sums
+  (a reduction over a kernel laid out OHWI may add in another order).
+
+  Args:
+    state: this device's replica, as `to_device_layout` returns it.
+    batch: as for `train_step`.
+    kernel_layout: the state's, as for `to_device_layout`.
+    **kwargs: `train_step`'s keyword arguments.
+
+  Returns:
+    `(new_state, metrics)`, the state in `kernel_layout`.
+  """
+  new_state, metrics = train_step(
+      from_device_layout(state, kernel_layout), batch, **kwargs
+  )
+  return to_device_layout(new_state, kernel_layout), metrics
 
 
 def eval_step(
@@ -562,19 +679,29 @@ def make_device_augment(data_cfg, seed: int):
   return lambda batch, step: pmapped(batch, np.int32(step))
 
 
-def make_evaluator(config, forward, num_classes):
+def make_evaluator(config, forward, num_classes, kernel_layout='hwio'):
   """Returns `evaluate_all({prefix: replicated params}, replicated state)`.
 
-  The pmapped eval step and the eval dataset are built once; each call makes
-  one pass over the split per parameter set (raw, EMA) and returns
+  The params are replicated with their kernels in `kernel_layout` ('ohwi':
+  as `kernels_to_ohwi` makes them), as the runner keeps them. The pmapped
+  eval step and the eval dataset are built once; each call makes one pass
+  over the split per parameter set (raw, EMA) and returns
   `{f'{prefix}_top1': ...}` metrics.
   """
+  to_hwio = (
+      kernels_to_hwio
+      if _checked(kernel_layout) == 'ohwi'
+      else lambda params: params
+  )
+  step = functools.partial(
+      eval_step,
+      forward=forward,
+      num_classes=num_classes,
+      compute_dtype=_DTYPES[config.train.compute_dtype],
+  )
   p_eval_step = jax.pmap(
-      functools.partial(
-          eval_step,
-          forward=forward,
-          num_classes=num_classes,
-          compute_dtype=_DTYPES[config.train.compute_dtype],
+      lambda params, model_state, batch: step(
+          to_hwio(params), model_state, batch
       ),
       axis_name=AXIS_NAME,
   )
@@ -659,6 +786,7 @@ def train_and_evaluate(
   optimizer, lr_fn = _optimizer_and_schedule(config)
   compute_dtype = _DTYPES[config.train.compute_dtype]
   agc_cfg = config.optimizer.agc
+  kernel_layout = config.train.kernel_layout
   state, restored_step, checkpointer = restore_or_create(
       config, forward, optimizer, workdir, config.data.train_image_size
   )
@@ -669,7 +797,8 @@ def train_and_evaluate(
 
   p_train_step = jax.pmap(
       functools.partial(
-          train_step,
+          device_train_step,
+          kernel_layout=kernel_layout,
           forward=forward,
           optimizer=optimizer,
           lr_fn=lr_fn,
@@ -684,7 +813,7 @@ def train_and_evaluate(
       axis_name=AXIS_NAME,
       donate_argnums=(0,),
   )
-  evaluate_all = make_evaluator(config, forward, num_classes)
+  evaluate_all = make_evaluator(config, forward, num_classes, kernel_layout)
 
   def run_eval(replicated, step):
     trees = {'eval': replicated.params}
@@ -719,7 +848,8 @@ def train_and_evaluate(
       return
     saved_steps.add(step)
     check_finite(replicated)
-    host = unreplicate(replicated._asdict())
+    host = from_device_layout(unreplicate(replicated), kernel_layout)
+    host = host._asdict()
     # The step's own guard already kept non-finite values out; this makes it
     # a property of every checkpoint, not of the step function alone.
     for leaf in jax.tree_util.tree_leaves((host['params'], host['ema_params'])):
@@ -740,7 +870,7 @@ def train_and_evaluate(
       config.data.device_prefetch,
   )
   augment_on_device = make_device_augment(config.data, config.seed)
-  replicated = replicate(state)
+  replicated = replicate(to_device_layout(state, kernel_layout))
   del state
   logger.print(
       f'Training {config.model.name} on {config.data.name} for {total} steps '
@@ -845,9 +975,17 @@ def evaluate_checkpoint(
     model_state = state.model_state
     trees = {'eval': state.params, 'ema_eval': state.ema_params}
     print(f'Evaluating the checkpoint of step {step}.')
-  evaluate_all = make_evaluator(config, forward, num_classes)
+  # Evaluated as the runner evaluates: kernels in the devices' layout.
+  kernel_layout = config.train.kernel_layout
+  to_layout = (
+      kernels_to_ohwi if kernel_layout == 'ohwi' else lambda params: params
+  )
+  evaluate_all = make_evaluator(config, forward, num_classes, kernel_layout)
   result = evaluate_all(
-      {prefix: replicate(params) for prefix, params in trees.items()},
+      {
+          prefix: replicate(to_layout(params))
+          for prefix, params in trees.items()
+      },
       replicate(model_state),
   )
   print(json.dumps(result))

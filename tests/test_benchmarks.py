@@ -55,6 +55,23 @@ def test_train_throughput_donates_the_state_unless_told_not_to(donate):
   assert marked == donate
 
 
+def test_train_throughput_keeps_kernels_as_told():
+  shapes = {}
+  for layout in ('auto', 'hwio', 'ohwi'):
+    _, state, *_ = train_throughput.build_step(
+        'nfnet_tiny', 8, 32, 'float32', 'minimal', kernel_layout=layout
+    )
+    kernel = state.params['NFNet/~/stem_conv0']['w']
+    shapes[layout] = kernel.shape[1:]  # after the device axis
+  h, w, i, o = shapes['hwio']
+  assert shapes['ohwi'] == (o, h, w, i) != shapes['hwio']
+  assert shapes['auto'] == shapes['hwio']  # on a CPU, as the runner there
+  with pytest.raises(ValueError, match='kernel_layout'):
+    train_throughput.build_step(
+        'nfnet_tiny', 8, 32, 'float32', 'minimal', kernel_layout='nchw'
+    )
+
+
 _GPU_HLO = """
 ENTRY %main {
   %cudnn-conv-bias-activation.3 = (bf16[8,4,4,16]{3,2,1,0}, u8[0]{0}) custom-call(%a, %b), custom_call_target="__cudnn$convBiasActivationForward", metadata={op_name="jit(f)/jvp(NFNet)/conv0/conv_general_dilated"}

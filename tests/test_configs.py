@@ -186,6 +186,21 @@ def test_auto_augment_on_is_host_on_cpu_and_device_on_accelerators(
   assert resolve.resolve(config).data.augment_on == 'host'
 
 
+def test_auto_kernel_layout_is_ohwi_on_gpus_only_and_bad_values_fail(
+    monkeypatch,
+):
+  config = importlib.import_module('configs.nfnet').get_config('F0')
+  assert config.train.kernel_layout == 'auto'
+  assert resolve.resolve(config).train.kernel_layout == 'hwio'  # CPU here
+  monkeypatch.setattr(resolve.jax, 'default_backend', lambda: 'gpu')
+  assert resolve.resolve(config).train.kernel_layout == 'ohwi'
+  config.train.kernel_layout = 'hwio'  # an explicit choice is kept
+  assert resolve.resolve(config).train.kernel_layout == 'hwio'
+  config.train.kernel_layout = 'oihw'
+  with pytest.raises(ValueError, match='train.kernel_layout'):
+    resolve.resolve(config)
+
+
 def test_agc_batch_sweep_dry_run_lists_the_whole_grid(tmp_path):
   result = subprocess.run(
       [

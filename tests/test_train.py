@@ -1,5 +1,6 @@
 """The runner: data parallelism, resume, preemption, guards, evaluation."""
 
+import functools
 import glob
 import json
 import os
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from nfnets import checkpoint
+from nfnets import resolve
 from nfnets import train
 import tiny_config
 
@@ -139,7 +141,11 @@ def test_cli_reports_bad_batch_in_one_line(tmp_path):
 
 
 def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
-  result = train.train_and_evaluate(tiny_config.get_config(5), str(tmp_path))
+  config = tiny_config.get_config(5)
+  # GPUs' layout on the CPU here ('auto' is HWIO on CPUs, as in the other
+  # tests): the checkpoints must be HWIO all the same.
+  config.train.kernel_layout = 'ohwi'
+  result = train.train_and_evaluate(config, str(tmp_path))
   assert result['step'] == 5
   # 360 test images, eval batch 64: the padded last batch is masked out.
   assert result['eval_count'] == 360
@@ -165,6 +171,7 @@ def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
   with open(path, 'wb') as f:
     pickle.dump(tree, f)
   config = tiny_config.get_config(5)
+  config.train.kernel_layout = 'ohwi'
   config.eval.checkpoint = path
   published = train.evaluate_checkpoint(config, str(tmp_path))
   assert published['eval_top1'] == pytest.approx(result['eval_top1'])
@@ -392,3 +399,97 @@ def test_prefetch_to_devices_keeps_order_and_reads_only_size_ahead():
   for bad in (-1, 1.5, True):
     with pytest.raises(ValueError, match='device_prefetch'):
       train.prefetch_to_devices(iter([]), bad)
+
+
+def _step_setup(config):
+  """(step kwargs, host state, num_classes) for a config, as the runner's."""
+  config, num_classes = train.prepare(config)
+  forward = train.create_model(config, num_classes)
+  # pylint: disable-next=protected-access
+  optimizer, lr_fn = train._optimizer_and_schedule(config)
+  agc_cfg = config.optimizer.agc
+  kwargs = dict(
+      forward=forward,
+      optimizer=optimizer,
+      lr_fn=lr_fn,
+      num_classes=num_classes,
+      label_smoothing=config.train.label_smoothing,
+      compute_dtype=np.float32,
+      ema_decay=config.optimizer.ema_decay,
+      agc_clipping=agc_cfg.clipping,
+      agc_eps=agc_cfg.eps,
+      agc_exclude=tuple(agc_cfg.exclude),
+  )
+  state = train.create_train_state(
+      jax.random.PRNGKey(0), forward, optimizer, config.data.train_image_size
+  )
+  return kwargs, jax.tree_util.tree_map(np.asarray, state), num_classes
+
+
+def test_device_layout_keeps_kernels_ohwi_and_round_trips():
+  _, state, _ = _step_setup(tiny_config.get_config(3))
+  device = train.to_device_layout(state, 'ohwi')
+  kernels = 0
+  for field in ('params', 'opt_state', 'ema_params'):
+    pairs = zip(
+        jax.tree_util.tree_leaves(getattr(state, field)),
+        jax.tree_util.tree_leaves(getattr(device, field)),
+    )
+    for before, after in pairs:
+      if before.ndim == 4:
+        kernels += 1
+        h, w, i, o = before.shape
+        assert after.shape == (o, h, w, i)
+        assert after.flags['C_CONTIGUOUS']
+        np.testing.assert_array_equal(after, before.transpose(3, 0, 1, 2))
+      else:
+        assert after is before
+  assert kernels >= 3 * 5  # every conv's kernel, momentum and EMA
+  back = train.from_device_layout(device, 'ohwi')
+  equal = jax.tree_util.tree_map(np.array_equal, back, state)
+  assert all(jax.tree_util.tree_leaves(equal))
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(
+      state
+  )
+  assert train.to_device_layout(state, 'hwio') is state
+  with pytest.raises(ValueError, match='auto'):
+    train.to_device_layout(state, 'auto')  # resolved first, never in a step
+  assert resolve.kernel_layout('auto', 'gpu') == 'ohwi'
+  assert resolve.kernel_layout('auto', 'cpu') == 'hwio'
+
+
+def test_device_train_step_is_train_step_in_the_device_layout():
+  kwargs, state, num_classes = _step_setup(tiny_config.get_config(3))
+  n = jax.local_device_count()
+  rng = np.random.default_rng(0)
+  batch = train.to_devices(
+      {
+          'images': rng.standard_normal((n, 2, 16, 16, 3), np.float32),
+          'labels': rng.integers(0, num_classes, (n, 2), np.int32),
+          'labels2': rng.integers(0, num_classes, (n, 2), np.int32),
+          'mix_ratio': rng.uniform(0.5, 1.0, (n, 2)).astype(np.float32),
+      }
+  )
+  results = {}
+  for name, fn in (
+      ('hwio', train.train_step),
+      (
+          'ohwi',
+          functools.partial(train.device_train_step, kernel_layout='ohwi'),
+      ),
+  ):
+    p_step = jax.pmap(
+        functools.partial(fn, **kwargs), axis_name=train.AXIS_NAME
+    )
+    replicated = train.replicate(train.to_device_layout(state, name))
+    for _ in range(2):
+      replicated, metrics = p_step(replicated, batch)
+    host = train.from_device_layout(train.unreplicate(replicated), name)
+    results[name] = (host, train.unreplicate(metrics))
+  (a, metrics_a), (b, metrics_b) = results['hwio'], results['ohwi']
+  assert int(a.step) == int(b.step) == 2
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  for key in metrics_a:
+    np.testing.assert_allclose(metrics_a[key], metrics_b[key], rtol=1e-6)
