@@ -1,13 +1,14 @@
 """Training throughput of the runner's own train step, on all local devices.
 
 Times `nfnets.train.device_train_step` (the function `experiment.py` runs,
-not a copy: `train_step` on a state that keeps conv kernels OHWI) pmapped
-over every local device, on synthetic batches already on the devices, and
-prints one JSON line per measurement: step time (steps run back to back as
-in the runner, the median over windows of `SYNC_EVERY` steps) after warm-up,
-images/s, compile time, peak device memory (and XLA's planned temporary
-memory, which the CPU reports too) and model FLOPs utilization (3 x forward
-FLOPs per image / the device's peak).
+not a copy: `train_step` on a state whose conv kernels are kept as
+`config.train.kernel_layout` says, OHWI on GPUs) pmapped over every local
+device, on synthetic batches already on the devices, and prints one JSON
+line per measurement: step time (steps run back to back as in the runner,
+the median over windows of `SYNC_EVERY` steps) after warm-up, images/s,
+compile time, peak device memory (and XLA's planned temporary memory, which
+the CPU reports too) and model FLOPs utilization (3 x forward FLOPs per
+image / the device's peak).
 
 Modes:
   minimal    forward/backward + AGC + SGD-Nesterov: the work peers'
