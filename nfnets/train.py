@@ -975,17 +975,10 @@ def evaluate_checkpoint(
     model_state = state.model_state
     trees = {'eval': state.params, 'ema_eval': state.ema_params}
     print(f'Evaluating the checkpoint of step {step}.')
-  # Evaluated as the runner evaluates: kernels in the devices' layout.
-  kernel_layout = config.train.kernel_layout
-  to_layout = (
-      kernels_to_ohwi if kernel_layout == 'ohwi' else lambda params: params
-  )
-  evaluate_all = make_evaluator(config, forward, num_classes, kernel_layout)
+  # The params as loaded, HWIO: one pass needs no layout of its own.
+  evaluate_all = make_evaluator(config, forward, num_classes)
   result = evaluate_all(
-      {
-          prefix: replicate(to_layout(params))
-          for prefix, params in trees.items()
-      },
+      {prefix: replicate(params) for prefix, params in trees.items()},
       replicate(model_state),
   )
   print(json.dumps(result))

@@ -171,7 +171,6 @@ def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
   with open(path, 'wb') as f:
     pickle.dump(tree, f)
   config = tiny_config.get_config(5)
-  config.train.kernel_layout = 'ohwi'
   config.eval.checkpoint = path
   published = train.evaluate_checkpoint(config, str(tmp_path))
   assert published['eval_top1'] == pytest.approx(result['eval_top1'])
