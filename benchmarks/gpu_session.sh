@@ -76,8 +76,8 @@ if [[ "${what}" == ablate ]]; then
   # A minimal step three ways, each in its own process on this machine:
   # this tree, the tree in .base, and this tree with the conv kernels kept
   # HWIO between steps (the A/B of train.to_device_layout, which keeps them
-  # OHWI on GPUs). (Donation was settled
-  # on machine E: --no_donate took 41.24 ms against 40.65 ms.)
+  # OHWI on GPUs). Donation was settled on machine E: --no_donate took
+  # 41.24 ms against 40.65 ms.
   # ABLATE=nf_resnet50 does it for NF-ResNet-50 at 224 px instead of F0.
   case "${ABLATE:-nfnet_f0}" in
     nfnet_f0) model=() ;;
