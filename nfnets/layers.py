@@ -237,56 +237,71 @@ def compute_gamma(
   return float(1.0 / math.sqrt(var))
 
 
-def _standardize_fwd(w, gain, eps):
+def _standardize_fwd(w, gain, scale, eps):
   axes = tuple(range(w.ndim - 1))
   fan_in = np.prod(w.shape[:-1])
   mean = jnp.mean(w, axis=axes, keepdims=True)
   var = jnp.var(w, axis=axes, keepdims=True)
   floored = var * fan_in <= eps
   rstd = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps))
-  # Fused: (w - mean) * scale, with the rsqrt and gain folded into one factor.
-  scale = rstd * gain
-  return w * scale - mean * scale, (w, mean, rstd, floored, gain)
+  # Fused: (w - mean) * factor, with the rsqrt, gain and scale folded into
+  # one per-channel factor.
+  factor = rstd * gain * scale
+  # Only `w` (the parameter, live anyway) and per-channel vectors are kept:
+  # not the standardized kernel, which `scale`'s gradient would otherwise
+  # need, a float32 copy of every scaled kernel alive from the forward pass
+  # to the backward pass (~20 MB in NF-ResNet-50).
+  return w * factor - mean * factor, (w, mean, rstd, floored, gain, scale)
 
 
 def _standardize_bwd(eps, residuals, g):
   """The gradient in one reduction per output channel and one pass.
 
-  With `c = w - mean`, `r = rsqrt(fan_in * var)` and `w_hat = gain * r * c`:
-  `d gain = r * sum(g * c)` and `dw = gain * r * (g - mean(g) - r**2 * c *
-  sum(g * c))` (sums over a channel's fan-in), whose last term is absent
-  where `eps` floors `fan_in * var` (r is then a constant). Autodiff of the
-  forward pass gives the same function in about twice the kernels.
+  With `c = w - mean`, `r = rsqrt(fan_in * var)` and `w_hat = s * gain * r *
+  c`: `d gain = s * r * sum(g * c)`, `d s = sum(gain * r * sum(g * c))` and
+  `dw = s * gain * r * (g - mean(g) - r**2 * c * sum(g * c))` (sums over a
+  channel's fan-in), whose last term is absent where `eps` floors `fan_in *
+  var` (r is then a constant). Autodiff of the forward pass gives the same
+  function in about twice the kernels, and keeps `w_hat` for `d s`.
   """
   del eps
-  w, mean, rstd, floored, gain = residuals
+  w, mean, rstd, floored, gain, scale = residuals
   axes = tuple(range(w.ndim - 1))
   fan_in = np.prod(w.shape[:-1])
   centered = w - mean
   g_sum = jnp.sum(g, axis=axes, keepdims=True)
   gc_sum = jnp.sum(g * centered, axis=axes, keepdims=True)
   variance_term = jnp.where(floored, 0.0, rstd * rstd * gc_sum)
-  dw = (gain * rstd) * (g - g_sum / fan_in - centered * variance_term)
-  return dw, (rstd * gc_sum).reshape(gain.shape)
+  dw = (gain * rstd * scale) * (g - g_sum / fan_in - centered * variance_term)
+  unscaled = rstd * gc_sum  # d gain / s, per channel
+  return (
+      dw,
+      (scale * unscaled).reshape(gain.shape),
+      jnp.sum(gain * unscaled).reshape(scale.shape),
+  )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _standardize(w, gain, eps):
-  return _standardize_fwd(w, gain, eps)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _standardize(w, gain, scale, eps):
+  return _standardize_fwd(w, gain, scale, eps)[0]
 
 
 _standardize.defvjp(_standardize_fwd, _standardize_bwd)
 
 
 def standardize_weight(
-    w: jax.Array, gain: jax.Array, eps: float = 1e-4
+    w: jax.Array,
+    gain: jax.Array,
+    eps: float = 1e-4,
+    scale: Optional[jax.Array] = None,
 ) -> jax.Array:
   """Scaled Weight Standardization of an HWIO (or ...IO) kernel.
 
-  `w_hat = gain * (w - mean) / sqrt(max(fan_in * var, eps))`, with the (biased)
-  mean and variance over every axis but the last (output channels). `fan_in`
-  is the product of those axes, so for grouped convolutions it is already
-  per group (HWIO holds I / groups input channels).
+  `w_hat = scale * gain * (w - mean) / sqrt(max(fan_in * var, eps))`, with
+  the (biased) mean and variance over every axis but the last (output
+  channels). `fan_in` is the product of those axes, so for grouped
+  convolutions it is already per group (HWIO holds I / groups input
+  channels).
 
   The gradient is written out (`_standardize_bwd`): two sums per output
   channel and one elementwise pass, where autodiff's has twice the kernels,
@@ -296,6 +311,10 @@ def standardize_weight(
     w: kernel, output channels last.
     gain: per-output-channel gain, shape `[O]`.
     eps: floor of `fan_in * var`, which keeps zero kernels finite.
+    scale: an optional scalar factor of the result (default 1), such as a
+      residual branch's `alpha * skip_gain` (`WSConv2D`'s `scale`). Applied
+      here, its gradient comes from the per-channel sums of the backward pass
+      and no copy of `w_hat` is kept for it.
 
   Returns:
     The standardized kernel, float32.
@@ -307,7 +326,10 @@ def standardize_weight(
         f'gain has shape {gain.shape}; the kernel {w.shape} needs '
         f'{w.shape[-1:]}.'
     )
-  return _standardize(w, gain, float(eps))
+  scale = jnp.asarray(1.0 if scale is None else scale).astype(jnp.float32)
+  if scale.shape:
+    raise ValueError(f'scale must be a scalar, got shape {scale.shape}.')
+  return _standardize(w, gain, scale, float(eps))
 
 
 def check_nhwc(x: jax.Array, where: str) -> None:
@@ -374,25 +396,41 @@ class WSConv2D(hk.Module):
         1.0, 'fan_in', 'normal'
     )
 
-  def kernel(self, in_channels: int) -> jax.Array:
-    """The effective (standardized) kernel, float32, HWIO."""
+  def kernel(
+      self, in_channels: int, scale: Optional[jax.Array] = None
+  ) -> jax.Array:
+    """The effective (standardized) kernel, float32, HWIO, times `scale`."""
     w_shape = self.kernel_shape + (
         in_channels // self.feature_group_count,
         self.output_channels,
     )
     w = hk.get_parameter('w', w_shape, jnp.float32, init=self.w_init)
     if not self.standardize:
-      return w
+      return w if scale is None else w * scale
     gain = hk.get_parameter(
         'gain', (self.output_channels,), jnp.float32, init=jnp.ones
     )
-    return standardize_weight(w, gain, self.eps)
+    return standardize_weight(w, gain, self.eps, scale=scale)
+
+  def add_bias(
+      self, out: jax.Array, scale: Optional[jax.Array] = None
+  ) -> jax.Array:
+    """`out + scale * bias` in `out`'s dtype (`out` unchanged without bias)."""
+    if not self.with_bias:
+      return out
+    bias = hk.get_parameter(
+        'bias', (self.output_channels,), jnp.float32, init=jnp.zeros
+    )
+    if scale is not None:
+      bias = bias * scale
+    return out + bias.astype(out.dtype)
 
   def __call__(
       self,
       x: jax.Array,
       scale: Optional[jax.Array] = None,
       input_scale: Optional[float] = None,
+      defer_bias: bool = False,
   ) -> jax.Array:
     """Applies the conv to `x` of shape `[N, H, W, C]`; returns `[N, H', W', O]`.
 
@@ -401,10 +439,15 @@ class WSConv2D(hk.Module):
       scale: an optional float32 scalar that multiplies the output. It is
         applied to the kernel and bias instead (the same function, up to
         rounding), so a scalar gain after the conv costs no pass over the
-        activation, and its gradient comes from weight-sized tensors rather
-        than from a saved copy of the output.
+        activation, and its gradient comes from per-channel sums of the
+        standardization's backward pass rather than from a saved copy of the
+        output.
       input_scale: an optional constant that multiplies the input, applied
         to the kernel alone, for the same reasons.
+      defer_bias: leave the bias out; the caller adds it with `add_bias`
+        after a map that commutes with a per-channel shift (max pooling),
+        where it costs a pass over a smaller tensor, and so does its
+        gradient.
     """
     check_nhwc(x, self.module_name)
     in_channels = x.shape[-1]
@@ -413,22 +456,15 @@ class WSConv2D(hk.Module):
           f'{self.module_name}: input channels {in_channels} are not divisible '
           f'by feature_group_count={self.feature_group_count}.'
       )
-    w = self.kernel(in_channels)
-    if scale is not None:
-      w = w * scale
+    w = self.kernel(in_channels, scale)
     if input_scale is not None:
       w = w * input_scale
     w = w.astype(x.dtype)
     # The stems' stride-2 convs of RGB images run as space-to-depth convs.
     out = ops.conv2d(x, w, self.stride, self.padding, self.feature_group_count)
-    if not self.with_bias:
+    if defer_bias:
       return out
-    bias = hk.get_parameter(
-        'bias', (self.output_channels,), jnp.float32, init=jnp.zeros
-    )
-    if scale is not None:
-      bias = bias * scale
-    return out + bias.astype(x.dtype)
+    return self.add_bias(out, scale)
 
 
 class Linear(hk.Module):

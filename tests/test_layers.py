@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from nfnets import layers
+from nfnets import ops
 
 
 @pytest.mark.parametrize('name', ['relu', 'gelu', 'silu', 'tanh', 'elu'])
@@ -80,17 +81,20 @@ def test_ws_output_equals_lax_conv_with_standardized_kernel(groups):
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
-def _autodiff_standardize(w, gain, eps=1e-4):
+def _autodiff_standardize(w, gain, scale=1.0, eps=1e-4):
   # The forward formula, differentiated by JAX.
   axes = tuple(range(w.ndim - 1))
   fan_in = np.prod(w.shape[:-1])
   mean = jnp.mean(w, axis=axes, keepdims=True)
   var = jnp.var(w, axis=axes, keepdims=True)
-  return (w - mean) * jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
+  return (
+      (w - mean) * jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
+  ) * scale
 
 
+@pytest.mark.parametrize('scaled', [False, True])
 @pytest.mark.parametrize('shape', [(3, 3, 16, 6), (1, 1, 32, 6), (20, 6)])
-def test_ws_written_out_gradient_matches_autodiff(shape):
+def test_ws_written_out_gradient_matches_autodiff(shape, scaled):
   rng = np.random.default_rng(len(shape) * 10 + shape[-2])
   w = rng.standard_normal(shape) * 0.1 + 0.05
   w[..., 0] = 0.0  # eps floors this channel's variance: no variance term
@@ -98,17 +102,84 @@ def test_ws_written_out_gradient_matches_autodiff(shape):
   w = jnp.asarray(w, jnp.float32)
   gain = jnp.asarray(rng.uniform(0.5, 2.0, shape[-1:]), jnp.float32)
   g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  out, vjp = jax.vjp(layers.standardize_weight, w, gain)
-  want, want_vjp = jax.vjp(_autodiff_standardize, w, gain)
+  if scaled:
+    args = (w, gain, jnp.float32(-0.3))
+    ours = lambda w, gain, s: layers.standardize_weight(w, gain, scale=s)
+  else:
+    args = (w, gain)
+    ours = layers.standardize_weight
+  out, vjp = jax.vjp(ours, *args)
+  want, want_vjp = jax.vjp(_autodiff_standardize, *args)
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
-  for got, expected in zip(vjp(g), want_vjp(g)):
+  for got, expected in zip(vjp(g), want_vjp(g), strict=True):
     scale = float(jnp.max(jnp.abs(expected)))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_ws_scale_keeps_no_copy_of_the_standardized_kernel():
+  w = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 8, 16))
+  gain = jnp.linspace(0.5, 2.0, 16)
+
+  def kept(fn):
+    _, vjp_fn = jax.vjp(fn, w, gain, jnp.float32(0.7))
+    return [
+        leaf
+        for leaf in jax.tree_util.tree_leaves(vjp_fn)
+        if getattr(leaf, 'shape', None) == w.shape
+    ]
+
+  # Multiplied by hand, the scale's gradient needs `w_hat` kept for the
+  # backward pass next to `w`; folded in, per-channel sums give it.
+  by_hand = kept(lambda w, g, s: layers.standardize_weight(w, g) * s)
+  folded = kept(lambda w, g, s: layers.standardize_weight(w, g, scale=s))
+  assert len(by_hand) == 2
+  assert len(folded) == 1
+  np.testing.assert_array_equal(folded[0], w)  # the parameter itself
 
 
 def test_ws_rejects_gain_of_the_wrong_shape():
   with pytest.raises(ValueError, match='gain'):
     layers.standardize_weight(jnp.ones((3, 3, 4, 8)), jnp.ones((4,)))
+
+
+def test_ws_rejects_a_scale_that_is_not_a_scalar():
+  with pytest.raises(ValueError, match='scale must be a scalar'):
+    layers.standardize_weight(
+        jnp.ones((3, 3, 4, 8)), jnp.ones((8,)), scale=jnp.ones((8,))
+    )
+
+
+def test_deferred_bias_after_max_pool_is_the_same_function():
+  def stem(defer):
+    def fn(x):
+      conv = layers.WSConv2D(8, 3, stride=2, name='stem')
+      if defer:
+        out = ops.max_pool(conv(x, defer_bias=True))
+        return conv.add_bias(out)
+      return ops.max_pool(conv(x))
+
+    return hk.transform(fn)
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 15, 15, 3))
+  params = stem(False).init(jax.random.PRNGKey(1), x)
+  assert jax.tree_util.tree_structure(
+      stem(True).init(jax.random.PRNGKey(1), x)
+  ) == jax.tree_util.tree_structure(params)
+  params['stem']['bias'] = jnp.linspace(-1.0, 1.0, 8)  # so the test can fail
+  loss = lambda p, t: jnp.sum(jnp.sin(t.apply(p, None, x)))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    xd = x.astype(dtype)
+    # Rounding is monotonic, so the max of the shifted values is the
+    # shifted max: the outputs are equal, not merely close.
+    np.testing.assert_array_equal(
+        stem(True).apply(params, None, xd), stem(False).apply(params, None, xd)
+    )
+  got = jax.grad(loss)(params, stem(True))
+  want = jax.grad(loss)(params, stem(False))
+  for name in ('w', 'gain', 'bias'):
+    np.testing.assert_allclose(
+        got['stem'][name], want['stem'][name], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_ws_follows_input_dtype_with_float32_params():
