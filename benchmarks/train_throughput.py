@@ -172,38 +172,28 @@ def build_step(
         optax.sgd(0.1, momentum=0.9, nesterov=True),
     )
     lr_fn = lambda step: jnp.float32(0.1)
-    kwargs = dict(label_smoothing=0.0, ema_decay=None, with_metrics=False)
+    overrides = dict(label_smoothing=0.0, ema_decay=None, with_metrics=False)
   else:
-    optimizer = optim.create_optimizer(
-        config.optimizer,
+    schedule = dict(
         batch_size=batch,
         total_steps=config.steps.total,
         warmup_steps=config.steps.warmup,
     )
-    lr_fn = optim.learning_rate_fn_from_config(
-        config.optimizer,
-        batch_size=batch,
-        total_steps=config.steps.total,
-        warmup_steps=config.steps.warmup,
-    )
-    kwargs = dict(
-        label_smoothing=config.train.label_smoothing,
-        ema_decay=config.optimizer.ema_decay,
-        with_metrics=True,
-    )
+    optimizer = optim.create_optimizer(config.optimizer, **schedule)
+    lr_fn = optim.learning_rate_fn_from_config(config.optimizer, **schedule)
+    overrides = {}
   step_fn = jax.pmap(
       functools.partial(
           train.device_train_step,
           kernel_layout=kernel_layout,
-          forward=forward,
-          optimizer=optimizer,
-          lr_fn=lr_fn,
-          num_classes=num_classes,
-          compute_dtype=train._DTYPES[dtype],  # pylint: disable=protected-access
-          agc_clipping=agc_cfg.clipping,
-          agc_eps=agc_cfg.eps,
-          agc_exclude=tuple(agc_cfg.exclude),
-          **kwargs,
+          **train.step_kwargs(
+              config,
+              forward=forward,
+              optimizer=optimizer,
+              lr_fn=lr_fn,
+              num_classes=num_classes,
+              **overrides,
+          ),
       ),
       axis_name=train.AXIS_NAME,
       donate_argnums=(0,) if donate else (),

@@ -737,22 +737,19 @@ def _time_train_step(
   )
   optimizer = optim.create_optimizer(config.optimizer, **kwargs)
   lr_fn = optim.learning_rate_fn_from_config(config.optimizer, **kwargs)
-  agc_cfg = config.optimizer.agc
   kernel_layout = config.train.kernel_layout  # resolved above
   step_fn = functools.partial(
       train.device_train_step,
       kernel_layout=kernel_layout,
-      forward=forward,
-      optimizer=optimizer,
-      lr_fn=lr_fn,
-      num_classes=num_classes,
-      label_smoothing=config.train.label_smoothing,
-      compute_dtype=jnp.dtype(dtype),
-      ema_decay=config.optimizer.ema_decay,
-      agc_clipping=agc_cfg.clipping,
-      agc_eps=agc_cfg.eps,
-      agc_exclude=tuple(agc_cfg.exclude),
-      with_metrics=False,
+      **train.step_kwargs(
+          config,
+          forward=forward,
+          optimizer=optimizer,
+          lr_fn=lr_fn,
+          num_classes=num_classes,
+          compute_dtype=jnp.dtype(dtype),
+          with_metrics=False,
+      ),
   )
   # One device: the paper's latency is per device, at 32 images each.
   device = jax.local_devices()[0]

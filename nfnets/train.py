@@ -112,6 +112,58 @@ def _optimizer_and_schedule(config):
   return optimizer, lr_fn
 
 
+def step_kwargs(
+    config: ml_collections.ConfigDict,
+    *,
+    forward: hk.TransformedWithState,
+    optimizer: optax.GradientTransformation,
+    lr_fn: Callable[[jax.Array], jax.Array],
+    num_classes: int,
+    **overrides,
+) -> dict[str, Any]:
+  """`train_step`'s keyword arguments for a resolved config.
+
+  The one place that reads them from a config, for the runner, the
+  benchmarks and `reproduce`, which pmap the same step.
+
+  Args:
+    config: a resolved experiment config.
+    forward: `create_model(config, num_classes)`.
+    optimizer: the optax chain (`create_optimizer`, or a benchmark's own).
+    lr_fn: its learning-rate schedule, for logging.
+    num_classes: classifier outputs.
+    **overrides: replacements for any of the result's entries (a benchmark's
+      `with_metrics=False`, `ema_decay=None`, ...).
+
+  Returns:
+    The keyword arguments, to bind with `functools.partial`.
+
+  Raises:
+    TypeError: an override that `train_step` does not take.
+  """
+  agc_cfg = config.optimizer.agc
+  kwargs = dict(
+      forward=forward,
+      optimizer=optimizer,
+      lr_fn=lr_fn,
+      num_classes=num_classes,
+      label_smoothing=config.train.label_smoothing,
+      compute_dtype=_DTYPES[config.train.compute_dtype],
+      ema_decay=config.optimizer.ema_decay,
+      agc_clipping=agc_cfg.clipping,
+      agc_eps=agc_cfg.eps,
+      agc_exclude=tuple(agc_cfg.exclude),
+      with_metrics=True,
+  )
+  unknown = sorted(set(overrides) - set(kwargs))
+  if unknown:
+    raise TypeError(
+        f'step_kwargs: train_step takes no {unknown}; valid: {sorted(kwargs)}.'
+    )
+  kwargs.update(overrides)
+  return kwargs
+
+
 def create_train_state(
     rng: jax.Array,
     forward: hk.TransformedWithState,
@@ -784,8 +836,6 @@ def train_and_evaluate(
 
   forward = create_model(config, num_classes)
   optimizer, lr_fn = _optimizer_and_schedule(config)
-  compute_dtype = _DTYPES[config.train.compute_dtype]
-  agc_cfg = config.optimizer.agc
   kernel_layout = config.train.kernel_layout
   state, restored_step, checkpointer = restore_or_create(
       config, forward, optimizer, workdir, config.data.train_image_size
@@ -799,16 +849,13 @@ def train_and_evaluate(
       functools.partial(
           device_train_step,
           kernel_layout=kernel_layout,
-          forward=forward,
-          optimizer=optimizer,
-          lr_fn=lr_fn,
-          num_classes=num_classes,
-          label_smoothing=config.train.label_smoothing,
-          compute_dtype=compute_dtype,
-          ema_decay=config.optimizer.ema_decay,
-          agc_clipping=agc_cfg.clipping,
-          agc_eps=agc_cfg.eps,
-          agc_exclude=tuple(agc_cfg.exclude),
+          **step_kwargs(
+              config,
+              forward=forward,
+              optimizer=optimizer,
+              lr_fn=lr_fn,
+              num_classes=num_classes,
+          ),
       ),
       axis_name=AXIS_NAME,
       donate_argnums=(0,),
@@ -875,7 +922,8 @@ def train_and_evaluate(
   logger.print(
       f'Training {config.model.name} on {config.data.name} for {total} steps '
       f'(batch {config.train.batch_size} on {jax.device_count()} devices, '
-      f'{config.train.compute_dtype}, AGC lambda {agc_cfg.clipping}).'
+      f'{config.train.compute_dtype}, AGC lambda '
+      f'{config.optimizer.agc.clipping}).'
   )
   last_eval = {}
   last_train = {}

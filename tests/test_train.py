@@ -2,6 +2,7 @@
 
 import functools
 import glob
+import inspect
 import json
 import os
 import pickle
@@ -406,23 +407,36 @@ def _step_setup(config):
   forward = train.create_model(config, num_classes)
   # pylint: disable-next=protected-access
   optimizer, lr_fn = train._optimizer_and_schedule(config)
-  agc_cfg = config.optimizer.agc
-  kwargs = dict(
+  kwargs = train.step_kwargs(
+      config,
       forward=forward,
       optimizer=optimizer,
       lr_fn=lr_fn,
       num_classes=num_classes,
-      label_smoothing=config.train.label_smoothing,
-      compute_dtype=np.float32,
-      ema_decay=config.optimizer.ema_decay,
-      agc_clipping=agc_cfg.clipping,
-      agc_eps=agc_cfg.eps,
-      agc_exclude=tuple(agc_cfg.exclude),
   )
   state = train.create_train_state(
       jax.random.PRNGKey(0), forward, optimizer, config.data.train_image_size
   )
   return kwargs, jax.tree_util.tree_map(np.asarray, state), num_classes
+
+
+def test_step_kwargs_read_the_config_and_reject_unknown_overrides():
+  config = tiny_config.get_config(3)
+  config.optimizer.ema_decay = 0.5
+  config.train.label_smoothing = 0.2
+  kwargs, _, _ = _step_setup(config)
+  assert set(kwargs) == set(inspect.signature(train.train_step).parameters) - {
+      'state',
+      'batch',
+  }
+  assert kwargs['ema_decay'] == 0.5 and kwargs['label_smoothing'] == 0.2
+  assert kwargs['with_metrics']
+  config, _ = train.prepare(tiny_config.get_config(3))
+  common = dict(forward=None, optimizer=None, lr_fn=None, num_classes=10)
+  off = train.step_kwargs(config, **common, ema_decay=None, with_metrics=False)
+  assert off['ema_decay'] is None and not off['with_metrics']
+  with pytest.raises(TypeError, match='ema_decy'):
+    train.step_kwargs(config, **common, ema_decy=None)
 
 
 def test_device_layout_keeps_kernels_ohwi_and_round_trips():
