@@ -21,7 +21,9 @@
 #     on the same warm machine, the modes below take 40-110 s each;
 #   `bash benchmarks/gpu_session.sh ablate` (~4.5 minutes cold): F0 minimal
 #     for this tree, for .base, and with HWIO kernels in the state
-#     (ABLATE=nf_resnet50: NF-ResNet-50's instead);
+#     (ABLATE=nf_resnet50: NF-ResNet-50's instead; with .base at 9df6ad3,
+#     its HWIO line against .base is the stem and skip-gain change of
+#     8e87e12 alone);
 #   `bash benchmarks/gpu_session.sh throughput` (~7 minutes): the thesis
 #     pair, then F0 minimal (from the cache), full_step and full; TIMM=1
 #     adds timm's dm_nfnet_f0 (~1.5 minutes);
