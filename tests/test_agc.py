@@ -152,6 +152,27 @@ def test_all_leaves_are_clipped_in_one_computation():
   assert primitives.count("div") == 1
 
 
+def test_vector_leaves_share_one_reduction():
+  # Gains, biases and scalars (most of an NF network's leaves) are one unit
+  # each: their sums of squares are one row reduction per tree, not one
+  # launch per leaf. Kernels keep theirs (one unit per output channel).
+  grads, params = random_tree(4)
+  leaves = jax.tree_util.tree_leaves(grads)
+  small = [x for x in leaves if x.ndim <= 1]
+  assert len(small) == 4
+  transform = agc.adaptive_grad_clip(0.05, exclude=None)
+  jaxpr = jax.make_jaxpr(transform.update)(grads, optax.EmptyState(), params)
+  sums = [e for e in jaxpr.eqns if e.primitive.name == "reduce_sum"]
+  # Per tree (gradients, parameters): one per kernel, one for the vectors.
+  assert len(sums) == 2 * (len(leaves) - len(small) + 1)
+  rows = [e for e in sums if e.invars[0].aval.shape[0] == len(small)]
+  assert len(rows) == 2
+  norm = jax.make_jaxpr(agc.global_norm)(grads)
+  assert sum(e.primitive.name == "reduce_sum" for e in norm.eqns) == (
+      len(leaves) - len(small) + 2  # and the final sum
+  )
+
+
 def test_update_rejects_mismatched_shapes_naming_the_parameter():
   grads, params = random_tree(5)
   grads["net/~/conv"]["w"] = grads["net/~/conv"]["w"][..., :3]
