@@ -115,15 +115,15 @@ def _unit_squares(x):
 
 
 def _leaf_unit_squares(leaves):
-  """`_unit_squares` of each leaf, those of rank <= 1 in one reduction.
+  """`_unit_squares` of each leaf, those of rank <= 1 reduced in groups.
 
   A network's gains, biases and scalar gains (151 of NFNet-F0's 233 leaves)
   are one unit each, and each reduced on its own is a kernel launch for a
   few thousand numbers, which costs more than the work (~2 us each on an
-  H100, for parameters and gradients alike). Zero-padded to one width and
-  stacked, they are one row reduction; the padding adds nothing to a sum of
-  squares. The same leaves in the same order give the same computation, so
-  XLA shares it between AGC and `global_norm`.
+  H100, for parameters and gradients alike). Stacked by size (F0's have
+  a dozen sizes), each group is one row reduction, with no padding. The
+  same leaves in the same order give the same computation, so XLA shares it
+  between AGC and `global_norm`.
 
   Args:
     leaves: a list of arrays.
@@ -133,32 +133,23 @@ def _leaf_unit_squares(leaves):
     float32.
   """
   out = [None] * len(leaves)
-  small = []
+  groups = {}
   for i, x in enumerate(leaves):
     if jnp.ndim(x) <= 1:
-      small.append(i)
+      groups.setdefault(jnp.size(x), []).append(i)
     else:
       out[i] = _unit_squares(x)
-  if len(small) < 2:
-    for i in small:
-      out[i] = _unit_squares(leaves[i])
-    return out
-  dtype = jnp.promote_types(
-      jnp.result_type(*[leaves[i] for i in small]), jnp.float32
-  )
-  width = max(jnp.size(leaves[i]) for i in small)
-  rows = jnp.stack(
-      [
-          jnp.pad(
-              jnp.ravel(leaves[i]).astype(dtype),
-              (0, width - jnp.size(leaves[i])),
-          )
-          for i in small
-      ]
-  )
-  sums = jnp.sum(jnp.square(rows), axis=1)
-  for k, i in enumerate(small):
-    out[i] = sums[k].reshape((1,) * jnp.ndim(leaves[i]))
+  for members in groups.values():
+    if len(members) == 1:
+      out[members[0]] = _unit_squares(leaves[members[0]])
+      continue
+    dtype = jnp.promote_types(
+        jnp.result_type(*[leaves[i] for i in members]), jnp.float32
+    )
+    rows = jnp.stack([jnp.ravel(leaves[i]).astype(dtype) for i in members])
+    sums = jnp.sum(jnp.square(rows), axis=1)
+    for k, i in enumerate(members):
+      out[i] = sums[k].reshape((1,) * jnp.ndim(leaves[i]))
   return out
 
 

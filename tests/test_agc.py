@@ -152,24 +152,38 @@ def test_all_leaves_are_clipped_in_one_computation():
   assert primitives.count("div") == 1
 
 
-def test_vector_leaves_share_one_reduction():
+def test_vector_leaves_are_reduced_in_groups_of_one_size():
   # Gains, biases and scalars (most of an NF network's leaves) are one unit
-  # each: their sums of squares are one row reduction per tree, not one
+  # each: their sums of squares are one row reduction per size, not one
   # launch per leaf. Kernels keep theirs (one unit per output channel).
-  grads, params = random_tree(4)
-  leaves = jax.tree_util.tree_leaves(grads)
-  small = [x for x in leaves if x.ndim <= 1]
-  assert len(small) == 4
+  rng = np.random.default_rng(7)
+  sizes = {"a": (6,), "b": (6,), "c": (6,), "d": (), "e": (), "f": (5,)}
+  grads = {
+      m: {"b": rng.normal(size=s).astype(np.float32)} for m, s in sizes.items()
+  }
+  grads["k"] = {"w": rng.normal(size=(3, 3, 2, 6)).astype(np.float32)}
+  params = jax.tree_util.tree_map(lambda x: x * 2.0 + 0.5, grads)
   transform = agc.adaptive_grad_clip(0.05, exclude=None)
   jaxpr = jax.make_jaxpr(transform.update)(grads, optax.EmptyState(), params)
   sums = [e for e in jaxpr.eqns if e.primitive.name == "reduce_sum"]
-  # Per tree (gradients, parameters): one per kernel, one for the vectors.
-  assert len(sums) == 2 * (len(leaves) - len(small) + 1)
-  rows = [e for e in sums if e.invars[0].aval.shape[0] == len(small)]
-  assert len(rows) == 2
+  # Per tree (gradients, parameters): the kernel's, then one per size of
+  # vector (6 and scalars stacked, 5 alone).
+  assert len(sums) == 2 * 4
+  assert sorted(e.invars[0].aval.shape for e in sums)[:2] == [(2, 1)] * 2
   norm = jax.make_jaxpr(agc.global_norm)(grads)
-  assert sum(e.primitive.name == "reduce_sum" for e in norm.eqns) == (
-      len(leaves) - len(small) + 2  # and the final sum
+  assert sum(e.primitive.name == "reduce_sum" for e in norm.eqns) == 4 + 1
+  # And the same results as leaf by leaf.
+  out, _ = jax.jit(transform.update)(grads, optax.EmptyState(), params)
+  clip = jax.jit(agc.unitwise_clip)
+  for m in grads:
+    for name in grads[m]:
+      np.testing.assert_array_equal(
+          out[m][name], clip(grads[m][name], params[m][name], 0.05)
+      )
+  np.testing.assert_allclose(
+      agc.global_norm(grads),
+      optax.global_norm(grads),
+      rtol=1e-6,
   )
 
 
