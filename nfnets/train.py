@@ -410,7 +410,11 @@ def train_step(
   )
   if with_metrics:
     metrics.update(
-        param_norm=agc.global_norm(params), update_norm=agc.global_norm(updates)
+        # Of the parameters the step started from: AGC has their unit sums
+        # already (XLA shares them), where the new ones' norm would be one
+        # more pass over every parameter and a reduction per kernel.
+        param_norm=agc.global_norm(state.params),
+        update_norm=agc.global_norm(updates),
     )
     if agc_clipping is not None:
       metrics['agc_clipped_fraction'] = agc.clipped_fraction(

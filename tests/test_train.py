@@ -471,7 +471,13 @@ def test_device_layout_keeps_kernels_ohwi_and_round_trips():
   assert resolve.kernel_layout('auto', 'cpu') == 'hwio'
 
 
-def test_device_train_step_is_train_step_in_the_device_layout():
+@pytest.fixture(scope='module')
+def two_steps():
+  """Two pmapped steps of `train_step` and of `device_train_step` ('ohwi').
+
+  For each: `(state before the second step, state after it, its metrics)`,
+  on the host and HWIO. Shared: each costs a compile.
+  """
   kwargs, state, num_classes = _step_setup(tiny_config.get_config(3))
   n = jax.local_device_count()
   rng = np.random.default_rng(0)
@@ -496,13 +502,35 @@ def test_device_train_step_is_train_step_in_the_device_layout():
     )
     replicated = train.replicate(train.to_device_layout(state, name))
     for _ in range(2):
+      before = replicated
       replicated, metrics = p_step(replicated, batch)
-    host = train.from_device_layout(train.unreplicate(replicated), name)
-    results[name] = (host, train.unreplicate(metrics))
-  (a, metrics_a), (b, metrics_b) = results['hwio'], results['ohwi']
+    results[name] = tuple(
+        train.from_device_layout(train.unreplicate(r), name)
+        for r in (before, replicated)
+    ) + (train.unreplicate(metrics),)
+  return results
+
+
+def test_device_train_step_is_train_step_in_the_device_layout(two_steps):
+  (_, a, metrics_a), (_, b, metrics_b) = two_steps['hwio'], two_steps['ohwi']
   assert int(a.step) == int(b.step) == 2
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   for key in metrics_a:
     np.testing.assert_allclose(metrics_a[key], metrics_b[key], rtol=1e-6)
+
+
+def _norm(tree):
+  leaves = jax.tree_util.tree_leaves(tree)
+  return np.sqrt(sum(np.sum(np.square(np.float64(x))) for x in leaves))
+
+
+def test_logged_param_norm_is_of_the_params_the_step_started_from(two_steps):
+  before, after, metrics = two_steps['hwio']
+  assert int(before.step) == 1  # the second step: its start moved already
+  want = _norm(before.params)
+  np.testing.assert_allclose(metrics['param_norm'], want, rtol=1e-6)
+  # The step moves the norm by more than the tolerance: the test can fail.
+  assert abs(_norm(after.params) - want) > 1e-5 * want
+  assert float(metrics['update_norm']) > 0
