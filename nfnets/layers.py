@@ -439,9 +439,9 @@ class WSConv2D(hk.Module):
       scale: an optional float32 scalar that multiplies the output. It is
         applied to the kernel and bias instead (the same function, up to
         rounding), so a scalar gain after the conv costs no pass over the
-        activation, and its gradient comes from per-channel sums of the
-        standardization's backward pass rather than from a saved copy of the
-        output.
+        activation, and its gradient comes from weight-sized tensors (with
+        standardization, from the per-channel sums of its backward pass)
+        rather than from a saved copy of the output.
       input_scale: an optional constant that multiplies the input, applied
         to the kernel alone, for the same reasons.
       defer_bias: leave the bias out; the caller adds it with `add_bias`
