@@ -58,7 +58,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nfnets import agc  # pylint: disable=g-import-not-at-top
 from nfnets import models  # pylint: disable=g-import-not-at-top
-from nfnets import optim  # pylint: disable=g-import-not-at-top
 from nfnets import resolve  # pylint: disable=g-import-not-at-top
 from nfnets import train  # pylint: disable=g-import-not-at-top
 
@@ -174,13 +173,7 @@ def build_step(
     lr_fn = lambda step: jnp.float32(0.1)
     overrides = dict(label_smoothing=0.0, ema_decay=None, with_metrics=False)
   else:
-    schedule = dict(
-        batch_size=batch,
-        total_steps=config.steps.total,
-        warmup_steps=config.steps.warmup,
-    )
-    optimizer = optim.create_optimizer(config.optimizer, **schedule)
-    lr_fn = optim.learning_rate_fn_from_config(config.optimizer, **schedule)
+    optimizer, lr_fn = train.optimizer_and_schedule(config)
     overrides = {}
   step_fn = jax.pmap(
       functools.partial(

@@ -31,7 +31,6 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from nfnets import models
@@ -716,7 +715,6 @@ def _time_train_step(
   """Median seconds of the runner's train step for `name` on one device."""
   # Imported here: the runner pulls in the input pipelines and checkpoints.
   from configs import common  # pylint: disable=g-import-not-at-top
-  from nfnets import optim  # pylint: disable=g-import-not-at-top
   from nfnets import resolve  # pylint: disable=g-import-not-at-top
   from nfnets import train  # pylint: disable=g-import-not-at-top
 
@@ -730,13 +728,7 @@ def _time_train_step(
   config = resolve.resolve(config, _IMAGENET_TRAIN_EXAMPLES)
   num_classes = 1000
   forward = train.create_model(config, num_classes)
-  kwargs = dict(
-      batch_size=batch_size,
-      total_steps=config.steps.total,
-      warmup_steps=config.steps.warmup,
-  )
-  optimizer = optim.create_optimizer(config.optimizer, **kwargs)
-  lr_fn = optim.learning_rate_fn_from_config(config.optimizer, **kwargs)
+  optimizer, lr_fn = train.optimizer_and_schedule(config)
   kernel_layout = config.train.kernel_layout  # resolved above
   step_fn = functools.partial(
       train.device_train_step,
@@ -747,7 +739,6 @@ def _time_train_step(
           optimizer=optimizer,
           lr_fn=lr_fn,
           num_classes=num_classes,
-          compute_dtype=jnp.dtype(dtype),
           with_metrics=False,
       ),
   )

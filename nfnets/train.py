@@ -101,7 +101,14 @@ def create_model(
   return hk.transform_with_state(forward)
 
 
-def _optimizer_and_schedule(config):
+def optimizer_and_schedule(
+    config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
+  """The config's optimizer chain and its learning-rate schedule (for logs).
+
+  For the global batch `config.train.batch_size` and the step counts of
+  `config.steps`, as the runner, `reproduce` and the benchmarks use them.
+  """
   kwargs = dict(
       batch_size=config.train.batch_size,
       total_steps=config.steps.total,
@@ -839,7 +846,7 @@ def train_and_evaluate(
     _save_config(config, workdir)
 
   forward = create_model(config, num_classes)
-  optimizer, lr_fn = _optimizer_and_schedule(config)
+  optimizer, lr_fn = optimizer_and_schedule(config)
   kernel_layout = config.train.kernel_layout
   state, restored_step, checkpointer = restore_or_create(
       config, forward, optimizer, workdir, config.data.train_image_size
@@ -1014,7 +1021,7 @@ def evaluate_checkpoint(
     model_state = {}
     trees = {'eval': params}
   else:
-    optimizer, _ = _optimizer_and_schedule(config)
+    optimizer, _ = optimizer_and_schedule(config)
     state, step, checkpointer = restore_or_create(
         config, forward, optimizer, workdir, config.data.eval_image_size
     )

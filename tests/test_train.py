@@ -405,8 +405,7 @@ def _step_setup(config):
   """(step kwargs, host state, num_classes) for a config, as the runner's."""
   config, num_classes = train.prepare(config)
   forward = train.create_model(config, num_classes)
-  # pylint: disable-next=protected-access
-  optimizer, lr_fn = train._optimizer_and_schedule(config)
+  optimizer, lr_fn = train.optimizer_and_schedule(config)
   kwargs = train.step_kwargs(
       config,
       forward=forward,
