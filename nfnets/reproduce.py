@@ -730,17 +730,13 @@ def _time_train_step(
   forward = train.create_model(config, num_classes)
   optimizer, lr_fn = train.optimizer_and_schedule(config)
   kernel_layout = config.train.kernel_layout  # resolved above
-  step_fn = functools.partial(
-      train.device_train_step,
-      kernel_layout=kernel_layout,
-      **train.step_kwargs(
-          config,
-          forward=forward,
-          optimizer=optimizer,
-          lr_fn=lr_fn,
-          num_classes=num_classes,
-          with_metrics=False,
-      ),
+  step_fn = train.make_device_step(
+      config,
+      forward=forward,
+      optimizer=optimizer,
+      lr_fn=lr_fn,
+      num_classes=num_classes,
+      with_metrics=False,
   )
   # One device: the paper's latency is per device, at 32 images each.
   device = jax.local_devices()[0]

@@ -458,6 +458,55 @@ def device_train_step(
   return to_device_layout(new_state, kernel_layout), metrics
 
 
+def make_device_step(
+    config: ml_collections.ConfigDict,
+    *,
+    forward: hk.TransformedWithState,
+    optimizer: optax.GradientTransformation,
+    lr_fn: Callable[[jax.Array], jax.Array],
+    num_classes: int,
+    kernel_layout: Optional[str] = None,
+    **overrides,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """`device_train_step` bound to a resolved config, ready to pmap.
+
+  The one builder of the step that the runner, `reproduce` and the
+  benchmarks pmap (each with its own devices and donation), so that they
+  time and run the same function.
+
+  Args:
+    config: a resolved experiment config.
+    forward: `create_model(config, num_classes)`.
+    optimizer: the optax chain (`optimizer_and_schedule`, or a benchmark's).
+    lr_fn: its learning-rate schedule, for logging.
+    num_classes: classifier outputs.
+    kernel_layout: the state's ('hwio' or 'ohwi'); defaults to the config's
+      resolved `train.kernel_layout`.
+    **overrides: as for `step_kwargs`.
+
+  Returns:
+    `step(state, batch) -> (new_state, metrics)` for one device's replica.
+
+  Raises:
+    ValueError: `kernel_layout` (or the config's) is not resolved.
+    TypeError: an override that `train_step` does not take.
+  """
+  if kernel_layout is None:
+    kernel_layout = config.train.kernel_layout
+  return functools.partial(
+      device_train_step,
+      kernel_layout=_checked(kernel_layout),
+      **step_kwargs(
+          config,
+          forward=forward,
+          optimizer=optimizer,
+          lr_fn=lr_fn,
+          num_classes=num_classes,
+          **overrides,
+      ),
+  )
+
+
 def eval_step(
     params, model_state, batch, *, forward, num_classes, compute_dtype
 ) -> dict[str, jax.Array]:
@@ -857,16 +906,12 @@ def train_and_evaluate(
     logger.print(f'Resumed from the checkpoint of step {restored_step}.')
 
   p_train_step = jax.pmap(
-      functools.partial(
-          device_train_step,
-          kernel_layout=kernel_layout,
-          **step_kwargs(
-              config,
-              forward=forward,
-              optimizer=optimizer,
-              lr_fn=lr_fn,
-              num_classes=num_classes,
-          ),
+      make_device_step(
+          config,
+          forward=forward,
+          optimizer=optimizer,
+          lr_fn=lr_fn,
+          num_classes=num_classes,
       ),
       axis_name=AXIS_NAME,
       donate_argnums=(0,),

@@ -438,6 +438,24 @@ def test_step_kwargs_read_the_config_and_reject_unknown_overrides():
     train.step_kwargs(config, **common, ema_decy=None)
 
 
+def test_make_device_step_binds_the_config_and_its_kernel_layout():
+  config, _ = train.prepare(tiny_config.get_config(3))
+  common = dict(forward=None, optimizer=None, lr_fn=None, num_classes=10)
+  step = train.make_device_step(config, **common, with_metrics=False)
+  assert step.func is train.device_train_step
+  assert step.keywords == dict(
+      train.step_kwargs(config, **common, with_metrics=False),
+      kernel_layout=config.train.kernel_layout,
+  )
+  ohwi = train.make_device_step(config, **common, kernel_layout='ohwi')
+  assert ohwi.keywords['kernel_layout'] == 'ohwi'
+  # 'auto' is for configs; a step needs the layout it was resolved to.
+  with pytest.raises(ValueError, match='kernel_layout'):
+    train.make_device_step(config, **common, kernel_layout='auto')
+  with pytest.raises(TypeError, match='ema_decy'):
+    train.make_device_step(config, **common, ema_decy=None)
+
+
 def test_device_layout_keeps_kernels_ohwi_and_round_trips():
   _, state, _ = _step_setup(tiny_config.get_config(3))
   device = train.to_device_layout(state, 'ohwi')
