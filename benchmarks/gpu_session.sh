@@ -24,6 +24,9 @@
 #     (ABLATE=nf_resnet50: NF-ResNet-50's instead; with .base at 9df6ad3,
 #     its HWIO line against .base is the stem and skip-gain change of
 #     8e87e12 alone);
+#   `bash benchmarks/gpu_session.sh flags` (~1.5 minutes per set, each
+#     compiles anew): F0 minimal without and with XLA flags (FLAGS='a;b'
+#     replaces the default sets; see the mode below);
 #   `bash benchmarks/gpu_session.sh throughput` (~7 minutes): the thesis
 #     pair, then F0 minimal (from the cache), full_step and full; TIMM=1
 #     adds timm's dm_nfnet_f0 (~1.5 minutes);
@@ -67,9 +70,10 @@ log="${out}/stderr.log"
 # Records a step that failed or ran out of time (timeout exits 124).
 check() { local rc=$?; ((rc)) && echo "step '$1' exited ${rc}" | tee -a "${log}"; }
 
-what="${1:-all}"  # ablate, round, throughput, profile or all
-case "${what}" in ablate | round | throughput | profile | all) ;;
-  *) echo "usage: $0 [ablate|round|throughput|profile|all]" >&2; exit 2 ;;
+what="${1:-all}"  # ablate, flags, round, throughput, profile or all
+case "${what}" in ablate | flags | round | throughput | profile | all) ;;
+  *) echo "usage: $0 [ablate|flags|round|throughput|profile|all]" >&2
+    exit 2 ;;
 esac
 timm_flag=--no_timm
 [[ "${TIMM:-0}" == 1 ]] && timm_flag=
@@ -96,6 +100,36 @@ if [[ "${what}" == ablate ]]; then
   "${one[@]}" --kernel_layout=hwio 2>>"${log}" |
     tee "${out}/ablate_hwio.jsonl"
   check hwio
+fi
+
+if [[ "${what}" == flags ]]; then
+  # F0's minimal step under XLA flags that could change what this profile
+  # found (every record carries its xla_flags; the first line, without
+  # extra flags, is the baseline on this machine, from the cache when warm).
+  # Each set is one process; an unknown flag fails that line only. FLAGS
+  # replaces the list: sets separated by ';'.
+  #  - conv_fusion: cuDNN fusions of the convolutions with the elementwise
+  #    work around them (GELU, bias, gains), which XLA leaves to separate
+  #    kernels that read and write every activation once more.
+  #  - concurrent_region: independent kernels of a CUDA graph (the
+  #    optimizer's per-leaf updates) may run side by side.
+  #  - runtime_fusion: cuDNN runtime-compiled fusions of conv epilogues.
+  default_sets='--xla_gpu_experimental_enable_conv_fusion=true'
+  default_sets+=';--xla_gpu_graph_enable_concurrent_region=true'
+  default_sets+=';--xla_gpu_use_runtime_fusion=true'
+  IFS=';' read -r -a sets <<<"${FLAGS:-${default_sets}}"
+  base_flags="${XLA_FLAGS:-}"
+  for flags in '' "${sets[@]}"; do
+    (
+      # XLA reads a variable that is set but blank as a file name.
+      flags="$(echo "${base_flags} ${flags}" | xargs)"
+      if [[ -n "${flags}" ]]; then export XLA_FLAGS="${flags}"
+      else unset XLA_FLAGS; fi
+      timeout 150 "${python}" benchmarks/train_throughput.py \
+        --modes=minimal --no_timm
+    ) 2>>"${log}" | tee -a "${out}/flags.jsonl"
+    check "flags ${flags:-none}"
+  done
 fi
 
 if [[ "${what}" == round ]]; then
@@ -147,8 +181,8 @@ fi
 
 echo '--- summary'
 grep -h -E '"(comparison|kind": "summary)' "${out}"/*.jsonl
-cat "${out}"/ablate_*.jsonl "${out}"/thesis.jsonl \
+cat "${out}"/ablate_*.jsonl "${out}"/flags.jsonl "${out}"/thesis.jsonl \
   "${out}"/train_throughput.jsonl 2>/dev/null |
-  grep -h -o -E '"impl": "[^"]*", "mode": "[a-z]*", "model": "[a-z0-9_]*"|"donate": [a-z]*|"kernel_layout": "[a-z]*"|"images_per_s": [0-9.]*|"peak_memory_gib": [0-9.a-z]*|"error": "[^"]*"' |
+  grep -h -o -E '"impl": "[^"]*", "mode": "[a-z]*", "model": "[a-z0-9_]*"|"donate": [a-z]*|"kernel_layout": "[a-z]*"|"images_per_s": [0-9.]*|"peak_memory_gib": [0-9.a-z]*|"xla_flags": "[^"]*"|"error": "[^"]*"' |
   paste -sd' ' | sed 's/"impl"/\n"impl"/g'
 tail -5 "${log}"

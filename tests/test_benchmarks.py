@@ -33,6 +33,8 @@ def test_train_throughput_prints_json_lines(capsys):
   for record in modes.values():
     assert record['images_per_s'] > 0 and record['step_ms'] > 0
     assert record['devices'] == 8
+    # conftest's XLA_FLAGS (8 CPU devices), as every measurement records.
+    assert '--xla_force_host_platform_device_count=8' in record['xla_flags']
     # XLA's planned memory is reported on every backend, the CPU included.
     assert record['xla_temp_gib'] > 0 and record['xla_args_gib'] > 0
 
