@@ -111,11 +111,12 @@ if [[ "${what}" == flags ]]; then
   #  - conv_fusion: cuDNN fusions of the convolutions with the elementwise
   #    work around them (GELU, bias, gains), which XLA leaves to separate
   #    kernels that read and write every activation once more.
-  #  - concurrent_region: independent kernels of a CUDA graph (the
-  #    optimizer's per-leaf updates) may run side by side.
+  #  - command buffer scheduling CONCURRENT: independent kernels of a CUDA
+  #    graph (the optimizer's per-leaf updates) may run side by side (what
+  #    the deprecated xla_gpu_graph_enable_concurrent_region turned on).
   #  - runtime_fusion: cuDNN runtime-compiled fusions of conv epilogues.
   default_sets='--xla_gpu_experimental_enable_conv_fusion=true'
-  default_sets+=';--xla_gpu_graph_enable_concurrent_region=true'
+  default_sets+=';--xla_gpu_command_buffer_scheduling_mode=CONCURRENT'
   default_sets+=';--xla_gpu_use_runtime_fusion=true'
   IFS=';' read -r -a sets <<<"${FLAGS:-${default_sets}}"
   base_flags="${XLA_FLAGS:-}"
