@@ -20,9 +20,10 @@
 #     minimal and full, the thesis pair, and F0 minimal for .base; then,
 #     on the same warm machine, the modes below take 40-110 s each;
 #   `bash benchmarks/gpu_session.sh ablate` (~4.5 minutes cold): F0 minimal
-#     for this tree, for .base, and with HWIO kernels in the state
+#     for this tree, for .base, with HWIO kernels in the state and with
+#     the weight-gradient convolutions left to XLA's order
 #     (ABLATE=nf_resnet50: NF-ResNet-50's instead; with .base at 9df6ad3,
-#     its HWIO line against .base is the stem and skip-gain change of
+#     its hwio_late line against .base is the stem and skip-gain change of
 #     8e87e12 alone);
 #   `bash benchmarks/gpu_session.sh flags` (~1.5 minutes per set, each
 #     compiles anew): F0 minimal without and with XLA flags (FLAGS='a;b'
@@ -79,10 +80,11 @@ timm_flag=--no_timm
 [[ "${TIMM:-0}" == 1 ]] && timm_flag=
 
 if [[ "${what}" == ablate ]]; then
-  # A minimal step three ways, each in its own process on this machine:
-  # this tree, the tree in .base, and this tree with the conv kernels kept
+  # A minimal step four ways, each in its own process on this machine:
+  # this tree, the tree in .base, this tree with the conv kernels kept
   # HWIO between steps (the A/B of train.to_device_layout, which keeps them
-  # OHWI on GPUs). Donation was settled on machine E: --no_donate took
+  # OHWI on GPUs), and this tree with XLA free to run the weight-gradient
+  # convolutions late. Donation was settled on machine E: --no_donate took
   # 41.24 ms against 40.65 ms.
   # ABLATE=nf_resnet50 does it for NF-ResNet-50 at 224 px instead of F0.
   case "${ABLATE:-nfnet_f0}" in
@@ -97,9 +99,16 @@ if [[ "${what}" == ablate ]]; then
     (cd .base && "${one[@]}") 2>>"${log}" | tee "${out}/ablate_base.jsonl"
     check base
   fi
-  "${one[@]}" --kernel_layout=hwio 2>>"${log}" |
-    tee "${out}/ablate_hwio.jsonl"
-  check hwio
+  # A chain, one change per link: head -> late is ops.early_weight_grads
+  # (each conv's weight gradient no longer forced before its input
+  # gradient is handed on; peak memory is the point), late -> hwio_late
+  # the OHWI layout, and hwio_late -> .base (9df6ad3) the sixth round.
+  "${one[@]}" --no_early_weight_grads 2>>"${log}" |
+    tee "${out}/ablate_late.jsonl"
+  check late
+  "${one[@]}" --kernel_layout=hwio --no_early_weight_grads 2>>"${log}" |
+    tee "${out}/ablate_hwio_late.jsonl"
+  check hwio_late
 fi
 
 if [[ "${what}" == flags ]]; then
@@ -184,6 +193,6 @@ echo '--- summary'
 grep -h -E '"(comparison|kind": "summary)' "${out}"/*.jsonl
 cat "${out}"/ablate_*.jsonl "${out}"/flags.jsonl "${out}"/thesis.jsonl \
   "${out}"/train_throughput.jsonl 2>/dev/null |
-  grep -h -o -E '"impl": "[^"]*", "mode": "[a-z]*", "model": "[a-z0-9_]*"|"donate": [a-z]*|"kernel_layout": "[a-z]*"|"images_per_s": [0-9.]*|"peak_memory_gib": [0-9.a-z]*|"xla_flags": "[^"]*"|"error": "[^"]*"' |
+  grep -h -o -E '"impl": "[^"]*", "mode": "[a-z]*", "model": "[a-z0-9_]*"|"donate": [a-z]*|"kernel_layout": "[a-z]*"|"early_weight_grads": [a-z]*|"images_per_s": [0-9.]*|"peak_memory_gib": [0-9.a-z]*|"xla_flags": "[^"]*"|"error": "[^"]*"' |
   paste -sd' ' | sed 's/"impl"/\n"impl"/g'
 tail -5 "${log}"

@@ -31,6 +31,7 @@ from nfnets import agc
 from nfnets import checkpoint
 from nfnets import data
 from nfnets import models
+from nfnets import ops
 from nfnets import optim
 from nfnets import resolve
 from nfnets.data import device_augment
@@ -94,9 +95,13 @@ def create_model(
     if key in accepted.parameters and key not in overrides:
       overrides[key] = config.model[key]
 
+  early_weight_grads = config.train.early_weight_grads
+
   def forward(images, is_training):
-    model = models.create(config.model.name, num_classes, **overrides)
-    return model(images, is_training=is_training)
+    # Traced within: how the convs' backward passes are ordered.
+    with ops.early_weight_grads(early_weight_grads):
+      model = models.create(config.model.name, num_classes, **overrides)
+      return model(images, is_training=is_training)
 
   return hk.transform_with_state(forward)
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 import pytest
 
@@ -198,6 +199,17 @@ def test_auto_kernel_layout_is_ohwi_on_gpus_only_and_bad_values_fail(
   assert resolve.resolve(config).train.kernel_layout == 'hwio'
   config.train.kernel_layout = 'oihw'
   with pytest.raises(ValueError, match='train.kernel_layout'):
+    resolve.resolve(config)
+
+
+def test_early_weight_grads_is_on_by_default_and_must_be_a_bool():
+  config = importlib.import_module('configs.nfnet').get_config('F0')
+  assert resolve.resolve(config).train.early_weight_grads is True
+  config.train.early_weight_grads = False
+  assert resolve.resolve(config).train.early_weight_grads is False
+  config = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+  config.train.early_weight_grads = 'no'
+  with pytest.raises(ValueError, match='train.early_weight_grads'):
     resolve.resolve(config)
 
 
