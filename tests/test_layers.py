@@ -419,3 +419,28 @@ def test_nf_block_plan_resets_the_expected_variance_at_transitions():
   np.testing.assert_allclose(
       [p.depth_fraction for p in plan], [0, 0.2, 0.4, 0.6, 0.8]
   )
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('size', [(8, 6), (7, 6)])
+def test_avg_pool_2x2_is_haikus_with_its_gradient(dtype, size):
+  rng = np.random.default_rng(size[0])
+  x = jnp.asarray(rng.standard_normal((2, *size, 5)), dtype)
+  g = jnp.asarray(rng.standard_normal((2, 4, 3, 5)), dtype)
+
+  def haiku_pool(x):
+    return hk.avg_pool(x, (1, 2, 2, 1), (1, 2, 2, 1), 'SAME')
+
+  out, vjp = jax.vjp(layers.avg_pool_2x2, x)
+  want, want_vjp = jax.vjp(haiku_pool, x)
+  np.testing.assert_array_equal(
+      np.asarray(out, np.float32), np.asarray(want, np.float32)
+  )
+  np.testing.assert_array_equal(
+      np.asarray(vjp(g)[0], np.float32), np.asarray(want_vjp(g)[0], np.float32)
+  )
+  # Even sizes: the gradient is an upsampling, no reduce-window of a
+  # dilated gradient (which XLA's GPU backend runs as a slow pass).
+  grad = jax.jit(jax.grad(lambda x, g: jnp.sum(layers.avg_pool_2x2(x) * g)))
+  hlo = grad.lower(x, g).compile().as_text()
+  assert ('reduce-window' in hlo) == (size[0] % 2 == 1)
