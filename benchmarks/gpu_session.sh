@@ -37,9 +37,10 @@
 # cache. Each benchmark has its own time limit, so an overrun still returns
 # the lines printed so far. Output: $OUT (or /tmp/gpu_session) holds
 # gpu.txt, one .jsonl per benchmark (the same lines go to stdout),
-# stderr.log, f0/ (Perfetto traces and optimized HLO of F0's full step
-# and of the augmentation; the step's trace may be too large to fetch) and
-# nfr50/ (the same for NF-ResNet-50's minimal step).
+# stderr.log and profiles.tgz: f0/ (Perfetto traces and optimized HLO of
+# F0's full step and of the augmentation) and nfr50/ (the same for
+# NF-ResNet-50's minimal step); `benchmarks/hlo_memory.py` replays an
+# HLO's buffers.
 # On a CPU (PYTHON=.venv/bin/python) the benchmarks pick tiny defaults.
 set -uo pipefail
 out="${OUT:-/tmp/gpu_session}"
@@ -187,6 +188,18 @@ if [[ "${what}" == profile || "${what}" == all ]]; then
     --image_size=224 --top=40 --out_dir="${out}/nfr50" 2>>"${log}" |
     tee "${out}/profile_nfr50.jsonl"
   check profile_nfr50
+  # Where each step's memory peaks, and whether the weight gradients wait.
+  for hlo in "${out}"/f0/hlo.txt.gz "${out}"/nfr50/hlo.txt.gz; do
+    [[ -f "${hlo}" ]] && "${python}" benchmarks/hlo_memory.py "${hlo}" \
+      --top=15 2>>"${log}" | tee -a "${out}/hlo_memory.jsonl"
+  done
+fi
+
+# Only 8 files come back from a lent machine: the profiles' traces and HLO
+# travel as one archive (machine E's NF-ResNet-50 HLO was left behind).
+if [[ -d "${out}/f0" || -d "${out}/nfr50" ]]; then
+  (cd "${out}" && tar -czf profiles.tgz $(ls -d f0 nfr50 2>/dev/null)) &&
+    rm -rf "${out}/f0" "${out}/nfr50"
 fi
 
 echo '--- summary'

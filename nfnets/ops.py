@@ -119,8 +119,8 @@ def early_weight_grads(enabled: bool = True):
   is computed (an optimization barrier ties the two). Without that, XLA's
   GPU scheduler, with memory to spare, ran every weight-gradient
   convolution after the whole chain of input gradients (machine E's F0
-  step: all of them at its end), so each layer's output gradient and saved
-  input stayed allocated until then. Replaying that schedule's buffers:
+  step: 56 of 57 at its end), so each layer's output gradient and saved
+  input stayed allocated until then (`benchmarks/hlo_memory.py`). Replaying that schedule's buffers:
   11.69 GB at its peak, in stage 2's input gradients with stage 3's output
   gradients still held; with each weight gradient right after its output
   gradient, 11.36 GB, the forward pass's saved activations at the start of

@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 sys.path.insert(
@@ -14,6 +16,7 @@ sys.path.insert(
     ),
 )
 
+import hlo_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 import profile_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -174,3 +177,48 @@ def test_profile_step_prints_a_summary_and_the_top_ops(capsys):
       summary[0]['kernel_ms_per_step'], abs=0.01
   )
   assert top[0]['ms_per_step'] >= top[-1]['ms_per_step']
+
+
+_SCHEDULED_HLO = """
+HloModule m, is_scheduled=true
+
+%f (x: f32[4]) -> f32[1000] {
+  ROOT %x = f32[4]{0} parameter(0)
+}
+
+ENTRY %main (p0: f32[4]) -> f32[4] {
+  %p0 = f32[4]{0} parameter(0)
+  %a = f32[1000]{0} fusion(%p0), kind=kLoop, calls=%f, metadata={op_name="jit(f)/jvp(M)/nf_block_3/mul"}
+  %t = (bf16[2000]{0}, u8[16]{0}) custom-call(%a), custom_call_target="__cudnn$convForward"
+  %b = bf16[2000]{0} get-tuple-element(%t), index=0
+  %w = (f32[8]{0}, u8[0]{0}) custom-call(%p0, %b), custom_call_target="__cudnn$convBackwardFilter"
+  %c = f32[500]{0} fusion(%b, %a), kind=kLoop, calls=%f
+  ROOT %d = f32[4]{0} fusion(%c), kind=kLoop, calls=%f
+}
+"""
+
+
+def test_hlo_memory_replays_live_buffers_in_schedule_order():
+  records = hlo_memory.analyse(_SCHEDULED_HLO, top=5)
+  summary = records[0]
+  # At %c: a (4,000 B), t (4,000 + 16, through b) and c (2,000) are live;
+  # w (32 B) died after its definition, the parameter is not counted.
+  assert summary['peak_bytes'] == 10_016
+  assert summary['peak_at'] == 'c'
+  assert summary['weight_gradient_convs'] == 1
+  assert summary['convs_waited_median'] == 0  # right after its gradient
+  live = {(r['scope'], r['shape']) for r in records[1:]}
+  assert ('jvp(M)/nf_block_N/mul', 'f32[1000]') in live
+  with pytest.raises(ValueError, match='ENTRY'):
+    hlo_memory.analyse('HloModule m')
+
+
+def test_hlo_memory_reads_a_compiled_step(tmp_path, capsys):
+  f = jax.jit(lambda x: jnp.sum(jnp.tanh(x @ x.T) * 2.0))
+  text = f.lower(jnp.ones((64, 64))).compile().as_text()
+  path = tmp_path / 'hlo.txt'
+  path.write_text(text)
+  hlo_memory.main([str(path), '--top=3'])
+  lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+  assert lines[0]['kind'] == 'summary' and lines[0]['peak_gb'] >= 0
+  assert 1 <= len(lines) <= 4
