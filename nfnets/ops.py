@@ -19,7 +19,10 @@ on RGB images) as stride-1 convolutions of a space-to-depth rearrangement:
 the same products, with 4x the input channels and a quarter of the
 positions. A 3-channel input leaves most of a GPU's tensor-core lanes (or a
 TPU's) idle: NFNet-F0's first conv took 0.79 ms forward and filter
-gradient on an H100 for ~2% of the step's FLOPs.
+gradient on an H100 for ~2% of the step's FLOPs. Its backward pass computes
+each weight gradient before the input gradient goes on to the layer below
+(`early_weight_grads`), which XLA's GPU scheduler otherwise deferred to the
+end of the backward pass, keeping every layer's gradient allocated.
 """
 
 import contextlib
@@ -120,18 +123,21 @@ def early_weight_grads(enabled: bool = True):
   GPU scheduler, with memory to spare, ran every weight-gradient
   convolution after the whole chain of input gradients (machine E's F0
   step: 56 of 57 at its end), so each layer's output gradient and saved
-  input stayed allocated until then (`benchmarks/hlo_memory.py`). Replaying that schedule's buffers:
-  11.69 GB at its peak, in stage 2's input gradients with stage 3's output
-  gradients still held; with each weight gradient right after its output
-  gradient, 11.36 GB, the forward pass's saved activations at the start of
-  the backward pass. How much a model gains depends on how its peak
-  compares with what its forward pass keeps. The gradients are the same,
-  computed by the same convolutions; only their order is constrained.
+  input stayed allocated until then. Replaying that schedule's buffers
+  (`benchmarks/hlo_memory.py`): 11.69 GB at its peak, in stage 2's input
+  gradients with stage 3's output gradients still held; with each weight
+  gradient right after its output gradient, 11.36 GB, the forward pass's
+  saved activations at the start of the backward pass. How much a model
+  gains depends on how its peak compares with what its forward pass keeps.
+  The gradients are the same, computed by the same convolutions; only
+  their order is constrained.
+
   Applies at trace time (it chooses what `conv2d` traces), so it has to
   surround the forward pass of what is differentiated, inside the function
   that is jitted: a jitted function traced earlier replays its trace
   whatever the context is when it is called (`train.create_model` enters
-  it inside the model's function).
+  it inside the model's function). The enabled form is a custom VJP:
+  forward-mode differentiation (`jax.jvp`) through `conv2d` needs it off.
 
   Args:
     enabled: `False` lets XLA order the two gradients as it likes.
@@ -150,11 +156,8 @@ def early_weight_grads(enabled: bool = True):
 
 
 def _conv(x, w, strides, pads, groups):
-  if (
-      strides == (2, 2)
-      and groups == 1
-      and (x.shape[-1] < SPACE_TO_DEPTH_MAX_CHANNELS)
-  ):
+  few_channels = x.shape[-1] < SPACE_TO_DEPTH_MAX_CHANNELS
+  if strides == (2, 2) and groups == 1 and few_channels:
     return _space_to_depth_conv(x, w, pads)
   return jax.lax.conv_general_dilated(
       x,
