@@ -122,9 +122,15 @@ def _conv_windows(fn, *args):
 
 def test_conv2d_uses_space_to_depth_only_for_strided_few_channel_convs():
   rgb = jnp.ones((2, 16, 16, 3))
+  # 2x2 blocks of RGB: 12 channels, with zeros up to 16 (cuDNN's multiple
+  # of 8, which it would otherwise pad to in a pass of its own).
   assert _conv_windows(
       lambda x, w: ops.conv2d(x, w, 2), rgb, jnp.ones((3, 3, 3, 8))
-  ) == [((1, 1), 12)]
+  ) == [((1, 1), 16)]
+  two = jnp.ones((2, 16, 16, 2))  # 8 channels already: no padding
+  assert _conv_windows(
+      lambda x, w: ops.conv2d(x, w, 2), two, jnp.ones((3, 3, 2, 8))
+  ) == [((1, 1), 8)]
   # Enough channels already, stride 1, or groups: left to XLA as written.
   wide = jnp.ones((2, 16, 16, 8))
   assert _conv_windows(
