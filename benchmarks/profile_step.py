@@ -11,7 +11,8 @@ module path and primitive). Prints, per traced step:
   * one `summary` line: the untraced step time (timed as in
     train_throughput.py), the device's busy time (the union of its kernel
     intervals) and the kernel time summed per kind;
-  * `--top` lines for the costliest HLO instructions.
+  * `--top` lines for the costliest HLO instructions, with the bandwidth
+    their operands and outputs imply (`gb_per_s`, an upper bound).
 
 With `--mode=full` on an accelerator the runner's on-device augmentation is
 a program of its own that runs before each step; it is traced separately
@@ -45,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import hlo_memory  # pylint: disable=g-import-not-at-top
 import train_throughput  # pylint: disable=g-import-not-at-top
 
 from nfnets import train  # pylint: disable=g-import-not-at-top
@@ -106,6 +108,36 @@ def parse_hlo(text: str) -> dict[str, tuple[str, str]]:
     op_name = _OP_NAME.search(rest)
     out[name] = (_category(rest), op_name.group(1) if op_name else '')
   return out
+
+
+def instruction_bytes(text: str) -> dict[str, int]:
+  """Bytes each instruction of an HLO module reads and writes, at most.
+
+  Its output's plus its operands' (an upper bound: a fusion may read only
+  part of an operand), for the bandwidth of the top ops: a pass over
+  activations far below the device's memory bandwidth is worth a look.
+  """
+  shapes, operands = {}, {}
+  for line in text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, rest = match.groups()
+    opcode = _OPCODE.search(rest)
+    if not opcode:
+      continue
+    shapes[name] = rest[: opcode.start()]
+    arguments = rest[opcode.end() :].split('), ')[0]
+    operands[name] = re.findall(r'%([\w.\-]+)', arguments)
+  return {
+      name: (
+          hlo_memory.shape_bytes(shapes[name])
+          + sum(
+              hlo_memory.shape_bytes(shapes.get(o, '')) for o in operands[name]
+          )
+      )
+      for name in shapes
+  }
 
 
 def _union_length(intervals) -> float:
@@ -188,8 +220,11 @@ def resolve_op(event: dict, hlo: dict) -> str:
 SMALL_KERNEL_US = 5.0
 
 
-def summarize(events, hlo, steps, top):
-  """(summary dict, top list) from kernel events and the parsed HLO."""
+def summarize(events, hlo, steps, top, sizes=None):
+  """(summary dict, top list) from kernel events and the parsed HLO.
+
+  `sizes`: `instruction_bytes` of the module, for each top op's `gb_per_s`.
+  """
   per_op = collections.defaultdict(lambda: [0.0, 0])
   per_category = collections.Counter()
   for e in events:
@@ -223,6 +258,13 @@ def summarize(events, hlo, steps, top):
             ms_per_step=round(dur / steps / 1000, 3),
             share=round(dur / kernel_us, 4) if kernel_us else None,
             calls_per_step=round(count / steps, 2),
+            # Each call moves its instruction's bytes (deduplicated kernels
+            # run several instructions of the same shapes).
+            gb_per_s=(
+                round((sizes or {})[op] * count / dur / 1e3, 1)
+                if (sizes or {}).get(op) and dur
+                else None
+            ),
             op_name=op_name[-160:],
         )
     )
@@ -347,7 +389,13 @@ def main(argv=None):
     events = kernel_events(trace)
     if not events:
       raise RuntimeError(f'the {name} trace holds no XLA op events')
-    summary, rows = summarize(events, parse_hlo(hlo_text), args.steps, args.top)
+    summary, rows = summarize(
+        events,
+        parse_hlo(hlo_text),
+        args.steps,
+        args.top,
+        instruction_bytes(hlo_text),
+    )
     line = dict(base, program=name, kind='summary')
     if name == 'train_step':  # A whole step's time, augmentation included.
       line.update(

@@ -158,6 +158,25 @@ def test_profile_step_attributes_gpu_kernels_to_hlo_kinds():
       'cudnn-conv-bias-activation.3',
       'loop_add_fusion.7',
   ]
+  # With the instructions' bytes: 10 kB in 10 us is 1 GB/s.
+  _, rows = profile_step.summarize(
+      events, hlo, steps=1, top=2, sizes={'loop_add_fusion.7': 10_000}
+  )
+  assert [r['gb_per_s'] for r in rows] == [None, 1.0]
+
+
+def test_profile_step_counts_the_bytes_an_instruction_moves():
+  sizes = profile_step.instruction_bytes("""
+ENTRY %e (p: bf16[8,16], q: f32[16]) -> bf16[8,16] {
+  %p = bf16[8,16]{1,0} parameter(0)
+  %q = f32[16]{0} parameter(1)
+  %t = (bf16[8,16]{1,0}, f32[16]{0}) fusion(%p, %q), kind=kLoop, calls=%g
+  ROOT %f = bf16[8,16]{1,0} get-tuple-element(%t), index=0
+}
+""")
+  assert sizes['p'] == 256 and sizes['q'] == 64
+  assert sizes['t'] == (256 + 64) + (256 + 64)  # its outputs and operands
+  assert sizes['f'] == 256 + (256 + 64)
 
 
 def test_profile_step_prints_a_summary_and_the_top_ops(capsys):
