@@ -32,7 +32,8 @@
 #     pair, then F0 minimal (from the cache), full_step and full; TIMM=1
 #     adds timm's dm_nfnet_f0 (~1.5 minutes);
 #   `bash benchmarks/gpu_session.sh profile` (~2-4 minutes), if time is
-#     left: F0 full, then NF-ResNet-50.
+#     left: F0 full, then NF-ResNet-50 (PROFILE=nfr50: that one alone).
+# Without a .base folder carried, round and ablate skip its lines.
 # `all` runs throughput and profile in one call, which fits only a warm
 # cache. Each benchmark has its own time limit, so an overrun still returns
 # the lines printed so far. Output: $OUT (or /tmp/gpu_session) holds
@@ -175,19 +176,28 @@ if [[ "${what}" == throughput || "${what}" == all ]]; then
 fi
 
 if [[ "${what}" == profile || "${what}" == all ]]; then
+  # PROFILE=nfr50 (or f0) profiles that model alone.
+  profiles="${PROFILE:-f0 nfr50}"
   # Where F0's full step and the on-device augmentation before it spend
   # their time, per HLO instruction and kind (traces and HLO in $OUT/f0 for
   # ui.perfetto.dev); reuses the executables compiled above when the
   # machine is the same (~1 minute, ~2 when cold).
-  timeout 150 "${python}" benchmarks/profile_step.py --mode=full --top=40 \
-    --out_dir="${out}/f0" 2>>"${log}" | tee "${out}/profile.jsonl"
-  check profile_f0
-  # NF-ResNet-50's minimal step, never profiled yet: what stands between it
-  # and 1.2x BN-ResNet-50.
-  timeout 150 "${python}" benchmarks/profile_step.py --model=nf_resnet50 \
-    --image_size=224 --top=40 --out_dir="${out}/nfr50" 2>>"${log}" |
-    tee "${out}/profile_nfr50.jsonl"
-  check profile_nfr50
+  if [[ " ${profiles} " == *" f0 "* ]]; then
+    timeout 150 "${python}" benchmarks/profile_step.py --mode=full \
+      --top=40 --out_dir="${out}/f0" 2>>"${log}" |
+      tee "${out}/profile.jsonl"
+    check profile_f0
+  fi
+  # NF-ResNet-50's minimal step: what stands between it and 1.2x
+  # BN-ResNet-50 (RESULTS.md: its relu and residual-add fusions looked
+  # ~10x slower than their bytes on machine E; see their gb_per_s).
+  if [[ " ${profiles} " == *" nfr50 "* ]]; then
+    timeout 150 "${python}" benchmarks/profile_step.py \
+      --model=nf_resnet50 --image_size=224 --top=40 \
+      --out_dir="${out}/nfr50" 2>>"${log}" |
+      tee "${out}/profile_nfr50.jsonl"
+    check profile_nfr50
+  fi
   # Where each step's memory peaks, and whether the weight gradients wait.
   for hlo in "${out}"/f0/hlo.txt.gz "${out}"/nfr50/hlo.txt.gz; do
     [[ -f "${hlo}" ]] && "${python}" benchmarks/hlo_memory.py "${hlo}" \
