@@ -111,32 +111,22 @@ def parse_hlo(text: str) -> dict[str, tuple[str, str]]:
 
 
 def instruction_bytes(text: str) -> dict[str, int]:
-  """Bytes each instruction of an HLO module reads and writes, at most.
+  """Bytes each entry instruction of an HLO module reads and writes, at most.
 
   Its output's plus its operands' (an upper bound: a fusion may read only
   part of an operand), for the bandwidth of the top ops: a pass over
   activations far below the device's memory bandwidth is worth a look.
   """
-  shapes, operands = {}, {}
-  for line in text.splitlines():
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    name, rest = match.groups()
-    opcode = _OPCODE.search(rest)
-    if not opcode:
-      continue
-    shapes[name] = rest[: opcode.start()]
-    arguments = rest[opcode.end() :].split('), ')[0]
-    operands[name] = re.findall(r'%([\w.\-]+)', arguments)
+  instructions = hlo_memory.entry_instructions(text)
+  shapes = {ins['name']: ins['shape'] for ins in instructions}
   return {
-      name: (
-          hlo_memory.shape_bytes(shapes[name])
+      ins['name']: (
+          hlo_memory.shape_bytes(ins['shape'])
           + sum(
-              hlo_memory.shape_bytes(shapes.get(o, '')) for o in operands[name]
+              hlo_memory.shape_bytes(shapes.get(o, '')) for o in ins['operands']
           )
       )
-      for name in shapes
+      for ins in instructions
   }
 
 
