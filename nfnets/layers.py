@@ -846,7 +846,7 @@ def _avg_pool_2x2_even_bwd(_, g):
   # Each input pixel is in one window: its gradient is its window's, / 4,
   # as autodiff computes it (a power of two: exact). Autodiff's form is a
   # reduce-window over a zero-dilated, padded gradient, which XLA's GPU
-  # backend ran as a pass of its own at ~0.6 TB/s (0.59 ms of F0's step on
+  # backend ran as a pass of its own at ~1.2 TB/s (0.59 ms of F0's step on
   # machine E for its three transitions); a broadcast fuses into whatever
   # reads the gradient next.
   n, h, w, c = g.shape
