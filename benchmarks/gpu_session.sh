@@ -189,8 +189,7 @@ if [[ "${what}" == profile || "${what}" == all ]]; then
     check profile_f0
   fi
   # NF-ResNet-50's minimal step: what stands between it and 1.2x
-  # BN-ResNet-50 (RESULTS.md: its relu and residual-add fusions looked
-  # ~10x slower than their bytes on machine E; see their gb_per_s).
+  # BN-ResNet-50, and (with hlo_memory.py below) where its memory peaks.
   if [[ " ${profiles} " == *" nfr50 "* ]]; then
     timeout 150 "${python}" benchmarks/profile_step.py \
       --model=nf_resnet50 --image_size=224 --top=40 \
