@@ -14,11 +14,12 @@
 # ignored folder .base (e.g. `git archive 9df6ad3 | tar -x -C .base`, the
 # last commit before the runner kept conv kernels OHWI on GPUs).
 #
-# Then, with `.whl` (and `.base`) carried, run, each with a timeout of at
-# most ~560 s and one right after the other while the machine is warm:
-#   `bash benchmarks/gpu_session.sh round` (351 s cold on machine E): F0
-#     minimal and full, the thesis pair, and F0 minimal for .base; then,
-#     on the same warm machine, the modes below take 40-110 s each;
+# Then, with `.whl` (and `.base`) carried, run with a timeout of ~590 s
+# (a machine idle for 30 s is given back, so a second call may start cold):
+#   `bash benchmarks/gpu_session.sh round` (~8-9 minutes cold): F0 minimal
+#     and full, the thesis pair, F0 minimal with the weight gradients left
+#     to XLA (late) and with HWIO kernels too (hwio_late), and F0 minimal
+#     for .base; on a warm machine the modes below take 40-110 s per line;
 #   `bash benchmarks/gpu_session.sh ablate` (~4.5 minutes cold): F0 minimal
 #     for this tree, for .base, with HWIO kernels in the state and with
 #     the weight-gradient convolutions left to XLA's order
@@ -145,18 +146,28 @@ if [[ "${what}" == flags ]]; then
 fi
 
 if [[ "${what}" == round ]]; then
-  # The acceptance figures and the A/B against .base in one call (351 s
-  # cold on machine E): F0 minimal and full for this tree, the thesis pair,
-  # then F0 minimal for the tree in .base. Put the fresh machine's time into
-  # what settles the issue first; the A/B comes last.
+  # Everything that settles the issue in one call, since a lent machine is
+  # given back after 30 s idle and a second call may start cold: F0 minimal
+  # and full for this tree, the thesis pair, the two newest links of the
+  # ablate chain for F0 (late, hwio_late), then F0 minimal for the tree in
+  # .base. ~70 s per measurement cold (machine E: 351 s for the first
+  # four); the call's 600 s limit may cut the tail, whose lines are then
+  # missing, not wrong.
   timeout 220 "${python}" benchmarks/train_throughput.py --modes=minimal,full \
     --no_timm 2>>"${log}" | tee "${out}/train_throughput.jsonl"
   check throughput
   timeout 200 "${python}" benchmarks/train_throughput.py --modes= --no_timm \
     --thesis 2>>"${log}" | tee "${out}/thesis.jsonl"; check thesis
+  one=(timeout 110 "${python}" benchmarks/train_throughput.py --modes=minimal
+    --no_timm)
+  "${one[@]}" --no_early_weight_grads 2>>"${log}" |
+    tee "${out}/ablate_late.jsonl"
+  check late
+  "${one[@]}" --kernel_layout=hwio --no_early_weight_grads 2>>"${log}" |
+    tee "${out}/ablate_hwio_late.jsonl"
+  check hwio_late
   if [[ -d .base ]]; then
-    (cd .base && timeout 110 "${python}" benchmarks/train_throughput.py \
-      --modes=minimal --no_timm) 2>>"${log}" | tee "${out}/ablate_base.jsonl"
+    (cd .base && "${one[@]}") 2>>"${log}" | tee "${out}/ablate_base.jsonl"
     check base
   fi
 fi
