@@ -25,7 +25,7 @@
 #     the weight-gradient convolutions left to XLA's order
 #     (ABLATE=nf_resnet50: NF-ResNet-50's instead; with .base at 9df6ad3,
 #     its hwio_late line against .base is the stem and skip-gain change of
-#     8e87e12 alone);
+#     8e87e12 with the stem's channel padding);
 #   `bash benchmarks/gpu_session.sh flags` (~1.5 minutes per set, each
 #     compiles anew): F0 minimal without and with XLA flags (FLAGS='a;b'
 #     replaces the default sets; see the mode below);
@@ -105,7 +105,8 @@ if [[ "${what}" == ablate ]]; then
   # A chain, one change per link: head -> late is ops.early_weight_grads
   # (each conv's weight gradient no longer forced before its input
   # gradient is handed on; peak memory is the point), late -> hwio_late
-  # the OHWI layout, and hwio_late -> .base (9df6ad3) the sixth round.
+  # the OHWI layout, and hwio_late -> .base (9df6ad3) the sixth round with
+  # the average-pool gradient and the stem's channel padding.
   "${one[@]}" --no_early_weight_grads 2>>"${log}" |
     tee "${out}/ablate_late.jsonl"
   check late
