@@ -73,6 +73,16 @@ export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 log="${out}/stderr.log"
 # Records a step that failed or ran out of time (timeout exits 124).
 check() { local rc=$?; ((rc)) && echo "step '$1' exited ${rc}" | tee -a "${log}"; }
+# The two newest links of the ablate chain, given the command of one
+# minimal-step measurement: the weight gradients left to XLA's order
+# (late), and that with HWIO kernels in the state too (hwio_late).
+late_links() {
+  "$@" --no_early_weight_grads 2>>"${log}" | tee "${out}/ablate_late.jsonl"
+  check late
+  "$@" --kernel_layout=hwio --no_early_weight_grads 2>>"${log}" |
+    tee "${out}/ablate_hwio_late.jsonl"
+  check hwio_late
+}
 
 what="${1:-all}"  # ablate, flags, round, throughput, profile or all
 case "${what}" in ablate | flags | round | throughput | profile | all) ;;
@@ -107,12 +117,7 @@ if [[ "${what}" == ablate ]]; then
   # gradient is handed on; peak memory is the point), late -> hwio_late
   # the OHWI layout, and hwio_late -> .base (9df6ad3) the sixth round with
   # the average-pool gradient and the stem's channel padding.
-  "${one[@]}" --no_early_weight_grads 2>>"${log}" |
-    tee "${out}/ablate_late.jsonl"
-  check late
-  "${one[@]}" --kernel_layout=hwio --no_early_weight_grads 2>>"${log}" |
-    tee "${out}/ablate_hwio_late.jsonl"
-  check hwio_late
+  late_links "${one[@]}"
 fi
 
 if [[ "${what}" == flags ]]; then
@@ -161,12 +166,7 @@ if [[ "${what}" == round ]]; then
     --thesis 2>>"${log}" | tee "${out}/thesis.jsonl"; check thesis
   one=(timeout 110 "${python}" benchmarks/train_throughput.py --modes=minimal
     --no_timm)
-  "${one[@]}" --no_early_weight_grads 2>>"${log}" |
-    tee "${out}/ablate_late.jsonl"
-  check late
-  "${one[@]}" --kernel_layout=hwio --no_early_weight_grads 2>>"${log}" |
-    tee "${out}/ablate_hwio_late.jsonl"
-  check hwio_late
+  late_links "${one[@]}"
   if [[ -d .base ]]; then
     (cd .base && "${one[@]}") 2>>"${log}" | tee "${out}/ablate_base.jsonl"
     check base
