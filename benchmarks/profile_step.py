@@ -215,6 +215,7 @@ def summarize(events, hlo, steps, top, sizes=None):
 
   `sizes`: `instruction_bytes` of the module, for each top op's `gb_per_s`.
   """
+  sizes = sizes or {}
   per_op = collections.defaultdict(lambda: [0.0, 0])
   per_category = collections.Counter()
   for e in events:
@@ -251,8 +252,8 @@ def summarize(events, hlo, steps, top, sizes=None):
             # Each call moves its instruction's bytes (deduplicated kernels
             # run several instructions of the same shapes).
             gb_per_s=(
-                round((sizes or {})[op] * count / dur / 1e3, 1)
-                if (sizes or {}).get(op) and dur
+                round(sizes[op] * count / dur / 1e3, 1)
+                if sizes.get(op) and dur
                 else None
             ),
             op_name=op_name[-160:],
