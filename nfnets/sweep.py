@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 import copy
 import csv
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import io
@@ -46,6 +47,8 @@ from absl import logging
 from etils import epath
 import ml_collections
 from ml_collections import config_flags
+
+from nfnets import cli
 
 DONE_FILE = 'DONE'
 FAILED_FILE = 'FAILED'
@@ -595,4 +598,7 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(
+      main,
+      flags_parser=functools.partial(cli.parse_flags, prefix='nfnets.sweep: '),
+  )

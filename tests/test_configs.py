@@ -12,6 +12,7 @@ import ml_collections
 from ml_collections import config_flags
 import pytest
 
+from nfnets import cli
 from nfnets import optim
 from nfnets import resolve
 from nfnets import sweep
@@ -63,8 +64,8 @@ def test_unknown_config_arg_is_an_error():
     module.get_config('F0,locla')
 
 
-def _parse(argv):
-  """Parses an experiment command line the way experiment.py does."""
+def _flag_values(argv):
+  """experiment.py's and the sweep's flags, for the command line `argv`."""
   values = flags.FlagValues()
   # The overrides (--config.x=y) are read from sys_argv, as from sys.argv.
   config_flags.DEFINE_config_file(
@@ -78,6 +79,12 @@ def _parse(argv):
   flags.DEFINE_string('workdir', None, 'workdir', flag_values=values)
   flags.DEFINE_string('sweep', None, 'sweep', flag_values=values)
   flags.DEFINE_bool('dry_run', False, 'dry run', flag_values=values)
+  return values
+
+
+def _parse(argv):
+  """Parses an experiment command line the way experiment.py does."""
+  values = _flag_values(argv)
   values(['prog'] + argv)
   return values
 
@@ -264,3 +271,96 @@ def test_tiny_sweep_runs_end_to_end_and_writes_the_summary(tmp_path):
   assert len(rows) == 3  # header + 2 runs
   assert all('done' in row for row in rows[1:]), rows
   assert (tmp_path / 'agc_on_off' / 'summary.md').exists()
+
+
+def _cli_error(argv):
+  """The message `cli.parse_flags` exits with for an experiment command line."""
+  values = _flag_values(argv)
+  with pytest.raises(SystemExit) as exit_info:
+    cli.parse_flags(['prog'] + argv, flag_values=values, prefix='prog: ')
+  message = exit_info.value.code
+  assert isinstance(message, str) and '\n' not in message, message
+  assert message.startswith('prog: error: ')
+  return message
+
+
+@pytest.mark.parametrize(
+    'argv,expected',
+    [
+        (
+            ['--config=configs/default.py', '--config.train.batchsize=8'],
+            [
+                '--config.train.batchsize=8',
+                "config.train has no field 'batchsize'",
+                "did you mean 'batch_size'?",
+            ],
+        ),
+        (
+            ['--config=configs/nfnet.py:F0', '--config.trian.batch_size=8'],
+            ["config has no field 'trian'", "did you mean 'train'?"],
+        ),
+        (
+            ['--config=configs/default.py', '--config.train.zzz=1'],
+            ["no field 'zzz'", 'fields: batch_size, '],
+        ),
+        (
+            ['--config=configs/default.py', '--config.train.batch_size.x=1'],
+            ['config.train.batch_size is a value (int), it has no fields'],
+        ),
+        (
+            ['--config=configs/default.py', '--config.train.batch_size=abc'],
+            ['--config.train.batch_size=abc', 'invalid literal for int()'],
+        ),
+        (
+            ['--config=configs/nope.py'],
+            ['--config=configs/nope.py: [Errno 2] No such file or directory'],
+        ),
+        (
+            ['--config=configs/nfnet.py:F99'],
+            ["ValueError: Unknown config arg ['F99']"],
+        ),
+    ],
+)
+def test_command_line_mistakes_end_in_one_line_naming_the_flag(
+    argv, expected, monkeypatch
+):
+  monkeypatch.chdir(REPO)
+  message = _cli_error(argv)
+  for part in expected:
+    assert part in message, message
+
+
+def test_parse_flags_passes_a_good_command_line_through(monkeypatch):
+  monkeypatch.chdir(REPO)
+  argv = ['prog', '--config=configs/default.py', '--config.train.batch_size=8']
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      'config', None, 'config', flag_values=values, sys_argv=argv
+  )
+  assert cli.parse_flags(argv, flag_values=values) == ['prog']
+  assert values.config.train.batch_size == 8
+
+
+@pytest.mark.parametrize(
+    'program',
+    [
+        ['experiment.py', '--workdir=unused'],
+        ['-m', 'nfnets.sweep', '--sweep=x'],
+    ],
+)
+def test_programs_print_one_line_for_a_mistyped_override(program):
+  result = subprocess.run(
+      [sys.executable, *program, '--config=configs/default.py']
+      + ['--config.optimizer.lr=0.1'],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert result.returncode == 1
+  assert result.stdout == ''
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert "--config.optimizer.lr=0.1: config.optimizer has no field 'lr'" in (
+      lines[0]
+  )

@@ -1,0 +1,126 @@
+"""Command-line parsing shared by `experiment.py` and `nfnets.sweep`.
+
+absl reports a mistyped override (`--config.train.batchsize=8`) with the
+traceback of the config library that found it, and a config file that fails
+to load with the traceback of the file. `parse_flags` turns every mistake in
+the command line into one line that names the flag and the fix.
+"""
+
+import difflib
+import sys
+from typing import Optional, Sequence
+
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+
+_OVERRIDE_PREFIXES = ('--config.', '--noconfig.')
+
+
+def _overrides(argv: Sequence[str]) -> list[tuple[str, list[str]]]:
+  """`(argument, path)` of each `--config.a.b=v` override in `argv`."""
+  found = []
+  for arg in argv:
+    for prefix in _OVERRIDE_PREFIXES:
+      if arg.startswith(prefix):
+        dotted = arg[len(prefix) :].split('=', 1)[0]
+        found.append((arg, dotted.split('.')))
+  return found
+
+
+def _base_config(argv: Sequence[str]) -> Optional[ml_collections.ConfigDict]:
+  """The `--config=` file's config without the overrides, or None."""
+  config_args = [a for a in argv[1:] if a.startswith('--config=')]
+  if not config_args:
+    return None
+  values = flags.FlagValues()
+  args = [argv[0], config_args[-1]]
+  config_flags.DEFINE_config_file(
+      'config', None, 'base config', flag_values=values, sys_argv=args
+  )
+  try:
+    values(args)
+  except flags.Error:
+    return None
+  return values.config
+
+
+def unknown_override(argv: Sequence[str]) -> Optional[str]:
+  """Describes the first override in `argv` that names no config field.
+
+  Args:
+    argv: the command line, program name first.
+
+  Returns:
+    e.g. `--config.train.batchsize=8: config.train has no field
+    'batchsize' (did you mean 'batch_size'?)`, or None when every override
+    names a field (or the config itself does not load).
+  """
+  config = _base_config(argv)
+  if config is None:
+    return None
+  for arg, path in _overrides(argv):
+    node, where = config, 'config'
+    for key in path:
+      if not isinstance(node, ml_collections.ConfigDict):
+        kind = type(node).__name__
+        return f'{arg}: {where} is a value ({kind}), it has no fields'
+      if key not in node:
+        close = difflib.get_close_matches(key, list(node.keys()), n=1)
+        hint = f'did you mean {close[0]!r}?' if close else 'fields: '
+        if not close:
+          hint += ', '.join(sorted(node.keys()))
+        return f'{arg}: {where} has no field {key!r} ({hint})'
+      node, where = node[key], f'{where}.{key}'
+  return None
+
+
+def _last_line(text: str) -> str:
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  return lines[-1] if lines else ''
+
+
+def _condensed(error: flags.Error) -> str:
+  """absl's message on one line; a config file's traceback by its last line."""
+  text = str(error)
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if len(lines) <= 1:
+    return ' '.join(lines)
+  return f'{lines[0].removesuffix(":")}: {_last_line(text)}'
+
+
+def parse_flags(
+    argv: Sequence[str],
+    flag_values: flags.FlagValues = flags.FLAGS,
+    prefix: str = '',
+) -> list[str]:
+  """absl `flags_parser` for `app.run`: mistakes end the program in one line.
+
+  Args:
+    argv: the command line, program name first.
+    flag_values: the flags to parse into.
+    prefix: put before 'error:' (e.g. the program's name).
+
+  Returns:
+    The arguments that are not flags, program name first.
+  """
+  try:
+    remaining = flag_values(list(argv))
+  except flags.Error as e:
+    sys.exit(f'{prefix}error: {_condensed(e)} (--helpshort lists the flags)')
+  except (AttributeError, KeyError):
+    # ml_collections' lookup of an override's path; anything else re-raises.
+    message = unknown_override(argv)
+    if message is None:
+      raise
+    sys.exit(f'{prefix}error: {message}. configs/common.py lists the fields.')
+  # config_flags defers a config file that fails to load (a wrong path) to
+  # the first use of the config: report it now, with the flag.
+  if 'config' in flag_values and flag_values['config'].present:
+    try:
+      flag_values.config.keys()
+    except OSError as e:
+      given = [a for a in argv if a.startswith('--config=')]
+      flag = given[-1] if given else '--config'
+      sys.exit(f'{prefix}error: {flag}: {_last_line(str(e))}')
+  return remaining
