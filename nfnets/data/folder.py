@@ -104,7 +104,8 @@ def _split_folders(
   """(train folder, eval folder), or (None, None) for the 90/10 rule."""
   if not _is_dir(root):
     raise FileNotFoundError(
-        f'Image folder {root!r} (cfg.name) does not exist or is not a folder.'
+        f'Image folder {root!r} (config.data.name) does not exist or is not a'
+        ' folder.'
     )
   for name in (train_split,) + TRAIN_FOLDER_NAMES:
     train_dir = os.path.join(root, name)
