@@ -17,14 +17,13 @@ from ml_collections import config_flags
 _OVERRIDE_PREFIXES = ('--config.', '--noconfig.')
 
 
-def _overrides(argv: Sequence[str]) -> list[tuple[str, list[str]]]:
-  """`(argument, path)` of each `--config.a.b=v` override in `argv`."""
+def _overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
+  """`(argument, 'a.b')` of each `--config.a.b=v` override in `argv`."""
   found = []
   for arg in argv:
     for prefix in _OVERRIDE_PREFIXES:
       if arg.startswith(prefix):
-        dotted = arg[len(prefix) :].split('=', 1)[0]
-        found.append((arg, dotted.split('.')))
+        found.append((arg, arg[len(prefix) :].split('=', 1)[0]))
   return found
 
 
@@ -45,48 +44,62 @@ def _base_config(argv: Sequence[str]) -> Optional[ml_collections.ConfigDict]:
   return values.config
 
 
-def unknown_override(argv: Sequence[str]) -> Optional[str]:
-  """Describes the first override in `argv` that names no config field.
+def field_error(config: ml_collections.ConfigDict, key: str) -> Optional[str]:
+  """Why the dotted `key` names no field of `config`; None when it does.
 
   Args:
-    argv: the command line, program name first.
+    config: the config.
+    key: e.g. `'train.batch_size'`.
 
   Returns:
-    e.g. `--config.train.batchsize=8: config.train has no field
-    'batchsize' (did you mean 'batch_size'?)`, or None when every override
-    names a field (or the config itself does not load).
+    e.g. `train has no field 'batchsize' (fields: batch_size, ...); did you
+    mean 'batch_size'?`, or `train.batch_size is 128, not a ConfigDict, so
+    it has no field 'x'`.
+  """
+  parts = key.split('.')
+  node = config
+  for depth, part in enumerate(parts):
+    where = '.'.join(parts[:depth]) or 'the config'
+    if not isinstance(node, ml_collections.ConfigDict):
+      return (
+          f'{where} is {node!r}, not a ConfigDict, so it has no field {part!r}'
+      )
+    if part not in node:
+      fields = sorted(node.keys())
+      close = difflib.get_close_matches(part, fields, n=1)
+      guess = f'; did you mean {close[0]!r}?' if close else ''
+      return (
+          f'{where} has no field {part!r} (fields: {", ".join(fields)}){guess}'
+      )
+    node = node[part]
+  return None
+
+
+def _unknown_override(argv: Sequence[str]) -> Optional[str]:
+  """The first override in `argv` that names no config field, described.
+
+  None when every override names a field, or the config does not load.
   """
   config = _base_config(argv)
   if config is None:
     return None
-  for arg, path in _overrides(argv):
-    node, where = config, 'config'
-    for key in path:
-      if not isinstance(node, ml_collections.ConfigDict):
-        kind = type(node).__name__
-        return f'{arg}: {where} is a value ({kind}), it has no fields'
-      if key not in node:
-        close = difflib.get_close_matches(key, list(node.keys()), n=1)
-        hint = f'did you mean {close[0]!r}?' if close else 'fields: '
-        if not close:
-          hint += ', '.join(sorted(node.keys()))
-        return f'{arg}: {where} has no field {key!r} ({hint})'
-      node, where = node[key], f'{where}.{key}'
+  for arg, key in _overrides(argv):
+    problem = field_error(config, key)
+    if problem is not None:
+      return f'{arg}: {problem}'
   return None
 
 
-def _last_line(text: str) -> str:
-  lines = [line.strip() for line in text.splitlines() if line.strip()]
-  return lines[-1] if lines else ''
+def _lines(text: str) -> list[str]:
+  return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _condensed(error: flags.Error) -> str:
   """absl's message on one line; a config file's traceback by its last line."""
-  text = str(error)
-  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  lines = _lines(str(error))
   if len(lines) <= 1:
     return ' '.join(lines)
-  return f'{lines[0].removesuffix(":")}: {_last_line(text)}'
+  return f'{lines[0].removesuffix(":")}: {lines[-1]}'
 
 
 def parse_flags(
@@ -110,10 +123,10 @@ def parse_flags(
     sys.exit(f'{prefix}error: {_condensed(e)} (--helpshort lists the flags)')
   except (AttributeError, KeyError):
     # ml_collections' lookup of an override's path; anything else re-raises.
-    message = unknown_override(argv)
+    message = _unknown_override(argv)
     if message is None:
       raise
-    sys.exit(f'{prefix}error: {message}. configs/common.py lists the fields.')
+    sys.exit(f'{prefix}error: {message}')
   # config_flags defers a config file that fails to load (a wrong path) to
   # the first use of the config: report it now, with the flag.
   if 'config' in flag_values and flag_values['config'].present:
@@ -122,5 +135,5 @@ def parse_flags(
     except OSError as e:
       given = [a for a in argv if a.startswith('--config=')]
       flag = given[-1] if given else '--config'
-      sys.exit(f'{prefix}error: {flag}: {_last_line(str(e))}')
+      sys.exit(f'{prefix}error: {flag}: {_lines(str(e))[-1]}')
   return remaining

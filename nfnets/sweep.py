@@ -177,24 +177,16 @@ def apply_overrides(
   """
   config = copy.deepcopy(config)
   for key, value in overrides.items():
+    problem = cli.field_error(config, key)
+    if problem is not None:
+      raise ValueError(
+          f'Override key {key!r} does not exist: {problem}. Fix the sweep or'
+          ' add the field to the config.'
+      )
     *parents, leaf = key.split('.')
     node = config
-    for depth, part in enumerate([*parents, leaf]):
-      where = '.'.join(parents[:depth]) or 'the config'
-      if not isinstance(node, ml_collections.ConfigDict):
-        raise ValueError(
-            f'Override key {key!r}: {where} is {node!r}, not a ConfigDict, so '
-            f'it has no field {part!r}.'
-        )
-      if part not in node:
-        fields = ', '.join(sorted(node.keys()))
-        raise ValueError(
-            f'Override key {key!r} does not exist: {where} has no field '
-            f'{part!r} (fields: {fields}). Fix the sweep or add the field to '
-            'the config.'
-        )
-      if depth < len(parents):
-        node = node[part]
+    for part in parents:
+      node = node[part]
     try:
       node[leaf] = value
     except TypeError as e:

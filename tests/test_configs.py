@@ -291,21 +291,24 @@ def _cli_error(argv):
             ['--config=configs/default.py', '--config.train.batchsize=8'],
             [
                 '--config.train.batchsize=8',
-                "config.train has no field 'batchsize'",
-                "did you mean 'batch_size'?",
+                "train has no field 'batchsize' (fields: batch_size, ",
+                "; did you mean 'batch_size'?",
             ],
         ),
         (
             ['--config=configs/nfnet.py:F0', '--config.trian.batch_size=8'],
-            ["config has no field 'trian'", "did you mean 'train'?"],
+            ["the config has no field 'trian'", "did you mean 'train'?"],
         ),
         (
             ['--config=configs/default.py', '--config.train.zzz=1'],
-            ["no field 'zzz'", 'fields: batch_size, '],
+            ["train has no field 'zzz' (fields: batch_size, "],
         ),
         (
             ['--config=configs/default.py', '--config.train.batch_size.x=1'],
-            ['config.train.batch_size is a value (int), it has no fields'],
+            [
+                'train.batch_size is 64, not a ConfigDict, so it has no field'
+                " 'x'"
+            ],
         ),
         (
             ['--config=configs/default.py', '--config.train.batch_size=abc'],
@@ -361,6 +364,4 @@ def test_programs_print_one_line_for_a_mistyped_override(program):
   assert result.stdout == ''
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1, result.stderr
-  assert "--config.optimizer.lr=0.1: config.optimizer has no field 'lr'" in (
-      lines[0]
-  )
+  assert "--config.optimizer.lr=0.1: optimizer has no field 'lr'" in lines[0]
