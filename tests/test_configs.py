@@ -335,12 +335,9 @@ def test_command_line_mistakes_end_in_one_line_naming_the_flag(
 
 def test_parse_flags_passes_a_good_command_line_through(monkeypatch):
   monkeypatch.chdir(REPO)
-  argv = ['prog', '--config=configs/default.py', '--config.train.batch_size=8']
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-      'config', None, 'config', flag_values=values, sys_argv=argv
-  )
-  assert cli.parse_flags(argv, flag_values=values) == ['prog']
+  argv = ['--config=configs/default.py', '--config.train.batch_size=8']
+  values = _flag_values(argv)
+  assert cli.parse_flags(['prog'] + argv, flag_values=values) == ['prog']
   assert values.config.train.batch_size == 8
 
 
