@@ -219,7 +219,7 @@ def test_batch_not_divisible_by_devices_raises():
 
 
 def test_bad_config_values_raise():
-  with pytest.raises(ValueError, match='eval_resize'):
+  with pytest.raises(ValueError, match=r'data\.eval_resize'):
     _digits('eval', 8, eval_resize='squash')
   with pytest.raises(ValueError, match='split'):
     _digits('test', 8)

@@ -80,7 +80,7 @@ AUGMENT_ON = ('host', 'device')
 def _kind(cfg) -> str:
   name = cfg.name
   if not isinstance(name, str) or not name:
-    raise ValueError(f'cfg.name={name!r} must be a non-empty dataset name.')
+    raise ValueError(f'data.name={name!r} must be a non-empty dataset name.')
   if name == 'digits':
     return 'digits'
   if name.startswith(FOLDER_PREFIX):
@@ -109,7 +109,7 @@ def augments_on_device(cfg) -> bool:
   """Whether train batches still need `device_augment.augment_batch`."""
   if cfg.augment_on not in AUGMENT_ON:
     raise ValueError(
-        f'cfg.augment_on={cfg.augment_on!r} must be one of {AUGMENT_ON}'
+        f'data.augment_on={cfg.augment_on!r} must be one of {AUGMENT_ON}'
         " ('auto' is resolved by nfnets.resolve.resolve)."
     )
   return cfg.augment_on == 'device' and _kind(cfg) != 'digits'
@@ -191,11 +191,11 @@ def create_dataset(
   start_step = _check_int('start_step', start_step, 0)
   if cfg.eval_resize not in EVAL_RESIZE_METHODS:
     raise ValueError(
-        f'cfg.eval_resize={cfg.eval_resize!r} must be one of'
+        f'data.eval_resize={cfg.eval_resize!r} must be one of'
         f' {EVAL_RESIZE_METHODS}.'
     )
   if cfg.mixup_alpha < 0:
-    raise ValueError(f'cfg.mixup_alpha={cfg.mixup_alpha} must be >= 0.')
+    raise ValueError(f'data.mixup_alpha={cfg.mixup_alpha} must be >= 0.')
   augments_on_device(cfg)  # Validates cfg.augment_on.
   if split == 'eval':
     start_step = 0

@@ -76,7 +76,7 @@ def root_of(cfg) -> str:
   root = cfg.name[len(batching.FOLDER_PREFIX) :]
   if not root:
     raise ValueError(
-        f"cfg.name={cfg.name!r} names no folder; use 'folder:/path/to/root'."
+        f"data.name={cfg.name!r} names no folder; use 'folder:/path/to/root'."
     )
   return root.rstrip('/') or '/'
 
@@ -104,7 +104,7 @@ def _split_folders(
   """(train folder, eval folder), or (None, None) for the 90/10 rule."""
   if not _is_dir(root):
     raise FileNotFoundError(
-        f'Image folder {root!r} (config.data.name) does not exist or is not a'
+        f'Image folder {root!r} (data.name) does not exist or is not a'
         ' folder.'
     )
   for name in (train_split,) + TRAIN_FOLDER_NAMES:
@@ -208,14 +208,14 @@ def _index(
   bad = sorted(path for (path, _, _), good in zip(listed, ok) if not good)
   if bad and strict:
     raise ValueError(
-        f'Undecodable image file {bad[0]!r} (cfg.strict=True): remove or'
-        ' replace it, or set cfg.strict=False to skip such files with a'
+        f'Undecodable image file {bad[0]!r} (data.strict=True): remove or'
+        ' replace it, or set data.strict=False to skip such files with a'
         ' warning.'
     )
   if bad:
     warnings.warn(
         f'Skipping {len(bad)} undecodable image file(s) under {root!r}'
-        f' (first: {bad[0]!r}); set cfg.strict=True to fail instead.',
+        f' (first: {bad[0]!r}); set data.strict=True to fail instead.',
         stacklevel=2,
     )
   kept = [entry for entry, good in zip(listed, ok) if good]

@@ -58,7 +58,7 @@ def builder(cfg) -> tfds.core.DatasetBuilder:
     )
     hint = f'did you mean {", ".join(matches)}? ' if matches else ''
     raise ValueError(
-        f'Unknown dataset cfg.name={name!r}: {hint}Use a TFDS name'
+        f'Unknown dataset data.name={name!r}: {hint}Use a TFDS name'
         " (tfds.list_builders()), 'digits' for the embedded dataset, or"
         " 'folder:/path/to/root' for an image folder."
     ) from None
@@ -85,7 +85,7 @@ def _prepare_steps(ds_builder) -> str:
   return (
       f'TFDS dataset {name!r} is not prepared in {root}: run {build} on a'
       ' machine with internet access (or copy a prepared copy into'
-      f' {root}); set cfg.data_dir to use another directory.'
+      f' {root}); set data.data_dir to use another directory.'
   )
 
 
