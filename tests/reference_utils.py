@@ -32,6 +32,18 @@ def fixture_tags() -> list[str]:
   return [os.path.basename(p)[: -len('_params.json')] for p in paths]
 
 
+def zeros_tree(tag: str) -> dict:
+  """`<tag>`'s published parameter tree as zeros (names and shapes only)."""
+  with open(os.path.join(reference_dir(), f'{tag}_params.json')) as f:
+    shapes = json.load(f)['params']
+  return {
+      module: {
+          name: np.zeros(shape, np.float32) for name, shape in params.items()
+      }
+      for module, params in shapes.items()
+  }
+
+
 def load_fixture(tag: str):
   """Returns (spec dict, params tree of numpy arrays, reference npz)."""
   with open(os.path.join(reference_dir(), f'{tag}_params.json')) as f:

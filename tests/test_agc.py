@@ -1,7 +1,5 @@
 """Tests for nfnets.agc: Adaptive Gradient Clipping."""
 
-import json
-import os
 import re
 
 import jax
@@ -11,23 +9,7 @@ import optax
 import pytest
 
 from nfnets import agc
-
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES_DIR = os.environ.get(
-    "NFNETS_REFERENCE_DIR", os.path.join(_REPO_ROOT, "..", "shared", "fixtures")
-)
-
-
-def nfnet_f0_param_tree():
-  """nfnet_f0's parameter tree, zeros of the published shapes (no model)."""
-  with open(os.path.join(FIXTURES_DIR, "nfnet_f0_params.json")) as f:
-    shapes = json.load(f)["params"]
-  return {
-      module: {
-          name: np.zeros(shape, np.float32) for name, shape in params.items()
-      }
-      for module, params in shapes.items()
-  }
+import reference_utils
 
 
 def flat_paths(tree, mask):
@@ -339,7 +321,7 @@ def test_bad_exclude_pattern_raises():
 
 
 def test_default_mask_on_nfnet_f0_excludes_only_classifier_weight():
-  params = nfnet_f0_param_tree()
+  params = reference_utils.zeros_tree("nfnet_f0")
   mask = agc.clipping_mask(params)
   not_clipped = flat_paths(params, jax.tree.map(lambda m: not m, mask))
   assert not_clipped == ["NFNet/~/linear/w"]

@@ -1,8 +1,5 @@
 """Tests for nfnets.optim: schedule, optimizer chain, masks, pmap, EMA."""
 
-import json
-import os
-
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -13,11 +10,7 @@ import pytest
 
 from nfnets import agc
 from nfnets import optim
-
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES_DIR = os.environ.get(
-    "NFNETS_REFERENCE_DIR", os.path.join(_REPO_ROOT, "..", "shared", "fixtures")
-)
+import reference_utils
 
 
 def make_config(**overrides):
@@ -131,24 +124,13 @@ def test_schedule_rejects_unknown_name():
 # ---------------------------------------------------------------------------
 
 
-def nfnet_f0_param_tree():
-  with open(os.path.join(FIXTURES_DIR, "nfnet_f0_params.json")) as f:
-    shapes = json.load(f)["params"]
-  return {
-      module: {
-          name: np.zeros(shape, np.float32) for name, shape in params.items()
-      }
-      for module, params in shapes.items()
-  }
-
-
 def paths_where(mask, value):
   flat = jax.tree_util.tree_flatten_with_path(mask)[0]
   return sorted(agc.path_to_str(p) for p, m in flat if m == value)
 
 
 def test_weight_decay_mask_on_nfnet_f0():
-  params = nfnet_f0_param_tree()
+  params = reference_utils.zeros_tree("nfnet_f0")
   mask = optim.weight_decay_mask(params)
   expected_not_decayed = sorted(
       f"{module}/{name}"
@@ -179,7 +161,7 @@ def test_weight_decay_mask_skips_norm_and_unknown_params():
 
 
 def test_agc_mask_on_nfnet_f0_from_config():
-  params = nfnet_f0_param_tree()
+  params = reference_utils.zeros_tree("nfnet_f0")
   cfg = make_config()
   mask = agc.clipping_mask(params, cfg.agc.exclude)
   assert paths_where(mask, False) == ["NFNet/~/linear/w"]
