@@ -8,6 +8,7 @@ gives a consistent configuration: nothing derived is stored here.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 AUTO = 'auto'
 
@@ -16,6 +17,22 @@ def _section() -> ml_collections.ConfigDict:
   # Not type safe: an 'auto' field takes a number in an experiment file, and
   # a command-line number for it arrives as a string (parsed when resolved).
   return ml_collections.ConfigDict(type_safe=False)
+
+
+def unset(field_type: type) -> config_dict.FieldReference:
+  """A field whose default is None that the command line can still set.
+
+  The command line parses a value by the type of the field's default, and
+  None has none (`--config.train.max_steps=8` would fail); a placeholder
+  carries the type.
+
+  Args:
+    field_type: the type a command-line value is parsed as.
+
+  Returns:
+    The placeholder, whose value is None.
+  """
+  return config_dict.placeholder(field_type)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -39,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.batch_size = 4096  # global, over every device of every host
   config.train.num_epochs = 360
   # Stops earlier than num_epochs when set (for smoke runs); None: no cap.
-  config.train.max_steps = None
+  config.train.max_steps = unset(int)
   config.train.label_smoothing = 0.1
   # Forward/backward dtype; params, optimizer state and grads stay float32.
   config.train.compute_dtype = 'bfloat16'
@@ -64,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.ema = True  # also evaluate the EMA of the parameters
   # --mode=eval: a published DeepMind file (e.g. F0_haiku.npz); None: the
   # workdir's latest checkpoint.
-  config.eval.checkpoint = None
+  config.eval.checkpoint = unset(str)
 
   config.optimizer = _section()
   config.optimizer.name = 'sgd'
@@ -79,15 +96,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.ema_decay = 0.99999
   config.optimizer.agc = _section()
   # 'auto': from the global batch size (nfnets.agc.clipping_for_batch_size);
-  # a number overrides it; None (or 0, or 'none' on the command line) turns
-  # AGC off.
+  # a number overrides it; None turns AGC off (on the command line: 0, or
+  # 'none' where the field is not a number).
   config.optimizer.agc.clipping = AUTO
   config.optimizer.agc.eps = 1e-3
   config.optimizer.agc.exclude = (r'^[^/]+/~/linear/w$',)
 
   config.data = _section()
   config.data.name = 'imagenet2012'
-  config.data.data_dir = None
+  config.data.data_dir = unset(str)
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'
   # 'auto': the variant's train / test resolution (Table 1).
@@ -202,7 +219,10 @@ def resnet_config(
   config.train.eval_every_epochs = 5
   config.optimizer.base_lr = 0.1  # 0.4 at batch 1024
   config.optimizer.weight_decay = 5e-5
-  config.optimizer.agc.clipping = agc_clipping
+  # No AGC (None) stays settable: --config.optimizer.agc.clipping=auto.
+  config.optimizer.agc.clipping = (
+      unset(str) if agc_clipping is None else agc_clipping
+  )
   config.data.train_image_size = 224
   config.data.eval_image_size = 224
   config.data.mixup_alpha = 0.0

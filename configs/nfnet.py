@@ -35,7 +35,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # Declared so sweeps and the command line can set them (None: the
   # variant's own).
   config.model.overrides = ml_collections.ConfigDict(
-      dict(widths=None, use_two_convs=True), type_safe=False
+      dict(widths=common.unset(tuple), use_two_convs=True), type_safe=False
   )
   if 'local' in flags:
     common.shrink(

@@ -175,6 +175,47 @@ def test_command_line_numbers_and_none_for_auto_fields(monkeypatch):
     resolve.resolve(config)
 
 
+# Every field whose default is None: a command-line value for it, and what the
+# config then holds. A new None field must be added here (the test says so).
+_UNSET_FIELDS = {
+    'train.max_steps': ('8', 8),
+    'eval.checkpoint': ('F0_haiku.npz', 'F0_haiku.npz'),
+    'data.data_dir': ('gs://bucket/tfds', 'gs://bucket/tfds'),
+    'optimizer.agc.clipping': ('auto', 'auto'),  # the BN / Fixup baselines
+    'model.overrides.widths': ('(16,32,64,64)', (16, 32, 64, 64)),  # NFNets
+}
+
+
+def _leaves(config, prefix=''):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+@pytest.mark.parametrize('name', CONFIG_FILES)
+def test_every_field_left_none_can_be_set_on_the_command_line(
+    name, monkeypatch
+):
+  monkeypatch.chdir(REPO)
+  config_arg = f'--config=configs/{name}.py'
+  unset = [
+      key
+      for key, value in _leaves(_parse([config_arg]).config)
+      if value is None
+  ]
+  assert unset, 'train.max_steps, at least, defaults to None'
+  unlisted = sorted(set(unset) - set(_UNSET_FIELDS))
+  assert not unlisted, f'add {unlisted} to _UNSET_FIELDS'
+  for key in unset:
+    text, expected = _UNSET_FIELDS[key]
+    leaves = dict(
+        _leaves(_parse([config_arg, f'--config.{key}={text}']).config)
+    )
+    assert leaves[key] == expected, key
+
+
 def test_auto_clipping_is_001_at_batch_4096():
   config = importlib.import_module('configs.nfnet').get_config('F0')
   assert config.train.batch_size == 4096
