@@ -39,6 +39,10 @@ class UnsafePickleError(pickle.UnpicklingError):
   """The file asks to call something other than numpy array reconstruction."""
 
 
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint holds a state of another structure or shapes."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
 
   def find_class(self, module, name):
@@ -167,6 +171,43 @@ def load_deepmind_params(
   }
 
 
+def _path_name(path) -> str:
+  """'opt_state/1/0/trace/linear/w' for a tree path, whatever the containers.
+
+  Orbax saves named tuples as dicts and tuples as lists, so only the keys,
+  indices and attribute names are compared.
+  """
+  parts = []
+  for key in path:
+    for attribute in ('key', 'idx', 'name'):
+      if hasattr(key, attribute):
+        parts.append(str(getattr(key, attribute)))
+        break
+    else:
+      parts.append(str(key))
+  return '/'.join(parts)
+
+
+def _shapes_by_path(tree) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_name(p): tuple(leaf.shape) for p, leaf in flat}
+
+
+def _first_difference(saved: dict, wanted: dict) -> str:
+  """The first path saved but not wanted, wanted but not saved, or reshaped."""
+  for path in sorted(saved.keys() | wanted.keys()):
+    if path not in wanted:
+      return f'{path} is saved, and this config has no such array'
+    if path not in saved:
+      return f'{path} is not saved; this config has it, shape {wanted[path]}'
+    if saved[path] != wanted[path]:
+      return (
+          f'{path} is saved with shape {saved[path]}, this config has'
+          f' {wanted[path]}'
+      )
+  return ''
+
+
 class TrainCheckpointer:
   """Orbax checkpoints of the training state in `<workdir>/checkpoints`.
 
@@ -196,6 +237,8 @@ class TrainCheckpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        # Named so that `item_metadata` can read a step's shapes unrestored.
+        item_handlers=ocp.StandardCheckpointHandler(),
     )
 
   def all_steps(self) -> list[int]:
@@ -211,32 +254,62 @@ class TrainCheckpointer:
   def restore_latest(self, target: Any, log=None):
     """Restores the newest readable checkpoint into `target`'s structure.
 
+    A checkpoint that cannot be read (a truncated file, missing metadata) is
+    skipped with a warning. One that reads but holds another state (another
+    model, class count or optimizer) is an error, not skipped: training on
+    would start afresh and let the new run's saves delete the old run's
+    checkpoints.
+
     Args:
       target: a tree of arrays with the saved structure, shapes and dtypes.
       log: a function of one string for warnings (default: print).
 
     Returns:
       `(tree, step)`, or `(None, None)` when there is no checkpoint at all.
+
+    Raises:
+      CheckpointMismatchError: the newest readable checkpoint's paths or
+        shapes differ from `target`'s; the message names the first one.
     """
     log = log or print
     self._manager.wait_until_finished()
     abstract = jax.tree_util.tree_map(
         lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), target
     )
+    wanted = _shapes_by_path(abstract)
     for step in reversed(self.all_steps()):
+      try:
+        metadata = self._manager.item_metadata(step)
+        # Newer orbax wraps the tree; older versions return it.
+        saved = _shapes_by_path(getattr(metadata, 'tree', metadata))
+        if not saved:
+          raise ValueError('no array metadata')
+      except Exception as e:  # pylint: disable=broad-except
+        self._warn_unreadable(log, step, e)
+        continue
+      problem = _first_difference(saved, wanted)
+      if problem:
+        raise CheckpointMismatchError(
+            f'Checkpoint {step} in {self.directory} holds another state'
+            f' than this config builds ({problem}): it was written by a run'
+            ' with another model, class count or optimizer.'
+        )
       try:
         tree = self._manager.restore(
             step, args=self._ocp.args.StandardRestore(abstract)
         )
       except Exception as e:  # pylint: disable=broad-except
-        log(
-            f'WARNING: checkpoint {step} in {self.directory} is unreadable '
-            f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying '
-            'the previous one.'
-        )
+        self._warn_unreadable(log, step, e)
         continue
       return jax.tree_util.tree_map(np.asarray, tree), step
     return None, None
+
+  def _warn_unreadable(self, log, step: int, error: Exception) -> None:
+    log(
+        f'WARNING: checkpoint {step} in {self.directory} is unreadable '
+        f'({type(error).__name__}: {str(error).splitlines()[0][:200]}); '
+        'trying the previous one.'
+    )
 
   def close(self) -> None:
     """Waits for pending saves and releases the manager."""

@@ -18,7 +18,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 
 import haiku as hk
 import jax
@@ -741,6 +741,41 @@ def _save_config(config, workdir):
     f.write(config.to_json_best_effort(indent=2))
 
 
+def _flat_items(tree: Mapping[str, Any], prefix: str = ''):
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      yield from _flat_items(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def _config_changes(workdir: str, config, limit: int = 3) -> str:
+  """How the workdir's config.json differs from `config`, as a sentence."""
+  path = os.path.join(workdir, 'config.json')
+  try:
+    with open(path) as f:
+      old = dict(_flat_items(json.load(f)))
+  except (OSError, ValueError):
+    return ''
+  new = dict(_flat_items(json.loads(config.to_json_best_effort())))
+  # The fields that shape the state first.
+  order = ('model.', 'data.', 'optimizer.')
+  keys = sorted(
+      (k for k in old.keys() | new.keys() if old.get(k) != new.get(k)),
+      key=lambda k: (
+          next((i for i, o in enumerate(order) if k.startswith(o)), len(order)),
+          k,
+      ),
+  )
+  if not keys:
+    return ''
+  changes = ', '.join(
+      f'{k} ({old.get(k)!r} there, {new.get(k)!r} here)' for k in keys[:limit]
+  )
+  more = f' and {len(keys) - limit} more' if len(keys) > limit else ''
+  return f' Its config.json differs in {changes}{more}.'
+
+
 def pmap_device_augment(data_cfg, seed: int):
   """The pmapped augmentation `make_device_augment` calls, or None.
 
@@ -896,15 +931,23 @@ def train_and_evaluate(
   config, num_classes = prepare(config)
   is_chief = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if is_chief:
-    _save_config(config, workdir)
 
   forward = create_model(config, num_classes)
   optimizer, lr_fn = optimizer_and_schedule(config)
   kernel_layout = config.train.kernel_layout
-  state, restored_step, checkpointer = restore_or_create(
-      config, forward, optimizer, workdir, config.data.train_image_size
-  )
+  try:
+    state, restored_step, checkpointer = restore_or_create(
+        config, forward, optimizer, workdir, config.data.train_image_size
+    )
+  except checkpoint.CheckpointMismatchError as e:
+    raise checkpoint.CheckpointMismatchError(
+        f'{e}{_config_changes(workdir, config)} Resume it with the config'
+        ' it was trained with, or give this run another --workdir.'
+    ) from None
+  # Only now: a config that cannot resume the workdir leaves its
+  # config.json as it was.
+  if is_chief:
+    _save_config(config, workdir)
   start_step = int(state.step)
   logger = _Logger(workdir, start_step, is_chief)
   if restored_step is not None:

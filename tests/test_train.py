@@ -225,6 +225,26 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
   assert result['step'] == 12
 
 
+def test_resuming_with_another_model_is_an_error_that_keeps_the_run(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config.get_config(8), workdir)
+  checkpoints = checkpoint.TrainCheckpointer(workdir).all_steps()
+  files = ('config.json', 'metrics.jsonl')
+  before = {n: (tmp_path / n).read_bytes() for n in files}
+  wider = tiny_config.get_config(12)
+  wider.model.overrides.width = 0.5
+  with pytest.raises(
+      checkpoint.CheckpointMismatchError,
+      match=r'Checkpoint 8 .* shape .*config\.json differs in model\.overrides',
+  ):
+    train.train_and_evaluate(wider, workdir)
+  assert checkpoint.TrainCheckpointer(workdir).all_steps() == checkpoints
+  assert {n: (tmp_path / n).read_bytes() for n in files} == before
+  # The run itself still resumes.
+  result = train.train_and_evaluate(tiny_config.get_config(12), workdir)
+  assert result['step'] == 12
+
+
 def test_absurd_learning_rate_stops_naming_the_step(tmp_path):
   workdir = str(tmp_path)
   result = _run(
