@@ -15,11 +15,11 @@ import collections
 import functools
 import inspect
 import json
-import os
 import signal
 import time
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 
+from etils import epath
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -631,29 +631,56 @@ def unreplicate(tree):
   )
 
 
+class _EpathEventFiles:
+  """tensorboardX's event files written through epath (`tf.io.gfile`).
+
+  tensorboardX writes `gs://` only with google-cloud-storage, which this
+  project does not depend on; epath reaches every store TensorFlow does.
+  """
+
+  def open(self, path: str):
+    return epath.Path(path).open('wb')
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _summary_writer(logdir: str):
+  # Imported here: tensorboardX writes event files without TensorFlow, and
+  # only the chief process needs it.
+  import tensorboardX  # pylint: disable=g-import-not-at-top
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+
+  if '://' in logdir:
+    record_writer.register_writer_factory(
+        logdir.split(':')[0], _EpathEventFiles()
+    )
+  return tensorboardX.SummaryWriter(logdir)
+
+
 class _Logger:
   """metrics.jsonl, TensorBoard events and a stdout progress line.
 
-  Only process 0 writes files.
+  Only process 0 writes files. The workdir may be local or `gs://`: every
+  file goes through epath.
   """
 
   def __init__(self, workdir: str, resume_step: int, enabled: bool):
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
     self._tb = None
     self._workdir = workdir
-    if enabled and os.path.exists(self.path):
+    if enabled and self.path.exists():
       # Events after the restored checkpoint will be logged again: drop them
       # so the file stays one continuous record with no duplicate step.
-      with open(self.path) as f:
-        kept = [
-            line
-            for line in f
-            if line.strip() and json.loads(line)['step'] <= resume_step
-        ]
-      with open(self.path + '.tmp', 'w') as f:
-        f.writelines(kept)
-      os.replace(self.path + '.tmp', self.path)
+      kept = [
+          line + '\n'
+          for line in self.path.read_text().splitlines()
+          if line.strip() and json.loads(line)['step'] <= resume_step
+      ]
+      temporary = self.path.with_name('metrics.jsonl.tmp')
+      temporary.write_text(''.join(kept))
+      temporary.replace(self.path)
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
@@ -666,18 +693,13 @@ class _Logger:
         )
         for k, v in record.items()
     }
-    with open(self.path, 'a') as f:
+    with self.path.open('a') as f:
       f.write(json.dumps(record) + '\n')
     self._tensorboard(record)
 
   def _tensorboard(self, record):
     if self._tb is None:
-      # tensorboardX writes TensorBoard's event files without TensorFlow.
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-
-      self._tb = tensorboardX.SummaryWriter(
-          os.path.join(self._workdir, 'tensorboard')
-      )
+      self._tb = _summary_writer(str(epath.Path(self._workdir) / 'tensorboard'))
     for key, value in record.items():
       if key != 'step' and isinstance(value, (int, float)):
         self._tb.add_scalar(key, value, global_step=record['step'])
@@ -737,8 +759,9 @@ def _check_batch(global_batch: int, what: str) -> None:
 
 
 def _save_config(config, workdir):
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  (epath.Path(workdir) / 'config.json').write_text(
+      config.to_json_best_effort(indent=2)
+  )
 
 
 def _flat_items(tree: Mapping[str, Any], prefix: str = ''):
@@ -751,10 +774,9 @@ def _flat_items(tree: Mapping[str, Any], prefix: str = ''):
 
 def _config_changes(workdir: str, config, limit: int = 3) -> str:
   """How the workdir's config.json differs from `config`, as a sentence."""
-  path = os.path.join(workdir, 'config.json')
   try:
-    with open(path) as f:
-      old = dict(_flat_items(json.load(f)))
+    text = (epath.Path(workdir) / 'config.json').read_text()
+    old = dict(_flat_items(json.loads(text)))
   except (OSError, ValueError):
     return ''
   new = dict(_flat_items(json.loads(config.to_json_best_effort())))
@@ -930,7 +952,7 @@ def train_and_evaluate(
   _check_batch(config.eval.batch_size, 'eval.batch_size')
   config, num_classes = prepare(config)
   is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
   forward = create_model(config, num_classes)
   optimizer, lr_fn = optimizer_and_schedule(config)
@@ -1146,8 +1168,11 @@ def _plot_curves(workdir: str, logger: _Logger) -> Optional[str]:
     from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
-  with open(logger.path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = [
+      json.loads(line)
+      for line in logger.path.read_text().splitlines()
+      if line.strip()
+  ]
   train = [r for r in records if 'train_loss' in r]
   evals = [r for r in records if 'eval_top1' in r]
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -1175,7 +1200,8 @@ def _plot_curves(workdir: str, logger: _Logger) -> Optional[str]:
   ax_acc.set(xlabel='step', ylabel='accuracy', title='Accuracy', ylim=(0, 1))
   ax_acc.legend()
   fig.tight_layout()
-  path = os.path.join(workdir, 'curves.png')
-  fig.savefig(path, dpi=100)
+  path = epath.Path(workdir) / 'curves.png'
+  with path.open('wb') as f:
+    fig.savefig(f, format='png', dpi=100)
   plt.close(fig)
-  return path
+  return str(path)

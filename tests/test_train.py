@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+from etils import epath
 import jax
 import numpy as np
 import pytest
@@ -223,6 +224,61 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
   assert 'checkpoint 8' in out and 'unreadable' in out
   assert 'Resumed from the checkpoint of step 4' in out
   assert result['step'] == 12
+
+
+def _fake_gcs(store):
+  """Mocks epath so that gs://... reads and writes land under `store`."""
+
+  def local(path):
+    path = os.fspath(path)
+    if path.startswith('gs://'):
+      return os.path.join(store, path[len('gs://') :])
+    return path
+
+  def one(fn, path, *args, **kwargs):
+    return fn(local(path), *args, **kwargs)
+
+  def two(fn, path, destination, *args, **kwargs):
+    return fn(local(path), local(destination), *args, **kwargs)
+
+  names = ('open', 'exists', 'glob', 'isdir', 'listdir', 'makedirs', 'mkdir')
+  names += ('remove', 'rmtree', 'stat', 'walk')
+  mocks = {name: one for name in names}
+  mocks.update(copy=two, rename=two, replace=two)
+  return epath.testing.mock_epath(**mocks), local
+
+
+def test_a_gs_workdir_gets_every_file_through_epath(tmp_path, monkeypatch):
+  # A file written with open() would land in a local folder named 'gs:'.
+  monkeypatch.chdir(tmp_path)
+  mock, local = _fake_gcs(str(tmp_path / 'store'))
+  # With TensorFlow installed, epath sends gs:// to tf.io.gfile whatever
+  # mock_epath says; without it, to the mocked backend.
+  monkeypatch.setattr(epath.gpath, '_is_tf_installed', lambda: False)
+
+  class Checkpointer(checkpoint.TrainCheckpointer):
+    # Orbax writes array data with TensorStore, which epath cannot redirect.
+    def __init__(self, workdir, keep=3):
+      super().__init__(local(workdir), keep)
+
+  monkeypatch.setattr(checkpoint, 'TrainCheckpointer', Checkpointer)
+  workdir = 'gs://bucket/run'
+  with mock:
+    train.train_and_evaluate(tiny_config.get_config(4), workdir)
+    result = train.train_and_evaluate(tiny_config.get_config(6), workdir)
+  assert result['step'] == 6
+  assert not (tmp_path / 'gs:').exists()
+  run = tmp_path / 'store' / 'bucket' / 'run'
+  steps = [
+      json.loads(line)['step']
+      for line in (run / 'metrics.jsonl').read_text().splitlines()
+  ]
+  # Steps 1-4, the eval at 4, then (resumed) 5-6 and the eval at 6.
+  assert steps == [1, 2, 3, 4, 4, 5, 6, 6]
+  assert json.loads((run / 'config.json').read_text())['steps']['total'] == 6
+  assert (run / 'curves.png').read_bytes().startswith(b'\x89PNG')
+  assert len(list((run / 'tensorboard').glob('events.out.tfevents.*'))) == 2
+  assert checkpoint.TrainCheckpointer(str(run)).all_steps() == [4, 6]
 
 
 def test_resuming_with_another_model_is_an_error_that_keeps_the_run(tmp_path):
