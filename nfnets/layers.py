@@ -577,8 +577,7 @@ class StochDepth(hk.Module):
       name: module name.
     """
     super().__init__(name=name)
-    if not 0.0 <= drop_rate < 1.0:
-      raise ValueError(f'drop_rate must be in [0, 1), got {drop_rate}.')
+    check_rate(drop_rate, 'drop_rate')
     self.drop_rate = drop_rate
 
   def keep_mask(
@@ -772,12 +771,17 @@ def lookup_variant(table: dict, variant: str, family: str) -> dict:
   return table[variant]
 
 
+def check_rate(value: float, name: str) -> None:
+  """Raises ValueError naming `name` unless `value` is in [0, 1)."""
+  if not 0.0 <= value < 1.0:
+    raise ValueError(f'{name} must be in [0, 1), got {value}.')
+
+
 def check_head_args(num_classes: int, drop_rate: float) -> None:
   """Validates the classifier arguments every model takes."""
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}.')
-  if not 0.0 <= drop_rate < 1.0:
-    raise ValueError(f'drop_rate must be in [0, 1), got {drop_rate}.')
+  check_rate(drop_rate, 'drop_rate')
 
 
 def apply_blocks(

@@ -134,6 +134,7 @@ class NFRegNet(hk.Module):
     self.test_imsize = spec['test_imsize']
     self.drop_rate = spec['drop_rate'] if drop_rate is None else drop_rate
     layers.check_head_args(num_classes, self.drop_rate)
+    layers.check_rate(stochdepth_rate, 'stochdepth_rate')
     depth_pattern = tuple(depth or spec['depth'])
     self.activation = layers.nonlinearity(activation)
 

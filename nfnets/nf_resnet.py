@@ -82,6 +82,7 @@ class NFResNet(hk.Module):
     self.variant = variant
     self.drop_rate = spec['drop_rate'] if drop_rate is None else drop_rate
     layers.check_head_args(num_classes, self.drop_rate)
+    layers.check_rate(stochdepth_rate, 'stochdepth_rate')
     depth_pattern = tuple(depth or spec['depth'])
     width_pattern = [int(c * width) for c in (64, 128, 256, 512)]
     self.activation = layers.nonlinearity(activation)

@@ -164,6 +164,7 @@ class NFNet(hk.Module):
     self.test_imsize = spec['test_imsize']
     self.drop_rate = spec['drop_rate'] if drop_rate is None else drop_rate
     layers.check_head_args(num_classes, self.drop_rate)
+    layers.check_rate(stochdepth_rate, 'stochdepth_rate')
     depth_pattern = tuple(depth or spec['depth'])
     width_pattern = tuple(widths or spec['width'])
     if len(depth_pattern) != len(width_pattern):

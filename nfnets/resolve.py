@@ -45,6 +45,33 @@ def _positive_int(value, field):
   return value
 
 
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+  """The numeric fields no derivation touches, each checked by its name."""
+
+  def require(field, ok, bounds):
+    section, key = field.split('.')
+    value = config[section][key]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and ok(value)):
+      raise ValueError(f'{field} must be {bounds}, got {value!r}.')
+
+  require('train.num_epochs', lambda v: v > 0, 'a number > 0')
+  require('train.label_smoothing', lambda v: 0 <= v < 1, 'in [0, 1)')
+  require(
+      'train.eval_every_epochs', lambda v: v >= 0, '>= 0 (0: only at the end)'
+  )
+  require('optimizer.warmup_epochs', lambda v: v >= 0, '>= 0')
+  require('optimizer.ema_decay', lambda v: 0 <= v <= 1, 'in [0, 1]')
+  require('model.stochdepth_rate', lambda v: 0 <= v < 1, 'in [0, 1)')
+  for field in (
+      'train.log_every_steps',
+      'train.checkpoint_every_steps',
+      'train.keep_checkpoints',
+  ):
+    section, key = field.split('.')
+    _positive_int(config[section][key], field)
+
+
 def kernel_layout(value: str, backend: Optional[str] = None) -> str:
   """`train.kernel_layout` resolved: 'hwio' or 'ohwi'.
 
@@ -104,6 +131,7 @@ def resolve(
         f'got {config.train.early_weight_grads!r}.'
     )
   config.model.name = name
+  _check_ranges(config)
 
   derived = {
       ('model', 'drop_rate'): (info.drop_rate, float),
@@ -131,6 +159,9 @@ def resolve(
     )
   _positive_int(config.data.train_image_size, 'data.train_image_size')
   _positive_int(config.data.eval_image_size, 'data.eval_image_size')
+  for key in ('randaugment_layers', 'randaugment_magnitude'):
+    if config.data[key] < 0:
+      raise ValueError(f'data.{key} must be >= 0, got {config.data[key]!r}.')
   clipping = config.optimizer.agc.clipping
   if clipping in ('None', 'none', 0, '0'):
     # 0 too: a command line cannot turn a number field into None.

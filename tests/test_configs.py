@@ -216,6 +216,30 @@ def test_every_field_left_none_can_be_set_on_the_command_line(
     assert leaves[key] == expected, key
 
 
+@pytest.mark.parametrize(
+    'field,value',
+    [
+        ('train.num_epochs', 0),
+        ('train.label_smoothing', 1.0),
+        ('train.eval_every_epochs', -1),
+        ('train.log_every_steps', 0),
+        ('train.checkpoint_every_steps', 0),
+        ('train.keep_checkpoints', 0),
+        ('optimizer.warmup_epochs', -1),
+        ('optimizer.ema_decay', 1.5),
+        ('model.stochdepth_rate', 1.0),
+        ('data.randaugment_layers', -1),
+        ('data.randaugment_magnitude', -5),
+    ],
+)
+def test_out_of_range_values_are_errors_naming_the_field(field, value):
+  config = importlib.import_module('configs.nfnet').get_config('F0')
+  section, key = field.split('.')
+  config[section][key] = value
+  with pytest.raises(ValueError, match=re.escape(f'{field} must be')):
+    resolve.resolve(config)
+
+
 def test_auto_clipping_is_001_at_batch_4096():
   config = importlib.import_module('configs.nfnet').get_config('F0')
   assert config.train.batch_size == 4096

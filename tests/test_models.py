@@ -71,6 +71,17 @@ def test_unknown_override_is_an_error():
     models.create('nf_resnet50', widht=2)
 
 
+@pytest.mark.parametrize('name', ['nfnet_tiny', 'nf_resnet26', 'nf_regnet_b0'])
+@pytest.mark.parametrize('rate', [-0.1, 1.0, 1.5])
+def test_stochdepth_rate_outside_0_1_is_an_error(name, rate):
+  # A rate of 1 or more used to switch stochastic depth off without a word.
+  f = hk.transform_with_state(
+      lambda x: models.create(name, stochdepth_rate=rate)(x, is_training=True)
+  )
+  with pytest.raises(ValueError, match=r'stochdepth_rate must be in \[0, 1\)'):
+    f.init(jax.random.PRNGKey(0), jnp.ones((1, 16, 16, 3)))
+
+
 @pytest.mark.parametrize('name', ['nfnet_tiny', 'nf_resnet26', 'resnet26_bn'])
 def test_non_nhwc_input_is_an_error(name):
   f = hk.transform_with_state(
