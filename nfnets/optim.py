@@ -208,6 +208,9 @@ def create_optimizer(
   if name == "sgd":
     momentum = cfg.momentum
     _check_number("momentum", momentum, minimum=0, strict=False)
+    if not momentum < 1:
+      # At 1 or more the velocity never decays: the updates grow unbounded.
+      raise ValueError(f"momentum must be < 1, got {momentum!r}.")
     optimizer = optax.chain(
         optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
         optax.sgd(learning_rate_fn, momentum=momentum, nesterov=cfg.nesterov),

@@ -223,6 +223,10 @@ def test_bad_config_values_raise():
     _digits('eval', 8, eval_resize='squash')
   with pytest.raises(ValueError, match='split'):
     _digits('test', 8)
+  with pytest.raises(ValueError, match=r'data\.shuffle_buffer=0'):
+    _digits('train', 8, shuffle_buffer=0)
+  with pytest.raises(ValueError, match=r'data\.prefetch=-2 .*autotune'):
+    _digits('train', 8, prefetch=-2)
 
 
 def test_device_count_defaults_to_jax():

@@ -237,6 +237,17 @@ def test_string_clipping_is_rejected():
     optim.create_optimizer(cfg, batch_size=256, total_steps=10, warmup_steps=1)
 
 
+@pytest.mark.parametrize("momentum", [-0.1, 1.0, 2.0])
+def test_momentum_outside_0_1_is_rejected(momentum):
+  with pytest.raises(ValueError, match="momentum must be"):
+    optim.create_optimizer(
+        make_config(momentum=momentum),
+        batch_size=256,
+        total_steps=10,
+        warmup_steps=1,
+    )
+
+
 def test_bad_optimizer_name_lists_valid_names():
   with pytest.raises(ValueError, match="'rmsprop'.*sgd.*adamw.*lamb.*adam"):
     optim.create_optimizer(

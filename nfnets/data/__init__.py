@@ -196,6 +196,16 @@ def create_dataset(
     )
   if cfg.mixup_alpha < 0:
     raise ValueError(f'data.mixup_alpha={cfg.mixup_alpha} must be >= 0.')
+  _check_int('data.shuffle_buffer', cfg.shuffle_buffer, 1)
+  prefetch = cfg.prefetch
+  if (
+      isinstance(prefetch, bool)
+      or not isinstance(prefetch, int)
+      or prefetch < -1
+  ):
+    raise ValueError(
+        f'data.prefetch={prefetch!r} must be an int >= 0, or -1 (autotune).'
+    )
   augments_on_device(cfg)  # Validates cfg.augment_on.
   if split == 'eval':
     start_step = 0
