@@ -10,6 +10,7 @@ scalars, and refuses anything else before it runs.
 import io
 import os
 import pickle
+import sys
 from typing import Any, Mapping
 
 import haiku as hk
@@ -171,6 +172,29 @@ def load_deepmind_params(
   }
 
 
+def _ignore_closed_loop_callbacks() -> None:
+  """Silences the echoes of a failed orbax restore (installed once).
+
+  When one read of a restore fails, orbax's event loop closes while
+  TensorStore's other reads are still in flight; each of their completion
+  callbacks then raises 'Event loop is closed' into `sys.unraisablehook`:
+  a traceback per array, hundreds of them, after the one warning that says
+  what happened. Every other unraisable exception goes on as before.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'ignores_closed_loops', False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  hook.ignores_closed_loops = True
+  sys.unraisablehook = hook
+
+
 def _path_name(path) -> str:
   """'opt_state/1/0/trace/linear/w' for a tree path, whatever the containers.
 
@@ -299,6 +323,7 @@ class TrainCheckpointer:
             step, args=self._ocp.args.StandardRestore(abstract)
         )
       except Exception as e:  # pylint: disable=broad-except
+        _ignore_closed_loop_callbacks()
         self._warn_unreadable(log, step, e)
         continue
       return jax.tree_util.tree_map(np.asarray, tree), step
