@@ -12,6 +12,7 @@ exactly the parameters of an uninterrupted one.
 """
 
 import collections
+import contextlib
 import functools
 import inspect
 import json
@@ -631,6 +632,25 @@ def unreplicate(tree):
   )
 
 
+class _EpathEventFile:
+  """One event file open for writing through epath."""
+
+  def __init__(self, path: str):
+    self._stack = contextlib.ExitStack()
+    # epath's TensorFlow backend (gs://) yields the file from a context
+    # manager; the local one returns the file, which enters as itself.
+    self._file = self._stack.enter_context(epath.Path(path).open('wb'))
+
+  def write(self, data: bytes) -> None:
+    self._file.write(data)
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._stack.close()
+
+
 class _EpathEventFiles:
   """tensorboardX's event files written through epath (`tf.io.gfile`).
 
@@ -638,8 +658,8 @@ class _EpathEventFiles:
   project does not depend on; epath reaches every store TensorFlow does.
   """
 
-  def open(self, path: str):
-    return epath.Path(path).open('wb')
+  def open(self, path: str) -> _EpathEventFile:
+    return _EpathEventFile(path)
 
   def directory_check(self, path: str) -> None:
     epath.Path(path).mkdir(parents=True, exist_ok=True)

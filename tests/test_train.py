@@ -1,5 +1,6 @@
 """The runner: data parallelism, resume, preemption, guards, evaluation."""
 
+import contextlib
 import functools
 import glob
 import inspect
@@ -242,10 +243,22 @@ def _fake_gcs(store):
   def two(fn, path, destination, *args, **kwargs):
     return fn(local(path), local(destination), *args, **kwargs)
 
-  names = ('open', 'exists', 'glob', 'isdir', 'listdir', 'makedirs', 'mkdir')
+  @contextlib.contextmanager
+  def open_in_context(fn, path, mode):
+    with fn(path, mode) as f:
+      yield f
+
+  def open_(fn, path, mode):
+    # As epath's TensorFlow backend, which serves gs:// for real: the file
+    # comes out of a context manager, not as the call's value.
+    if os.fspath(path).startswith('gs://'):
+      return open_in_context(fn, local(path), mode)
+    return fn(path, mode)
+
+  names = ('exists', 'glob', 'isdir', 'listdir', 'makedirs', 'mkdir')
   names += ('remove', 'rmtree', 'stat', 'walk')
   mocks = {name: one for name in names}
-  mocks.update(copy=two, rename=two, replace=two)
+  mocks.update(open=open_, copy=two, rename=two, replace=two)
   return epath.testing.mock_epath(**mocks), local
 
 
