@@ -972,7 +972,13 @@ def train_and_evaluate(
   _check_batch(config.eval.batch_size, 'eval.batch_size')
   config, num_classes = prepare(config)
   is_chief = jax.process_index() == 0
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  try:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # A file of that name, no permission, no such bucket.
+    raise ValueError(
+        f'The workdir {workdir} cannot be made a folder ({e}); give --workdir'
+        ' a folder path you can write to.'
+    ) from None
 
   forward = create_model(config, num_classes)
   optimizer, lr_fn = optimizer_and_schedule(config)

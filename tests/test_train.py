@@ -295,6 +295,14 @@ def test_a_gs_workdir_gets_every_file_through_epath(tmp_path, monkeypatch):
   assert checkpoint.TrainCheckpointer(str(run)).all_steps() == [4, 6]
 
 
+def test_a_workdir_that_is_a_file_is_an_error_naming_it(tmp_path):
+  path = tmp_path / 'notes.txt'
+  path.write_text('keep me')
+  with pytest.raises(ValueError, match=r'notes\.txt cannot be made a folder'):
+    train.train_and_evaluate(tiny_config.get_config(2), str(path))
+  assert path.read_text() == 'keep me'
+
+
 def test_resuming_with_another_model_is_an_error_that_keeps_the_run(tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(tiny_config.get_config(8), workdir)
