@@ -90,6 +90,38 @@ def _unknown_override(argv: Sequence[str]) -> Optional[str]:
   return None
 
 
+def _value_hint(argv: Sequence[str], message: str) -> str:
+  """What an override that failed to parse must look like, or ''.
+
+  Args:
+    argv: the command line.
+    message: absl's message, which names the flag (`flag --config.a.b=v:`).
+
+  Returns:
+    e.g. `; optimizer.agc.clipping holds a float here (0.04)`, with a word
+    on None for a number field given 'none'.
+  """
+  config = _base_config(argv)
+  if config is None:
+    return ''
+  for arg, key in _overrides(argv):
+    if f'flag {arg}:' not in message or field_error(config, key) is not None:
+      continue
+    value = config
+    for part in key.split('.'):
+      value = value[part]
+    if value is None:
+      return ''
+    hint = f'; {key} holds {type(value).__name__} values here ({value!r})'
+    given = arg.split('=', 1)[-1]
+    if given.lower() == 'none' and isinstance(value, (int, float)):
+      hint += ', and the command line cannot make a number field None'
+      if key.endswith('agc.clipping'):
+        hint += ' (0 turns AGC off)'
+    return hint
+  return ''
+
+
 def _lines(text: str) -> list[str]:
   return [line.strip() for line in text.splitlines() if line.strip()]
 
@@ -120,7 +152,10 @@ def parse_flags(
   try:
     remaining = flag_values(list(argv))
   except flags.Error as e:
-    sys.exit(f'{prefix}error: {_condensed(e)} (--helpshort lists the flags)')
+    hint = _value_hint(argv, str(e))
+    sys.exit(
+        f'{prefix}error: {_condensed(e)}{hint} (--helpshort lists the flags)'
+    )
   except (AttributeError, KeyError):
     # ml_collections' lookup of an override's path; anything else re-raises.
     message = _unknown_override(argv)

@@ -377,7 +377,21 @@ def _cli_error(argv):
         ),
         (
             ['--config=configs/default.py', '--config.train.batch_size=abc'],
-            ['--config.train.batch_size=abc', 'invalid literal for int()'],
+            [
+                '--config.train.batch_size=abc',
+                'invalid literal for int()',
+                'train.batch_size holds int values here (64)',
+            ],
+        ),
+        (
+            [
+                '--config=configs/default.py',
+                '--config.optimizer.agc.clipping=none',
+            ],
+            [
+                'optimizer.agc.clipping holds float values here (0.04)',
+                'cannot make a number field None (0 turns AGC off)',
+            ],
         ),
         (
             ['--config=configs/nope.py'],
