@@ -218,18 +218,40 @@ def _shapes_by_path(tree) -> dict[str, tuple]:
 
 
 def _first_difference(saved: dict, wanted: dict) -> str:
-  """The first path saved but not wanted, wanted but not saved, or reshaped."""
-  for path in sorted(saved.keys() | wanted.keys()):
+  """How a checkpoint's arrays differ from the state's, or '' if they agree.
+
+  Parameter paths are dict keys, spelled alike by every orbax version, so a
+  parameter missing, extra or reshaped is named. Elsewhere (the optimizer's
+  state) orbax versions spell containers differently, so only the number of
+  arrays and the shapes of paths both sides spell alike are compared.
+
+  Args:
+    saved: `{path: shape}` of the checkpoint.
+    wanted: `{path: shape}` of the state this config builds.
+  """
+  params = sorted(
+      p for p in saved.keys() | wanted.keys() if p.startswith('params/')
+  )
+  for path in params:
     if path not in wanted:
-      return f'{path} is saved, and this config has no such array'
+      return f'{path} is saved, and this config has no such parameter'
     if path not in saved:
       return f'{path} is not saved; this config has it, shape {wanted[path]}'
     if saved[path] != wanted[path]:
-      return (
-          f'{path} is saved with shape {saved[path]}, this config has'
-          f' {wanted[path]}'
-      )
+      return _reshaped(path, saved, wanted)
+  if len(saved) != len(wanted):
+    return f'{len(saved)} arrays are saved, this config has {len(wanted)}'
+  for path in sorted(saved.keys() & wanted.keys()):
+    if saved[path] != wanted[path]:
+      return _reshaped(path, saved, wanted)
   return ''
+
+
+def _reshaped(path: str, saved: dict, wanted: dict) -> str:
+  return (
+      f'{path} is saved with shape {saved[path]}, this config has'
+      f' {wanted[path]}'
+  )
 
 
 class TrainCheckpointer:

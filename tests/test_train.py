@@ -316,6 +316,13 @@ def test_resuming_with_another_model_is_an_error_that_keeps_the_run(tmp_path):
       match=r'Checkpoint 8 .* shape .*config\.json differs in model\.overrides',
   ):
     train.train_and_evaluate(wider, workdir)
+  adam = tiny_config.get_config(12)
+  adam.optimizer.name = 'adam'
+  with pytest.raises(
+      checkpoint.CheckpointMismatchError,
+      match=r'arrays are saved, this config has .*optimizer\.name',
+  ):
+    train.train_and_evaluate(adam, workdir)
   assert checkpoint.TrainCheckpointer(workdir).all_steps() == checkpoints
   assert {n: (tmp_path / n).read_bytes() for n in files} == before
   # The run itself still resumes.
