@@ -240,6 +240,12 @@ def test_out_of_range_values_are_errors_naming_the_field(field, value):
     resolve.resolve(config)
 
 
+def test_demo_width_takes_a_fraction_on_the_command_line(monkeypatch):
+  monkeypatch.chdir(REPO)
+  argv = ['--config=configs/default.py', '--config.model.overrides.width=0.5']
+  assert _parse(argv).config.model.overrides.width == 0.5
+
+
 def test_auto_clipping_is_001_at_batch_4096():
   config = importlib.import_module('configs.nfnet').get_config('F0')
   assert config.train.batch_size == 4096
