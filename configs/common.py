@@ -54,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.train = _section()
   config.train.batch_size = 4096  # global, over every device of every host
-  config.train.num_epochs = 360
+  # Durations in epochs are floats, so the command line takes fractions.
+  config.train.num_epochs = 360.0
   # Stops earlier than num_epochs when set (for smoke runs); None: no cap.
   config.train.max_steps = unset(int)
   config.train.label_smoothing = 0.1
@@ -74,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 1000
   config.train.keep_checkpoints = 3
   # Evaluate every this many epochs (and at the end); 0: only at the end.
-  config.train.eval_every_epochs = 10
+  config.train.eval_every_epochs = 10.0
 
   config.eval = _section()
   config.eval.batch_size = 1000  # global; the last batch is padded and masked
@@ -87,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.name = 'sgd'
   config.optimizer.base_lr = 0.1  # per 256 images: lr = 0.1 * batch / 256
   config.optimizer.schedule = 'cosine'
-  config.optimizer.warmup_epochs = 5
+  config.optimizer.warmup_epochs = 5.0
   config.optimizer.momentum = 0.9
   config.optimizer.nesterov = True
   config.optimizer.weight_decay = 2e-5
@@ -184,7 +185,7 @@ def shrink(
   config.train.compute_dtype = 'float32'  # bfloat16 is slow on CPUs
   config.train.log_every_steps = 2
   config.train.checkpoint_every_steps = 6
-  config.train.eval_every_epochs = 0
+  config.train.eval_every_epochs = 0.0
   config.eval.batch_size = 120
   return config
 
@@ -215,8 +216,8 @@ def resnet_config(
   config.model.drop_rate = AUTO if family == 'nf_resnet' else 0.0
   config.model.stochdepth_rate = 0.1
   config.train.batch_size = 1024
-  config.train.num_epochs = 360 if '360ep' in flags else 90
-  config.train.eval_every_epochs = 5
+  config.train.num_epochs = 360.0 if '360ep' in flags else 90.0
+  config.train.eval_every_epochs = 5.0
   config.optimizer.base_lr = 0.1  # 0.4 at batch 1024
   config.optimizer.weight_decay = 5e-5
   # No AGC (None) stays settable: --config.optimizer.agc.clipping=auto.

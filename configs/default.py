@@ -34,19 +34,19 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.model.stochdepth_rate = 0.0
 
   config.train.batch_size = 64
-  config.train.num_epochs = 10
+  config.train.num_epochs = 10.0
   config.train.label_smoothing = 0.0
   # bfloat16 is slow on CPUs; the accelerator recipes keep it.
   config.train.compute_dtype = 'float32'
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 200
-  config.train.eval_every_epochs = 5
+  config.train.eval_every_epochs = 5.0
 
   config.eval.batch_size = 128
   config.eval.ema = True
 
   config.optimizer.base_lr = 0.4  # per 256 images: 0.1 at batch 64
-  config.optimizer.warmup_epochs = 1
+  config.optimizer.warmup_epochs = 1.0
   config.optimizer.weight_decay = 5e-5
   config.optimizer.ema_decay = 0.999
   config.optimizer.agc.clipping = 0.04

@@ -246,6 +246,21 @@ def test_demo_width_takes_a_fraction_on_the_command_line(monkeypatch):
   assert _parse(argv).config.model.overrides.width == 0.5
 
 
+@pytest.mark.parametrize('name', CONFIG_FILES)
+def test_durations_in_epochs_take_fractions_on_the_command_line(
+    name, monkeypatch
+):
+  monkeypatch.chdir(REPO)
+  fields = ('train.num_epochs', 'train.eval_every_epochs')
+  fields += ('optimizer.warmup_epochs',)
+  argv = [f'--config=configs/{name}.py']
+  argv += [f'--config.{field}=0.5' for field in fields]
+  config = _parse(argv).config
+  for field in fields:
+    section, key = field.split('.')
+    assert config[section][key] == 0.5, field
+
+
 def test_auto_clipping_is_001_at_batch_4096():
   config = importlib.import_module('configs.nfnet').get_config('F0')
   assert config.train.batch_size == 4096
