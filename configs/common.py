@@ -212,7 +212,11 @@ def resnet_config(
   config = get_config()
   config.model.family = family
   config.model.variant = f'ResNet{depth}'
+  # Declared so that the command line can set them: the families' own
+  # width (4: stage widths 256-2048) and depth (None: the variant's).
   config.model.overrides = _section()
+  config.model.overrides.width = 4.0
+  config.model.overrides.depth = unset(tuple)
   config.model.drop_rate = AUTO if family == 'nf_resnet' else 0.0
   config.model.stochdepth_rate = 0.1
   config.train.batch_size = 1024

@@ -183,6 +183,7 @@ _UNSET_FIELDS = {
     'data.data_dir': ('gs://bucket/tfds', 'gs://bucket/tfds'),
     'optimizer.agc.clipping': ('auto', 'auto'),  # the BN / Fixup baselines
     'model.overrides.widths': ('(16,32,64,64)', (16, 32, 64, 64)),  # NFNets
+    'model.overrides.depth': ('(1,1,1,1)', (1, 1, 1, 1)),  # ResNets
 }
 
 
