@@ -26,9 +26,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # SkipInit gains start at 1/sqrt(8 blocks), not 0: AGC bounds a zero
   # gain's update to lambda * eps per step, which ImageNet's 100k steps
   # outgrow but a demo of a few hundred steps would not (it stalls at ~45%).
-  # width is a float so that the command line takes fractions (0.5).
+  # width is a float so that the command line takes fractions (0.5);
+  # depth None: the variant's blocks per stage.
   config.model.overrides = ml_collections.ConfigDict(
-      dict(width=1.0, skipinit='inv_sqrt')
+      dict(width=1.0, skipinit='inv_sqrt', depth=common.unset(tuple))
   )
   config.model.drop_rate = 0.0
   config.model.stochdepth_rate = 0.0

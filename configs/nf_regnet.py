@@ -23,6 +23,10 @@ def get_config(arg=None):
   config.model.family = 'nf_regnet'
   config.model.variant = variant
   config.model.stochdepth_rate = 0.1
+  # Declared so that the command line can set them: the family's width
+  # multiplier and depth (None: the variant's).
+  config.model.overrides.width = 0.75
+  config.model.overrides.depth = common.unset(tuple)
   config.data.randaugment_layers = 0
   config.data.randaugment_magnitude = 0
   config.data.mixup_alpha = 0.0

@@ -33,9 +33,15 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.model.family = 'nfnet'
   config.model.variant = variant
   # Declared so sweeps and the command line can set them (None: the
-  # variant's own).
+  # variant's own; width multiplies the stage widths).
   config.model.overrides = ml_collections.ConfigDict(
-      dict(widths=common.unset(tuple), use_two_convs=True), type_safe=False
+      dict(
+          width=1.0,
+          widths=common.unset(tuple),
+          depth=common.unset(tuple),
+          use_two_convs=True,
+      ),
+      type_safe=False,
   )
   if 'local' in flags:
     common.shrink(
