@@ -98,8 +98,8 @@ def _value_hint(argv: Sequence[str], message: str) -> str:
     message: absl's message, which names the flag (`flag --config.a.b=v:`).
 
   Returns:
-    e.g. `; optimizer.agc.clipping holds a float here (0.04)`, with a word
-    on None for a number field given 'none'.
+    e.g. `; optimizer.agc.clipping holds float values here (0.04)`, with a
+    word on None for a number field given 'none'.
   """
   config = _base_config(argv)
   if config is None:
