@@ -178,8 +178,10 @@ def _ignore_closed_loop_callbacks() -> None:
   When one read of a restore fails, orbax's event loop closes while
   TensorStore's other reads are still in flight; each of their completion
   callbacks then raises 'Event loop is closed' into `sys.unraisablehook`:
-  a traceback per array, hundreds of them, after the one warning that says
-  what happened. Every other unraisable exception goes on as before.
+  a traceback per array, hundreds of them, around the one warning that says
+  what happened. They can start before the failed restore returns, so this
+  is installed before every restore. Every other unraisable exception goes
+  on as before.
   """
   previous = sys.unraisablehook
   if getattr(previous, 'ignores_closed_loops', False):
@@ -340,12 +342,14 @@ class TrainCheckpointer:
             f' than this config builds ({problem}): it was written by a run'
             ' with another model, class count or optimizer.'
         )
+      # Before, not after, the restore: when one read fails, the other
+      # reads' callbacks can fire while the error is still propagating.
+      _ignore_closed_loop_callbacks()
       try:
         tree = self._manager.restore(
             step, args=self._ocp.args.StandardRestore(abstract)
         )
       except Exception as e:  # pylint: disable=broad-except
-        _ignore_closed_loop_callbacks()
         self._warn_unreadable(log, step, e)
         continue
       return jax.tree_util.tree_map(np.asarray, tree), step
