@@ -921,11 +921,25 @@ def make_evaluator(config, forward, num_classes, kernel_layout='hwio'):
   return evaluate_all
 
 
-def restore_or_create(config, forward, optimizer, workdir, image_size):
+def restore_or_create(
+    config, forward, optimizer, workdir, image_size, advice: str
+):
   """The newest readable checkpoint's state in `workdir`, or a new one.
+
+  Args:
+    config: the resolved config.
+    forward: the model (`create_model`).
+    optimizer: the run's optax transformation.
+    workdir: the run's folder.
+    image_size: the side of the images that initialize the model.
+    advice: the sentence that ends a mismatch error: what the user can do.
 
   Returns:
     `(state, restored_step or None, checkpointer)`.
+
+  Raises:
+    checkpoint.CheckpointMismatchError: the checkpoint holds another state;
+      the message adds how the workdir's config.json differs, and `advice`.
   """
   state = create_train_state(
       jax.random.PRNGKey(config.seed), forward, optimizer, image_size
@@ -933,9 +947,15 @@ def restore_or_create(config, forward, optimizer, workdir, image_size):
   checkpointer = checkpoint.TrainCheckpointer(
       workdir, config.train.keep_checkpoints
   )
-  restored, step = checkpointer.restore_latest(
-      jax.tree_util.tree_map(np.asarray, state._asdict())
-  )
+  try:
+    restored, step = checkpointer.restore_latest(
+        jax.tree_util.tree_map(np.asarray, state._asdict())
+    )
+  except checkpoint.CheckpointMismatchError as e:
+    checkpointer.close()
+    raise checkpoint.CheckpointMismatchError(
+        f'{e}{_config_changes(workdir, config)} {advice}'
+    ) from None
   if restored is not None:
     state = TrainState(**restored)
   return state, step, checkpointer
@@ -983,15 +1003,15 @@ def train_and_evaluate(
   forward = create_model(config, num_classes)
   optimizer, lr_fn = optimizer_and_schedule(config)
   kernel_layout = config.train.kernel_layout
-  try:
-    state, restored_step, checkpointer = restore_or_create(
-        config, forward, optimizer, workdir, config.data.train_image_size
-    )
-  except checkpoint.CheckpointMismatchError as e:
-    raise checkpoint.CheckpointMismatchError(
-        f'{e}{_config_changes(workdir, config)} Resume it with the config'
-        ' it was trained with, or give this run another --workdir.'
-    ) from None
+  state, restored_step, checkpointer = restore_or_create(
+      config,
+      forward,
+      optimizer,
+      workdir,
+      config.data.train_image_size,
+      advice='Resume it with the config it was trained with, or give this'
+      ' run another --workdir.',
+  )
   # Only now: a config that cannot resume the workdir leaves its
   # config.json as it was.
   if is_chief:
@@ -1071,9 +1091,11 @@ def train_and_evaluate(
   augment_on_device = make_device_augment(config.data, config.seed)
   replicated = replicate(to_device_layout(state, kernel_layout))
   del state
+  devices = jax.device_count()
   logger.print(
       f'Training {config.model.name} on {config.data.name} for {total} steps '
-      f'(batch {config.train.batch_size} on {jax.device_count()} devices, '
+      f'(batch {config.train.batch_size} on {devices} '
+      f'device{"s" if devices > 1 else ""}, '
       f'{config.train.compute_dtype}, AGC lambda '
       f'{config.optimizer.agc.clipping}).'
   )
@@ -1162,16 +1184,25 @@ def evaluate_checkpoint(
     model_state = {}
     trees = {'eval': params}
   else:
+    missing = FileNotFoundError(
+        f'No checkpoint in {workdir}/checkpoints to evaluate; train first '
+        'or set --config.eval.checkpoint=PATH.'
+    )
+    # Checked first: evaluating a mistyped workdir must not create it.
+    if not (epath.Path(workdir) / 'checkpoints').is_dir():
+      raise missing
     optimizer, _ = optimizer_and_schedule(config)
     state, step, checkpointer = restore_or_create(
-        config, forward, optimizer, workdir, config.data.eval_image_size
+        config,
+        forward,
+        optimizer,
+        workdir,
+        config.data.eval_image_size,
+        advice='Evaluate it with the config it was trained with.',
     )
     checkpointer.close()
     if step is None:
-      raise FileNotFoundError(
-          f'No checkpoint in {workdir}/checkpoints to evaluate; train first '
-          'or set --config.eval.checkpoint=PATH.'
-      )
+      raise missing
     model_state = state.model_state
     trees = {'eval': state.params, 'ema_eval': state.ema_params}
     print(f'Evaluating the checkpoint of step {step}.')

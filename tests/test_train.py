@@ -316,6 +316,11 @@ def test_resuming_with_another_model_is_an_error_that_keeps_the_run(tmp_path):
       match=r'Checkpoint 8 .* shape .*config\.json differs in model\.overrides',
   ):
     train.train_and_evaluate(wider, workdir)
+  with pytest.raises(
+      checkpoint.CheckpointMismatchError,
+      match=r'differs in model\.overrides.*Evaluate it with the config',
+  ):
+    train.evaluate_checkpoint(wider, workdir)
   adam = tiny_config.get_config(12)
   adam.optimizer.name = 'adam'
   with pytest.raises(
@@ -328,6 +333,13 @@ def test_resuming_with_another_model_is_an_error_that_keeps_the_run(tmp_path):
   # The run itself still resumes.
   result = train.train_and_evaluate(tiny_config.get_config(12), workdir)
   assert result['step'] == 12
+
+
+def test_evaluating_a_workdir_without_checkpoints_creates_nothing(tmp_path):
+  workdir = tmp_path / 'mistyped'
+  with pytest.raises(FileNotFoundError, match='No checkpoint in .*mistyped'):
+    train.evaluate_checkpoint(tiny_config.get_config(2), str(workdir))
+  assert not workdir.exists()
 
 
 def test_absurd_learning_rate_stops_naming_the_step(tmp_path):
