@@ -15,6 +15,7 @@ import ml_collections
 from nfnets import agc
 from nfnets import models
 from nfnets import nfnet
+from nfnets import optim
 
 AUTO = 'auto'
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
@@ -24,7 +25,13 @@ KERNEL_LAYOUTS = ('hwio', 'ohwi')
 
 def model_name(config: ml_collections.ConfigDict) -> str:
   """Registry name of `config.model.family` / `config.model.variant`."""
-  return models.name_for(config.model.family, config.model.variant)
+  family = config.model.family
+  try:
+    return models.name_for(family, config.model.variant)
+  except ValueError as e:
+    # The registry's message lists the valid names; the user needs the field.
+    field = 'model.variant' if family in models.families() else 'model.family'
+    raise ValueError(f'{field}: {e}') from None
 
 
 def _number(value, field, cast):
@@ -130,6 +137,15 @@ def resolve(
         'train.early_weight_grads must be True or False, '
         f'got {config.train.early_weight_grads!r}.'
     )
+  for field, valid in (
+      ('name', optim.OPTIMIZERS),
+      ('schedule', optim.SCHEDULES),
+  ):
+    if config.optimizer[field] not in valid:
+      raise ValueError(
+          f'optimizer.{field} must be one of {valid}, '
+          f'got {config.optimizer[field]!r}.'
+      )
   config.model.name = name
   _check_ranges(config)
 

@@ -241,6 +241,23 @@ def test_out_of_range_values_are_errors_naming_the_field(field, value):
     resolve.resolve(config)
 
 
+@pytest.mark.parametrize(
+    'field,value,message',
+    [
+        ('model.variant', 'F9', "model.variant: .*'F9'.*'F0+'"),
+        ('model.family', 'nfnett', "model.family: .*'nfnett'.*'nf_resnet'"),
+        ('optimizer.name', 'rmsprop', "optimizer.name must be .*'rmsprop'"),
+        ('optimizer.schedule', 'step', "optimizer.schedule must be .*'step'"),
+    ],
+)
+def test_unknown_names_are_errors_naming_the_field(field, value, message):
+  config = importlib.import_module('configs.nfnet').get_config('F0')
+  section, key = field.split('.')
+  config[section][key] = value
+  with pytest.raises(ValueError, match=message.replace('+', r'\+')):
+    resolve.resolve(config)
+
+
 def test_demo_width_takes_a_fraction_on_the_command_line(monkeypatch):
   monkeypatch.chdir(REPO)
   argv = ['--config=configs/default.py', '--config.model.overrides.width=0.5']
