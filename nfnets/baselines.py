@@ -111,7 +111,7 @@ class ResNet(hk.Module):
     self.norm = norm
     self.drop_rate = drop_rate
     skipinit = 'zeros' if skipinit is True else skipinit
-    depth_pattern = tuple(depth or spec['depth'])
+    depth_pattern = layers.stage_depths(depth, spec['depth'], 4)
     num_blocks = sum(depth_pattern)
     self.initial_conv = _conv(int(16 * width), 7, stride=2, name='initial_conv')
     self.blocks = []
@@ -232,7 +232,7 @@ class FixupResNet(hk.Module):
     spec = variant_spec(variant)
     layers.check_head_args(num_classes, drop_rate)
     self.drop_rate = drop_rate
-    depth_pattern = tuple(depth or spec['depth'])
+    depth_pattern = layers.stage_depths(depth, spec['depth'], 4)
     num_blocks = sum(depth_pattern)
     ch = int(16 * width)
     self.initial_conv = _conv(ch, 7, stride=2, name='initial_conv')

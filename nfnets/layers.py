@@ -16,6 +16,7 @@ before that cast.
 from collections.abc import Callable, Sequence
 import functools
 import math
+import numbers
 from typing import NamedTuple, Optional, Union
 
 import haiku as hk
@@ -775,6 +776,49 @@ def check_rate(value: float, name: str) -> None:
   """Raises ValueError naming `name` unless `value` is in [0, 1)."""
   if not 0.0 <= value < 1.0:
     raise ValueError(f'{name} must be in [0, 1), got {value}.')
+
+
+def is_count(value) -> bool:
+  """Whether `value` is an integer >= 1 (numpy's too; not a bool)."""
+  return (
+      isinstance(value, numbers.Integral)
+      and not isinstance(value, bool)
+      and value >= 1
+  )
+
+
+def stage_depths(
+    depth: Optional[Sequence[int]],
+    default: Sequence[int],
+    max_stages: int,
+) -> tuple[int, ...]:
+  """The blocks per stage: `depth`, or the variant's `default` when None.
+
+  Args:
+    depth: the `depth` override, or None.
+    default: the variant's blocks per stage.
+    max_stages: how many stages the model has widths for.
+
+  Returns:
+    The blocks per stage as a tuple of ints.
+
+  Raises:
+    ValueError: `depth` is empty, holds a count below 1 (a stage without
+      blocks would silently merge its stride into the next one) or has
+      more stages than the model has widths.
+  """
+  pattern = tuple(default if depth is None else depth)
+  if not pattern or not all(is_count(d) for d in pattern):
+    raise ValueError(
+        'depth must be a non-empty sequence of block counts >= 1, one per'
+        f' stage, got {depth!r}.'
+    )
+  if len(pattern) > max_stages:
+    raise ValueError(
+        f'depth {pattern} has {len(pattern)} stages; this model has widths'
+        f' for at most {max_stages}.'
+    )
+  return tuple(int(d) for d in pattern)
 
 
 def check_head_args(num_classes: int, drop_rate: float) -> None:

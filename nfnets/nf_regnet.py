@@ -135,7 +135,9 @@ class NFRegNet(hk.Module):
     self.drop_rate = spec['drop_rate'] if drop_rate is None else drop_rate
     layers.check_head_args(num_classes, self.drop_rate)
     layers.check_rate(stochdepth_rate, 'stochdepth_rate')
-    depth_pattern = tuple(depth or spec['depth'])
+    depth_pattern = layers.stage_depths(
+        depth, spec['depth'], len(spec['width'])
+    )
     self.activation = layers.nonlinearity(activation)
 
     ch = int(spec['width'][0] * width)

@@ -83,7 +83,7 @@ class NFResNet(hk.Module):
     self.drop_rate = spec['drop_rate'] if drop_rate is None else drop_rate
     layers.check_head_args(num_classes, self.drop_rate)
     layers.check_rate(stochdepth_rate, 'stochdepth_rate')
-    depth_pattern = tuple(depth or spec['depth'])
+    depth_pattern = layers.stage_depths(depth, spec['depth'], 4)
     width_pattern = [int(c * width) for c in (64, 128, 256, 512)]
     self.activation = layers.nonlinearity(activation)
 

@@ -165,8 +165,15 @@ class NFNet(hk.Module):
     self.drop_rate = spec['drop_rate'] if drop_rate is None else drop_rate
     layers.check_head_args(num_classes, self.drop_rate)
     layers.check_rate(stochdepth_rate, 'stochdepth_rate')
-    depth_pattern = tuple(depth or spec['depth'])
-    width_pattern = tuple(widths or spec['width'])
+    width_pattern = tuple(spec['width'] if widths is None else widths)
+    if not width_pattern or not all(map(layers.is_count, width_pattern)):
+      raise ValueError(
+          'widths must be a non-empty sequence of channel counts >= 1, one'
+          f' per stage, got {widths!r}.'
+      )
+    depth_pattern = layers.stage_depths(
+        depth, spec['depth'], len(width_pattern)
+    )
     if len(depth_pattern) != len(width_pattern):
       raise ValueError(
           f'depth {depth_pattern} and widths {width_pattern} '

@@ -56,8 +56,9 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
   """The numeric fields no derivation touches, each checked by its name."""
 
   def require(field, ok, bounds):
-    section, key = field.split('.')
-    value = config[section][key]
+    value = config
+    for key in field.split('.'):
+      value = value[key]
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not (number and math.isfinite(value) and ok(value)):
       raise ValueError(f'{field} must be {bounds}, got {value!r}.')
@@ -70,6 +71,11 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
   require('optimizer.warmup_epochs', lambda v: v >= 0, '>= 0')
   require('optimizer.ema_decay', lambda v: 0 <= v <= 1, 'in [0, 1]')
   require('model.stochdepth_rate', lambda v: 0 <= v < 1, 'in [0, 1)')
+  require('optimizer.base_lr', lambda v: v > 0, 'a number > 0')
+  require('optimizer.weight_decay', lambda v: v >= 0, '>= 0')
+  width = config.model.overrides.get('width')
+  if width is not None:
+    require('model.overrides.width', lambda v: v > 0, 'a number > 0')
   for field in (
       'train.log_every_steps',
       'train.checkpoint_every_steps',
@@ -172,6 +178,10 @@ def resolve(
     # TPUs it frees the host CPU (benchmarks/RESULTS.md).
     config.data.augment_on = (
         'host' if jax.default_backend() == 'cpu' else 'device'
+    )
+  if not 0 <= config.model.drop_rate < 1:
+    raise ValueError(
+        f'model.drop_rate must be in [0, 1), got {config.model.drop_rate!r}.'
     )
   _positive_int(config.data.train_image_size, 'data.train_image_size')
   _positive_int(config.data.eval_image_size, 'data.eval_image_size')

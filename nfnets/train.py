@@ -96,6 +96,15 @@ def create_model(
     if key in accepted.parameters and key not in overrides:
       overrides[key] = config.model[key]
 
+  # Built once here, unused: a constructor argument the model refuses
+  # (depth and widths of different lengths, say) is an error naming the
+  # config group now, not a traceback from inside the first trace.
+  try:
+    hk.transform(
+        lambda: models.create(config.model.name, num_classes, **overrides)
+    ).init(None)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'model.overrides: {e}') from None
   early_weight_grads = config.train.early_weight_grads
 
   def forward(images, is_training):

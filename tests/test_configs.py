@@ -231,12 +231,19 @@ def test_every_field_left_none_can_be_set_on_the_command_line(
         ('model.stochdepth_rate', 1.0),
         ('data.randaugment_layers', -1),
         ('data.randaugment_magnitude', -5),
+        ('optimizer.base_lr', 0.0),
+        ('optimizer.weight_decay', -1e-5),
+        ('model.drop_rate', 1.5),
+        ('model.overrides.width', 0.0),
     ],
 )
 def test_out_of_range_values_are_errors_naming_the_field(field, value):
   config = importlib.import_module('configs.nfnet').get_config('F0')
-  section, key = field.split('.')
-  config[section][key] = value
+  *groups, key = field.split('.')
+  group = config
+  for name in groups:
+    group = group[name]
+  group[key] = value
   with pytest.raises(ValueError, match=re.escape(f'{field} must be')):
     resolve.resolve(config)
 

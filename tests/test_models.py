@@ -82,6 +82,45 @@ def test_stochdepth_rate_outside_0_1_is_an_error(name, rate):
     f.init(jax.random.PRNGKey(0), jnp.ones((1, 16, 16, 3)))
 
 
+_EVERY_FAMILY = [
+    'nfnet_tiny',
+    'nf_resnet26',
+    'nf_regnet_b0',
+    'resnet26_bn',
+    'resnet26_fixup',
+]
+
+
+@pytest.mark.parametrize('name', _EVERY_FAMILY)
+@pytest.mark.parametrize(
+    'depth,message',
+    [
+        # An empty depth used to mean the variant's own; a zero-block stage
+        # and a fifth stage (dropped by a zip) built another network.
+        ((), 'non-empty sequence of block counts'),
+        ((1, 0, 1, 1), 'block counts >= 1'),
+        ((1, 1, 1, 1, 1), 'has 5 stages; .* at most 4'),
+    ],
+)
+def test_depth_without_a_block_in_every_model_stage_is_an_error(
+    name, depth, message
+):
+  f = hk.transform(lambda: models.create(name, depth=depth))
+  with pytest.raises(ValueError, match=message):
+    f.init(None)
+
+
+@pytest.mark.parametrize('name', _EVERY_FAMILY)
+def test_shorter_depth_builds_fewer_stages(name):
+  # NFNets take the stage widths beside the depth; the others have fixed ones.
+  widths = {'widths': (32, 64)} if name.startswith('nfnet') else {}
+
+  def num_blocks():
+    return len(models.create(name, depth=(1, 2), **widths).blocks)
+
+  assert hk.transform(num_blocks).apply({}, None) == 3
+
+
 @pytest.mark.parametrize('name', ['nfnet_tiny', 'nf_resnet26', 'resnet26_bn'])
 def test_non_nhwc_input_is_an_error(name):
   f = hk.transform_with_state(

@@ -555,6 +555,14 @@ def test_step_kwargs_read_the_config_and_reject_unknown_overrides():
     train.step_kwargs(config, **common, ema_decy=None)
 
 
+def test_model_overrides_the_model_refuses_are_one_line_errors():
+  config, num_classes = train.prepare(tiny_config.get_config(3))
+  config.unlock()
+  config.model.overrides.depth = (1, 1, 1, 1, 1)  # NF-ResNets have four
+  with pytest.raises(ValueError, match=r'^model\.overrides: depth .* 5 stages'):
+    train.create_model(config, num_classes)
+
+
 def test_make_device_step_binds_the_config_and_its_kernel_layout():
   config, _ = train.prepare(tiny_config.get_config(3))
   common = dict(forward=None, optimizer=None, lr_fn=None, num_classes=10)
