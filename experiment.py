@@ -13,7 +13,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from nfnets import cli
@@ -81,9 +80,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  if not flags.FLAGS['verbosity'].present:
-    # Libraries (orbax) log every file operation at INFO; -v 0 brings it back.
-    logging.set_verbosity(logging.WARNING)
+  cli.quiet_library_logs()
   import jax  # pylint: disable=g-import-not-at-top
 
   if _COORDINATOR.value:

@@ -11,10 +11,21 @@ import sys
 from typing import Optional, Sequence
 
 from absl import flags
+from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
 _OVERRIDE_PREFIXES = ('--config.', '--noconfig.')
+
+
+def quiet_library_logs() -> None:
+  """Shows absl warnings and errors only, unless `-v`/`--verbosity` is given.
+
+  Orbax logs every file operation at INFO: hundreds of lines that bury a
+  run's progress. `-v 0` brings them back.
+  """
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def _overrides(argv: Sequence[str]) -> list[tuple[str, str]]:

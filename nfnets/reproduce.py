@@ -1043,14 +1043,30 @@ def _read_curve(workdir: str) -> list[tuple[int, float]]:
 _DIVERGED_LOSS = 2 * math.log(10)
 
 
+class Interrupted(Exception):
+  """A training run stopped early on SIGTERM or Ctrl-C.
+
+  The runner treats both as a preemption: it saves and returns. The
+  subcommand then stops too and writes nothing.
+  """
+
+
 def _train_run(config, workdir: str) -> dict[str, Any]:
-  """Trains; returns final metrics plus `status` / `diverged`."""
+  """Trains; returns final metrics plus `status` / `diverged`.
+
+  Raises:
+    Interrupted: the run was stopped by SIGTERM or Ctrl-C.
+  """
   train = _train_module()
   start = time.time()
   try:
     # The runner reports progress on stdout, which carries only our paths.
     with contextlib.redirect_stdout(sys.stderr):
       metrics = train.train_and_evaluate(config, workdir)
+      if metrics.get('preempted'):
+        # The runner saved and returned; its workdir is temporary, so
+        # there is nothing to resume: stop rather than tabulate half a run.
+        raise Interrupted(f'interrupted at step {metrics["step"]}')
   except train.NonFiniteError as e:
     return dict(
         status=f'non-finite {e.metric} at step {e.step}',
@@ -1606,7 +1622,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   func, _ = SUBCOMMANDS[args.command]
   start = time.time()
-  paths = func(args)
+  where = f'python -m nfnets.reproduce {args.command}'
+  try:
+    paths = func(args)
+  except Interrupted as e:
+    sys.exit(f'{where}: {e}; no results written.')
+  except (ValueError, FileNotFoundError) as e:
+    # A value the runner or a model refuses: one line, as experiment.py.
+    sys.exit(f'{where}: error: {e}')
   for path in paths:
     print(path, flush=True)
   _LOG(f'{args.command}: done in {time.time() - start:.0f}s.')

@@ -12,7 +12,7 @@ Usage (from the repository root):
   python -m nfnets.sweep --config=configs/nf_resnet.py --sweep=agc_batch \
       --dry_run
   python -m nfnets.sweep --config=configs/nf_resnet.py:50 --sweep=agc_batch \
-      --config.train.epochs=10 --workdir_root=workdirs/sweeps
+      --config.train.num_epochs=10 --workdir_root=workdirs/sweeps
 
 `--config.key=value` flags change the base config; each run's overrides are
 applied on top. Runs go one after another in this process, each into
@@ -20,7 +20,9 @@ applied on top. Runs go one after another in this process, each into
 overrides (`batch_size=256,clipping=0.04`). A finished run leaves a `DONE` file
 (its final metrics as JSON) and is skipped when the command runs again, so an
 interrupted sweep continues where it stopped (the trainer itself resumes the
-interrupted run from its checkpoint). A run that raises leaves a `FAILED` file
+interrupted run from its checkpoint). A run the trainer reports as preempted
+(SIGTERM or Ctrl-C) is not done: the sweep stops there, and the same command
+resumes it. A run that raises leaves a `FAILED` file
 with the error, the sweep goes on, and the next invocation tries that run
 again. At the end `summary.csv` and `summary.md` in `<workdir_root>/<sweep>`
 hold one row per run; `--summary_only` rewrites them from the workdirs alone.
@@ -63,6 +65,18 @@ _MAX_NAME_LENGTH = 200
 _SWEEP_PREFIX = 'sweep_'
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], Mapping[str, Any] | None]
+
+
+class Preempted(Exception):
+  """A run stopped on SIGTERM/SIGINT; the sweep stops with it, to resume."""
+
+  def __init__(self, run_name: str, step: Any):
+    super().__init__(
+        f'Preempted during {run_name} at step {step}: run the same command'
+        ' to resume it.'
+    )
+    self.run_name = run_name
+    self.step = step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,6 +384,10 @@ def run_sweep(
 
   Returns:
     The summary as a Markdown table.
+
+  Raises:
+    Preempted: `train_fn` returned `preempted: True` (a SIGTERM or Ctrl-C);
+      that run is left unfinished and no later run starts.
   """
   runs = plan_runs(base_config, grid, sweep_dir)
   if train_fn is None:
@@ -377,9 +395,9 @@ def run_sweep(
   for i, run in enumerate(runs, start=1):
     progress = f'[{i}/{len(runs)}] {run.name}'
     if (run.workdir / DONE_FILE).exists():
-      logging.info('%s: already done, skipping.', progress)
+      print(f'{progress}: already done, skipping.', flush=True)
       continue
-    logging.info('%s: training in %s', progress, run.workdir)
+    print(f'{progress}: training in {run.workdir}', flush=True)
     try:
       final_metrics = train_fn(run.config, os.fspath(run.workdir))
     except Exception as e:  # pylint: disable=broad-except
@@ -390,7 +408,11 @@ def run_sweep(
         run.workdir.mkdir(parents=True, exist_ok=True)
         (run.workdir / FAILED_FILE).write_text(_one_line(e) + '\n')
       continue
-    logging.info('%s: done: %s', progress, final_metrics)
+    if isinstance(final_metrics, Mapping) and final_metrics.get('preempted'):
+      # Not done: the next invocation resumes it from its checkpoint. The
+      # signal was for this process, so no later run starts either.
+      raise Preempted(run.name, final_metrics.get('step'))
+    print(f'{progress}: done.', flush=True)
     if _is_chief():
       run.workdir.mkdir(parents=True, exist_ok=True)
       if not isinstance(final_metrics, Mapping):
@@ -557,6 +579,7 @@ def _define_flags():
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  cli.quiet_library_logs()
   flag_values = flags.FLAGS
   sweep = flag_values.sweep.removeprefix(_SWEEP_PREFIX)
   sweep_dir = epath.Path(flag_values.workdir_root) / sweep
@@ -580,9 +603,13 @@ def main(argv: Sequence[str]) -> None:
   elif flag_values.summary_only:
     print(write_summary(runs, sweep_dir, flag_values.metrics), end='')
   else:
-    markdown = run_sweep(
-        flag_values.config, grid, sweep_dir, metrics=flag_values.metrics
-    )
+    try:
+      markdown = run_sweep(
+          flag_values.config, grid, sweep_dir, metrics=flag_values.metrics
+      )
+    except Preempted as e:
+      print(e)  # Exit 0, as experiment.py does: the job did what it should.
+      return
     if markdown:
       print(markdown, end='')
       print(f'Wrote {sweep_dir / SUMMARY_CSV} and {sweep_dir / SUMMARY_MD}.')

@@ -254,3 +254,55 @@ def test_depth_smoke(tmp_path, capsys):
   # Logged every step: 0.1 epoch of 1,437 digits at batch 64 is 2 steps.
   assert [r['step'] for r in rows] == ['1', '2']
   assert all(math.isfinite(float(r['train_loss'])) for r in rows)
+
+
+@pytest.mark.skipif(not _HAS_RUNNER, reason=_NO_RUNNER)
+def test_an_interrupted_run_stops_the_subcommand_writing_nothing(
+    tmp_path, capsys, monkeypatch
+):
+  # The runner saves and returns on SIGTERM/Ctrl-C; the table must not go
+  # on to the next run with this one half done (it used to: KeyError).
+  from nfnets import train  # pylint: disable=g-import-not-at-top
+
+  calls = []
+
+  def preempted(config, workdir):
+    calls.append(workdir)
+    return {'step': 3, 'preempted': True}
+
+  monkeypatch.setattr(train, 'train_and_evaluate', preempted)
+  results = tmp_path / 'results'
+  with pytest.raises(SystemExit) as e:
+    reproduce.main(
+        shlex.split(
+            'agc --batch_sizes=64,256 --clippings=0.04 '
+            f'--results_dir={results}'
+        )
+    )
+  assert 'interrupted at step 3; no results written' in str(e.value.code)
+  assert len(calls) == 1 and not results.exists()
+
+
+@pytest.mark.skipif(not _HAS_RUNNER, reason=_NO_RUNNER)
+def test_a_value_the_runner_refuses_is_one_line(tmp_path):
+  result = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'nfnets.reproduce',
+          'agc',
+          '--epochs=0',
+          f'--results_dir={tmp_path}',
+      ],
+      cwd=_REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      'python -m nfnets.reproduce agc: error: train.num_epochs must be a'
+      ' number > 0, got 0.0.'
+  )

@@ -454,3 +454,23 @@ def test_summary_of_a_sweep_not_run_yet(base_config, tmp_path):
       'not run',
       'not run',
   ]
+
+
+def test_a_preempted_run_stops_the_sweep_unfinished(base_config, tmp_path):
+  # The trainer returns (not raises) on SIGTERM/Ctrl-C; that run must not
+  # be marked done, and the signal stops the runs after it too.
+  calls = []
+
+  def preempted_once(config, workdir):
+    calls.append(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    return {'step': 18, 'preempted': len(calls) == 1}
+
+  grid = [{'optimizer.lr': 0.1}, {'optimizer.lr': 0.3}]
+  with pytest.raises(sweep.Preempted, match='lr=0.1 at step 18.*resume'):
+    sweep.run_sweep(base_config, grid, tmp_path, train_fn=preempted_once)
+  assert calls == [str(tmp_path / 'lr=0.1')]
+  assert not (tmp_path / 'lr=0.1' / 'DONE').exists()
+  sweep.run_sweep(base_config, grid, tmp_path, train_fn=preempted_once)
+  assert calls[1:] == [str(tmp_path / 'lr=0.1'), str(tmp_path / 'lr=0.3')]
+  assert (tmp_path / 'lr=0.1' / 'DONE').exists()
