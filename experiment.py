@@ -48,6 +48,25 @@ _PROCESS_ID = flags.DEFINE_integer(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+@flags.multi_flags_validator(
+    ['coordinator_address', 'num_processes', 'process_id']
+)
+def _check_processes(values) -> bool:
+  """Multi-process flags: all three or none, and a process id in range."""
+  given = [name for name, value in values.items() if value is not None]
+  if given and len(given) < 3:
+    raise flags.ValidationError(
+        '--coordinator_address, --num_processes and --process_id go '
+        f'together; only {", ".join("--" + n for n in sorted(given))} given.'
+    )
+  if given and not 0 <= values['process_id'] < values['num_processes']:
+    raise flags.ValidationError(
+        f'--process_id={values["process_id"]} must be in [0, '
+        f'--num_processes={values["num_processes"]}).'
+    )
+  return True
+
+
 def _print_summary(result, workdir):
   """The last lines of a run: what it reached, how long it took, where."""
   print(

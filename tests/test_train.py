@@ -143,6 +143,15 @@ def test_cli_reports_bad_batch_in_one_line(tmp_path):
   ), result.stderr[-2000:]
 
 
+def test_multiprocess_flags_come_together_or_not_at_all(tmp_path):
+  # --num_processes alone used to be ignored: a silent one-process run.
+  result = _run(str(tmp_path), 2, '--num_processes=2')
+  assert result.returncode != 0
+  (line,) = [l for l in result.stderr.splitlines() if 'error:' in l]
+  assert 'go together; only --num_processes given' in line
+  assert not os.listdir(tmp_path)
+
+
 def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
   config = tiny_config.get_config(5)
   # GPUs' layout on the CPU here ('auto' is HWIO on CPUs, as in the other
