@@ -241,3 +241,18 @@ def test_no_warning_without_corrupt_files(tmp_path):
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     data.num_examples(testing.config(name=f'folder:{root}'), 'train')
+
+
+def test_one_class_or_an_empty_class_folder_is_an_error(tmp_path):
+  # Either used to train: a 1-way classifier, or a label with no images.
+  one = tmp_path / 'one'
+  _write_images(str(one / 'only'), range(12))
+  with pytest.raises(ValueError, match=r"one class sub-folder \('only'\)"):
+    data.num_examples(testing.config(name=f'folder:{one}'), 'train')
+  empty = tmp_path / 'empty'
+  _write_images(str(empty / 'a'), range(12))
+  _write_images(str(empty / 'b'), range(12, 24))
+  (empty / 'c').mkdir()
+  (empty / 'c' / 'notes.txt').write_text('not an image')
+  with pytest.raises(ValueError, match=r"Class folder '.*empty/c' holds no"):
+    data.num_examples(testing.config(name=f'folder:{empty}'), 'train')

@@ -2,7 +2,7 @@
 
 Layout: one sub-folder per class holding JPEG or PNG files (extensions
 `.jpg`, `.jpeg`, `.png`, any case; other files, and names starting with a
-dot, are ignored). Class ids are
+dot, are ignored), two classes at least, none of them empty. Class ids are
 the sorted class-folder names' positions. Splits:
 
 * If `root/<cfg.train_split>` (or `root/train`) is a folder, it is the train
@@ -183,14 +183,27 @@ def _index(
         f'Image folder {train_dir or root!r} has no class sub-folders; expected'
         ' one sub-folder of images per class.'
     )
+  if len(classes) < 2:
+    raise ValueError(
+        f'Image folder {train_dir or root!r} has one class sub-folder'
+        f' ({classes[0]!r}); a classifier needs two or more, one per class.'
+    )
   label_of = {name: label for label, name in enumerate(classes)}
 
   # (path, label, split) for every listed file.
   listed = []
+  for name in classes:
+    class_dir = os.path.join(train_dir or root, name)
+    paths = _image_files(class_dir)
+    if not paths:
+      # Its label would exist with nothing to learn it from.
+      raise ValueError(
+          f'Class folder {class_dir!r} holds no .jpg, .jpeg or .png file;'
+          ' add its images or remove the folder.'
+      )
+    split = 'train' if train_dir else None
+    listed.extend((path, label_of[name], split) for path in paths)
   if train_dir:
-    for name in classes:
-      for path in _image_files(os.path.join(train_dir, name)):
-        listed.append((path, label_of[name], 'train'))
     for name in _subfolders(eval_dir):
       if name not in label_of:
         raise ValueError(
@@ -199,10 +212,6 @@ def _index(
         )
       for path in _image_files(os.path.join(eval_dir, name)):
         listed.append((path, label_of[name], 'eval'))
-  else:
-    for name in classes:
-      for path in _image_files(os.path.join(root, name)):
-        listed.append((path, label_of[name], None))
 
   ok = _check_files([path for path, _, _ in listed])
   bad = sorted(path for (path, _, _), good in zip(listed, ok) if not good)
