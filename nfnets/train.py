@@ -1156,8 +1156,10 @@ def train_and_evaluate(
           break
     if not preempted:
       check_finite(replicated)
-      last_eval = run_eval(replicated, step)
+      # Saved before the final evaluation (minutes on ImageNet, and outside
+      # the preemption handler): a kill during it then loses no training.
       save(replicated, step, wait=True)
+      last_eval = run_eval(replicated, step)
   finally:
     checkpointer.close()
     logger.close()

@@ -143,6 +143,23 @@ def test_cli_reports_bad_batch_in_one_line(tmp_path):
   ), result.stderr[-2000:]
 
 
+def test_the_final_checkpoint_is_saved_before_the_final_evaluation(
+    tmp_path, monkeypatch
+):
+  # The final evaluation runs outside the preemption handler and takes
+  # minutes on ImageNet: a kill there must not cost the last steps.
+  config = tiny_config.get_config(4)
+  config.train.eval_every_epochs = 0  # evaluate only at the end
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(train, 'evaluate', killed)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert checkpoint.TrainCheckpointer(str(tmp_path)).all_steps()[-1] == 4
+
+
 def test_multiprocess_flags_come_together_or_not_at_all(tmp_path):
   # --num_processes alone used to be ignored: a silent one-process run.
   result = _run(str(tmp_path), 2, '--num_processes=2')
