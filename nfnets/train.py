@@ -778,6 +778,11 @@ class _Preemption:
       signal.signal(sig, handler)
 
 
+def _count(number: int, noun: str) -> str:
+  """'1 step', '2 steps'."""
+  return f'{number} {noun}{"" if number == 1 else "s"}'
+
+
 def _check_batch(global_batch: int, what: str) -> None:
   devices = jax.device_count()
   if global_batch % devices:
@@ -1100,11 +1105,10 @@ def train_and_evaluate(
   augment_on_device = make_device_augment(config.data, config.seed)
   replicated = replicate(to_device_layout(state, kernel_layout))
   del state
-  devices = jax.device_count()
   logger.print(
-      f'Training {config.model.name} on {config.data.name} for {total} steps '
-      f'(batch {config.train.batch_size} on {devices} '
-      f'device{"s" if devices > 1 else ""}, '
+      f'Training {config.model.name} on {config.data.name} for '
+      f'{_count(total, "step")} (batch {config.train.batch_size} on '
+      f'{_count(jax.device_count(), "device")}, '
       f'{config.train.compute_dtype}, AGC lambda '
       f'{config.optimizer.agc.clipping}).'
   )
