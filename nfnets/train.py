@@ -814,8 +814,9 @@ def _config_changes(workdir: str, config, limit: int = 3) -> str:
   except (OSError, ValueError):
     return ''
   new = dict(_flat_items(json.loads(config.to_json_best_effort())))
-  # The fields that shape the state first.
-  order = ('model.', 'data.', 'optimizer.')
+  # The fields that shape the state first, then the rest a user sets;
+  # `steps.*` follows from them.
+  order = ('model.', 'data.', 'optimizer.', 'train.', 'eval.')
   keys = sorted(
       (k for k in old.keys() | new.keys() if old.get(k) != new.get(k)),
       key=lambda k: (
@@ -1026,6 +1027,11 @@ def train_and_evaluate(
       advice='Resume it with the config it was trained with, or give this'
       ' run another --workdir.',
   )
+  # Read before config.json is replaced: a resumed run whose command line
+  # changed (another learning rate, more steps) says so.
+  changes = (
+      _config_changes(workdir, config) if restored_step is not None else ''
+  )
   # Only now: a config that cannot resume the workdir leaves its
   # config.json as it was.
   if is_chief:
@@ -1033,7 +1039,10 @@ def train_and_evaluate(
   start_step = int(state.step)
   logger = _Logger(workdir, start_step, is_chief)
   if restored_step is not None:
-    logger.print(f'Resumed from the checkpoint of step {restored_step}.')
+    logger.print(
+        f'Resumed from the checkpoint of step {restored_step}.'
+        + (f'{changes} The run goes on with the new values.' if changes else '')
+    )
 
   p_train_step = jax.pmap(
       make_device_step(

@@ -160,6 +160,22 @@ def test_the_final_checkpoint_is_saved_before_the_final_evaluation(
   assert checkpoint.TrainCheckpointer(str(tmp_path)).all_steps()[-1] == 4
 
 
+def test_resuming_with_changed_values_says_which(tmp_path, capsys):
+  train.train_and_evaluate(tiny_config.get_config(4), str(tmp_path))
+  capsys.readouterr()
+  again = tiny_config.get_config(6)
+  again.optimizer.base_lr = 0.2
+  train.train_and_evaluate(again, str(tmp_path))
+  (line,) = [l for l in capsys.readouterr().out.splitlines() if 'Resumed' in l]
+  assert 'step 4. Its config.json differs in optimizer.base_lr' in line
+  assert 'train.max_steps (4 there, 6 here)' in line
+  assert line.endswith('The run goes on with the new values.')
+  # The same values again: a plain resume line.
+  train.train_and_evaluate(again, str(tmp_path))
+  (line,) = [l for l in capsys.readouterr().out.splitlines() if 'Resumed' in l]
+  assert line == 'Resumed from the checkpoint of step 6.'
+
+
 def test_multiprocess_flags_come_together_or_not_at_all(tmp_path):
   # --num_processes alone used to be ignored: a silent one-process run.
   result = _run(str(tmp_path), 2, '--num_processes=2')
