@@ -517,6 +517,11 @@ def main(argv=None):
   for mode in [m for m in args.modes.split(',') if m]:
     if mode not in MODES:
       parser.error(f'unknown mode {mode!r}: use some of {MODES}')
+  if args.model is not None:
+    try:
+      models.info(args.model)
+    except ValueError as e:
+      parser.error(f'--model: {e}')
 
   # Where children measure, this process only looks at the devices, so it
   # must not reserve their memory first. The variable matters only while

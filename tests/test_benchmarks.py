@@ -50,6 +50,12 @@ def test_train_throughput_rejects_an_unknown_mode():
     train_throughput.main(['--modes=minimal,fast'])
 
 
+def test_train_throughput_rejects_an_unknown_model_in_one_line(capsys):
+  with pytest.raises(SystemExit):
+    train_throughput.main(['--model=nfnet_f9'])
+  assert "--model: Unknown model name 'nfnet_f9'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('donate', [True, False])
 def test_train_throughput_donates_the_state_unless_told_not_to(donate):
   step_fn, state, batch, *_ = train_throughput.build_step(
