@@ -320,5 +320,7 @@ def test_missing_dataset_gives_the_steps_to_prepare_it(tmp_path):
 
 
 def test_missing_split_names_the_available_ones(tiny_dir):
-  with pytest.raises(ValueError, match=r"'validation'.*\['test', 'train'\]"):
+  with pytest.raises(
+      ValueError, match=r"^data\.eval_split='validation'.*\['test', 'train'\]"
+  ):
     _tiny(tiny_dir, 'eval', 2, eval_split='validation')

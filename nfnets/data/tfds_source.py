@@ -38,7 +38,7 @@ def _tfds_split(cfg, split: str) -> str:
 def _split_error(cfg, ds_builder, split: str) -> ValueError:
   field = 'train_split' if split == 'train' else 'eval_split'
   return ValueError(
-      f'cfg.{field}={_tfds_split(cfg, split)!r} is not a split of'
+      f'data.{field}={_tfds_split(cfg, split)!r} is not a split of'
       f' {ds_builder.name!r}: available splits'
       f' {sorted(ds_builder.info.splits)}.'
   )
