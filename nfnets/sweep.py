@@ -582,7 +582,8 @@ def main(argv: Sequence[str]) -> None:
   cli.quiet_library_logs()
   flag_values = flags.FLAGS
   sweep = flag_values.sweep.removeprefix(_SWEEP_PREFIX)
-  sweep_dir = epath.Path(flag_values.workdir_root) / sweep
+  # As the trainer does for a workdir: a quoted '~' is the home folder.
+  sweep_dir = epath.Path(os.path.expanduser(flag_values.workdir_root)) / sweep
   try:
     grid = load_sweep(flag_values['config'].config_filename, sweep)
     runs = plan_runs(flag_values.config, grid, sweep_dir)

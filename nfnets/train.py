@@ -16,6 +16,7 @@ import contextlib
 import functools
 import inspect
 import json
+import os
 import signal
 import time
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
@@ -778,6 +779,16 @@ class _Preemption:
       signal.signal(sig, handler)
 
 
+def expand_home(path: str) -> str:
+  """`~/runs/x` as `/home/me/runs/x`; URLs (`gs://...`) as given.
+
+  A quoted `--workdir='~/runs/x'` reaches Python unexpanded and would make a
+  folder named `~` in the current directory.
+  """
+  path = os.fspath(path)
+  return path if '://' in path else os.path.expanduser(path)
+
+
 def _count(number: int, noun: str) -> str:
   """'1 step', '2 steps'."""
   return f'{number} {noun}{"" if number == 1 else "s"}'
@@ -1003,6 +1014,7 @@ def train_and_evaluate(
       another bad config value (named in the message).
   """
   start_time = time.time()
+  workdir = expand_home(workdir)
   _check_batch(config.train.batch_size, 'train.batch_size')
   _check_batch(config.eval.batch_size, 'eval.batch_size')
   config, num_classes = prepare(config)
@@ -1195,12 +1207,13 @@ def evaluate_checkpoint(
   `config.eval.checkpoint` may name a published DeepMind parameter file
   (e.g. `F0_haiku.npz`), loaded with `checkpoint.load_deepmind_params`.
   """
+  workdir = expand_home(workdir)
   _check_batch(config.eval.batch_size, 'eval.batch_size')
   config, num_classes = prepare(config)
   forward = create_model(config, num_classes)
   if config.eval.checkpoint:
     params = checkpoint.load_deepmind_params(
-        config.eval.checkpoint,
+        expand_home(config.eval.checkpoint),
         config.model.name,
         num_classes,
         **dict(config.model.overrides),

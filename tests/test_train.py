@@ -176,6 +176,16 @@ def test_resuming_with_changed_values_says_which(tmp_path, capsys):
   assert line == 'Resumed from the checkpoint of step 6.'
 
 
+def test_a_workdir_under_a_quoted_tilde_goes_home(tmp_path, monkeypatch):
+  # --workdir='~/run' reaches Python as typed; it used to make ./~/run.
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  monkeypatch.chdir(tmp_path)
+  train.train_and_evaluate(tiny_config.get_config(1), '~/run')
+  assert (tmp_path / 'home' / 'run' / 'config.json').exists()
+  assert not (tmp_path / '~').exists()
+  assert train.expand_home('gs://bucket/~x') == 'gs://bucket/~x'
+
+
 def test_multiprocess_flags_come_together_or_not_at_all(tmp_path):
   # --num_processes alone used to be ignored: a silent one-process run.
   result = _run(str(tmp_path), 2, '--num_processes=2')
