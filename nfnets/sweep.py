@@ -590,6 +590,15 @@ def main(argv: Sequence[str]) -> None:
   except (OSError, TypeError, ValueError) as e:
     # Mistakes in the command line or the sweep: one line, no traceback.
     sys.exit(f'nfnets.sweep: error: {e}')
+  if not flag_values.dry_run:
+    try:
+      sweep_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      # Else every run fails on it, and then the FAILED file too.
+      sys.exit(
+          f'nfnets.sweep: error: --workdir_root: cannot create {sweep_dir}'
+          f' ({e}); give a folder path you can write to.'
+      )
 
   if flag_values.dry_run:
     done = 0

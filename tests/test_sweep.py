@@ -160,6 +160,22 @@ def test_cli_unknown_override_key_fails_with_one_line(tmp_path):
   assert 'Traceback' not in result.stderr
 
 
+def test_cli_unwritable_workdir_root_fails_with_one_line(config_path, tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a folder')
+  result = _sweep_cli(
+      f'--config={config_path}', '--sweep=tiny', f'--workdir_root={blocker}'
+  )
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert (
+      result.stderr.strip()
+      .splitlines()[-1]
+      .startswith('nfnets.sweep: error: --workdir_root: cannot create')
+  )
+  assert blocker.read_text() == 'not a folder'
+
+
 # load_sweep.
 
 
