@@ -1623,6 +1623,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   func, _ = SUBCOMMANDS[args.command]
   start = time.time()
   where = f'python -m nfnets.reproduce {args.command}'
+  # Checked first: the files are written after the work, which can take
+  # hours (agc, depth).
+  try:
+    os.makedirs(args.results_dir, exist_ok=True)
+    if not os.access(args.results_dir, os.W_OK):
+      raise PermissionError('not writable')
+  except OSError as e:
+    sys.exit(
+        f'{where}: error: --results_dir: cannot write to'
+        f' {args.results_dir} ({e}).'
+    )
   try:
     paths = func(args)
   except Interrupted as e:

@@ -280,7 +280,19 @@ def test_an_interrupted_run_stops_the_subcommand_writing_nothing(
         )
     )
   assert 'interrupted at step 3; no results written' in str(e.value.code)
-  assert len(calls) == 1 and not results.exists()
+  assert len(calls) == 1 and not list(results.iterdir())
+
+
+def test_an_unwritable_results_dir_fails_before_any_work(tmp_path, capsys):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a folder')
+  with pytest.raises(SystemExit) as e:
+    reproduce.main(['table3', f'--results_dir={blocker}'])
+  assert str(e.value.code).startswith(
+      'python -m nfnets.reproduce table3: error: --results_dir: cannot write'
+  )
+  assert blocker.read_text() == 'not a folder'
+  assert 'table3' not in capsys.readouterr().err  # no work was logged
 
 
 @pytest.mark.skipif(not _HAS_RUNNER, reason=_NO_RUNNER)
