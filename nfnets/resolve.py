@@ -13,6 +13,7 @@ import jax
 import ml_collections
 
 from nfnets import agc
+from nfnets import layers
 from nfnets import models
 from nfnets import nfnet
 from nfnets import optim
@@ -179,10 +180,7 @@ def resolve(
     config.data.augment_on = (
         'host' if jax.default_backend() == 'cpu' else 'device'
     )
-  if not 0 <= config.model.drop_rate < 1:
-    raise ValueError(
-        f'model.drop_rate must be in [0, 1), got {config.model.drop_rate!r}.'
-    )
+  layers.check_rate(config.model.drop_rate, 'model.drop_rate')
   _positive_int(config.data.train_image_size, 'data.train_image_size')
   _positive_int(config.data.eval_image_size, 'data.eval_image_size')
   for key in ('randaugment_layers', 'randaugment_magnitude'):
