@@ -1126,13 +1126,20 @@ def train_and_evaluate(
   augment_on_device = make_device_augment(config.data, config.seed)
   replicated = replicate(to_device_layout(state, kernel_layout))
   del state
-  logger.print(
-      f'Training {config.model.name} on {config.data.name} for '
-      f'{_count(total, "step")} (batch {config.train.batch_size} on '
-      f'{_count(jax.device_count(), "device")}, '
-      f'{config.train.compute_dtype}, AGC lambda '
-      f'{config.optimizer.agc.clipping}).'
-  )
+  if start_step >= total:
+    # A finished run relaunched, or one given fewer steps than it has done.
+    logger.print(
+        f"The checkpoint of step {start_step} is at or past this config's"
+        f' {_count(total, "step")}: evaluating it, not training.'
+    )
+  else:
+    logger.print(
+        f'Training {config.model.name} on {config.data.name} for '
+        f'{_count(total, "step")} (batch {config.train.batch_size} on '
+        f'{_count(jax.device_count(), "device")}, '
+        f'{config.train.compute_dtype}, AGC lambda '
+        f'{config.optimizer.agc.clipping}).'
+    )
   last_eval = {}
   last_train = {}
   preempted = False

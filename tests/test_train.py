@@ -170,10 +170,13 @@ def test_resuming_with_changed_values_says_which(tmp_path, capsys):
   assert 'step 4. Its config.json differs in optimizer.base_lr' in line
   assert 'train.max_steps (4 there, 6 here)' in line
   assert line.endswith('The run goes on with the new values.')
-  # The same values again: a plain resume line.
+  # The same values again: a plain resume line, and nothing to train.
   train.train_and_evaluate(again, str(tmp_path))
-  (line,) = [l for l in capsys.readouterr().out.splitlines() if 'Resumed' in l]
+  out = capsys.readouterr().out
+  (line,) = [l for l in out.splitlines() if 'Resumed' in l]
   assert line == 'Resumed from the checkpoint of step 6.'
+  assert "step 6 is at or past this config's 6 steps: evaluating" in out
+  assert 'Training' not in out
 
 
 def test_a_workdir_under_a_quoted_tilde_goes_home(tmp_path, monkeypatch):
