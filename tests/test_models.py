@@ -282,3 +282,11 @@ def test_nf_resnet_block_with_relu_folded_into_its_convs_is_the_same_function(
   np.testing.assert_allclose(folded[0], plain[0], rtol=1e-5, atol=1e-5)
   for a, b in zip(*(jax.tree_util.tree_leaves(f[1]) for f in (folded, plain))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
+@pytest.mark.parametrize('widths', [(), (32, 0, 64, 64), (32.5, 64, 128, 128)])
+def test_nfnet_widths_need_a_channel_count_per_stage(widths):
+  # An empty tuple used to mean the variant's own widths ('widths or spec').
+  f = hk.transform(lambda: models.create('nfnet_tiny', widths=widths))
+  with pytest.raises(ValueError, match='widths must be a non-empty sequence'):
+    f.init(None)
