@@ -154,9 +154,9 @@ fi
 if [[ "${what}" == round ]]; then
   # Everything that settles the issue in one call, since a lent machine is
   # given back after 30 s idle and a second call may start cold: F0 minimal
-  # and full for this tree, the thesis pair, the two newest links of the
-  # ablate chain for F0 (late, hwio_late), then F0 minimal for the tree in
-  # .base. ~70 s per measurement cold (machine E: 351 s for the first
+  # and full for this tree, the thesis pair, F0 minimal for the tree in
+  # .base, then the two newest links of the ablate chain for F0 (late,
+  # hwio_late). ~70 s per measurement cold (machine E: 351 s for the first
   # four); the call's 600 s limit may cut the tail, whose lines are then
   # missing, not wrong.
   timeout 220 "${python}" benchmarks/train_throughput.py --modes=minimal,full \
@@ -166,11 +166,13 @@ if [[ "${what}" == round ]]; then
     --thesis 2>>"${log}" | tee "${out}/thesis.jsonl"; check thesis
   one=(timeout 110 "${python}" benchmarks/train_throughput.py --modes=minimal
     --no_timm)
-  late_links "${one[@]}"
+  # .base before the two links: against this tree's first line it settles
+  # whether the untimed changes help, and the call's limit may cut the tail.
   if [[ -d .base ]]; then
     (cd .base && "${one[@]}") 2>>"${log}" | tee "${out}/ablate_base.jsonl"
     check base
   fi
+  late_links "${one[@]}"
 fi
 
 # On a cold H100 each of our measurements takes ~90 s in its own process
