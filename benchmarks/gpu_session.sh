@@ -11,21 +11,19 @@
 #     dm-haiku==0.0.17 jmp==0.0.4 ml-collections==1.1.0 tensorboardX==2.6.5
 #
 # To compare with an earlier commit in the same call, put its tree in the
-# ignored folder .base (e.g. `git archive 9df6ad3 | tar -x -C .base`, the
-# last commit before the runner kept conv kernels OHWI on GPUs).
+# ignored folder .base (e.g. `git archive dffa3fc | tar -x -C .base`, the
+# tree machine F timed, before the two changes it measured as losses were
+# taken out: conv weight gradients forced first, NF-ResNet's stem bias after
+# the pooling).
 #
 # Then, with `.whl` (and `.base`) carried, run with a timeout of ~590 s
 # (a machine idle for 30 s is given back, so a second call may start cold):
-#   `bash benchmarks/gpu_session.sh round` (~8-9 minutes cold): F0 minimal
-#     and full, the thesis pair, F0 minimal with the weight gradients left
-#     to XLA (late) and with HWIO kernels too (hwio_late), and F0 minimal
-#     for .base; on a warm machine the modes below take 40-110 s per line;
-#   `bash benchmarks/gpu_session.sh ablate` (~4.5 minutes cold): F0 minimal
-#     for this tree, for .base, with HWIO kernels in the state and with
-#     the weight-gradient convolutions left to XLA's order
-#     (ABLATE=nf_resnet50: NF-ResNet-50's instead; with .base at 9df6ad3,
-#     its hwio_late line against .base is the stem and skip-gain change of
-#     8e87e12 with the stem's channel padding);
+#   `bash benchmarks/gpu_session.sh round` (~7-8 minutes cold): F0 minimal
+#     and full, the thesis pair, then F0 and NF-ResNet-50 minimal for .base;
+#     on a warm machine the modes below take 40-110 s per line;
+#   `bash benchmarks/gpu_session.sh ablate` (~3.5 minutes cold): F0 minimal
+#     for this tree, for .base and with HWIO kernels in the state
+#     (ABLATE=nf_resnet50: NF-ResNet-50's instead);
 #   `bash benchmarks/gpu_session.sh flags` (~1.5 minutes per set, each
 #     compiles anew): F0 minimal without and with XLA flags (FLAGS='a;b'
 #     replaces the default sets; see the mode below);
@@ -73,15 +71,12 @@ export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 log="${out}/stderr.log"
 # Records a step that failed or ran out of time (timeout exits 124).
 check() { local rc=$?; ((rc)) && echo "step '$1' exited ${rc}" | tee -a "${log}"; }
-# The two newest links of the ablate chain, given the command of one
-# minimal-step measurement: the weight gradients left to XLA's order
-# (late), and that with HWIO kernels in the state too (hwio_late).
-late_links() {
-  "$@" --no_early_weight_grads 2>>"${log}" | tee "${out}/ablate_late.jsonl"
-  check late
-  "$@" --kernel_layout=hwio --no_early_weight_grads 2>>"${log}" |
-    tee "${out}/ablate_hwio_late.jsonl"
-  check hwio_late
+# One minimal-step measurement (the command given) for the tree in .base,
+# when one was carried.
+base_line() {
+  [[ -d .base ]] || return 0
+  (cd .base && "$@") 2>>"${log}" | tee -a "${out}/ablate_base.jsonl"
+  check base
 }
 
 what="${1:-all}"  # ablate, flags, round, throughput, profile or all
@@ -93,12 +88,12 @@ timm_flag=--no_timm
 [[ "${TIMM:-0}" == 1 ]] && timm_flag=
 
 if [[ "${what}" == ablate ]]; then
-  # A minimal step four ways, each in its own process on this machine:
-  # this tree, the tree in .base, this tree with the conv kernels kept
+  # A minimal step three ways, each in its own process on this machine:
+  # this tree, the tree in .base, and this tree with the conv kernels kept
   # HWIO between steps (the A/B of train.to_device_layout, which keeps them
-  # OHWI on GPUs), and this tree with XLA free to run the weight-gradient
-  # convolutions late. Donation was settled on machine E: --no_donate took
-  # 41.24 ms against 40.65 ms.
+  # OHWI on GPUs; machine F: OHWI 2% faster for F0, 1% for NF-ResNet-50).
+  # Donation was settled on machine E: --no_donate took 41.24 ms against
+  # 40.65 ms.
   # ABLATE=nf_resnet50 does it for NF-ResNet-50 at 224 px instead of F0.
   case "${ABLATE:-nfnet_f0}" in
     nfnet_f0) model=() ;;
@@ -108,16 +103,10 @@ if [[ "${what}" == ablate ]]; then
   one=(timeout 120 "${python}" benchmarks/train_throughput.py --modes=minimal
     --no_timm "${model[@]}")
   "${one[@]}" 2>>"${log}" | tee "${out}/ablate_head.jsonl"; check head
-  if [[ -d .base ]]; then
-    (cd .base && "${one[@]}") 2>>"${log}" | tee "${out}/ablate_base.jsonl"
-    check base
-  fi
-  # A chain, one change per link: head -> late is ops.early_weight_grads
-  # (each conv's weight gradient no longer forced before its input
-  # gradient is handed on; peak memory is the point), late -> hwio_late
-  # the OHWI layout, and hwio_late -> .base (9df6ad3) the sixth round with
-  # the average-pool gradient and the stem's channel padding.
-  late_links "${one[@]}"
+  base_line "${one[@]}"
+  "${one[@]}" --kernel_layout=hwio 2>>"${log}" |
+    tee "${out}/ablate_hwio.jsonl"
+  check hwio
 fi
 
 if [[ "${what}" == flags ]]; then
@@ -154,11 +143,11 @@ fi
 if [[ "${what}" == round ]]; then
   # Everything that settles the issue in one call, since a lent machine is
   # given back after 30 s idle and a second call may start cold: F0 minimal
-  # and full for this tree, the thesis pair, F0 minimal for the tree in
-  # .base, then the two newest links of the ablate chain for F0 (late,
-  # hwio_late). ~70 s per measurement cold (machine E: 351 s for the first
-  # four); the call's 600 s limit may cut the tail, whose lines are then
-  # missing, not wrong.
+  # and full for this tree, the thesis pair, then F0's and NF-ResNet-50's
+  # minimal steps for the tree in .base, which against this tree's lines
+  # say what the changes since it did. ~70 s per measurement cold (machine
+  # F: 480 s for seven); the call's 600 s limit may cut the tail, whose
+  # lines are then missing, not wrong.
   timeout 220 "${python}" benchmarks/train_throughput.py --modes=minimal,full \
     --no_timm 2>>"${log}" | tee "${out}/train_throughput.jsonl"
   check throughput
@@ -166,13 +155,8 @@ if [[ "${what}" == round ]]; then
     --thesis 2>>"${log}" | tee "${out}/thesis.jsonl"; check thesis
   one=(timeout 110 "${python}" benchmarks/train_throughput.py --modes=minimal
     --no_timm)
-  # .base before the two links: against this tree's first line it settles
-  # whether the untimed changes help, and the call's limit may cut the tail.
-  if [[ -d .base ]]; then
-    (cd .base && "${one[@]}") 2>>"${log}" | tee "${out}/ablate_base.jsonl"
-    check base
-  fi
-  late_links "${one[@]}"
+  base_line "${one[@]}"
+  base_line "${one[@]}" --model=nf_resnet50 --image_size=224
 fi
 
 # On a cold H100 each of our measurements takes ~90 s in its own process
@@ -229,6 +213,6 @@ echo '--- summary'
 grep -h -E '"(comparison|kind": "summary)' "${out}"/*.jsonl
 cat "${out}"/ablate_*.jsonl "${out}"/flags.jsonl "${out}"/thesis.jsonl \
   "${out}"/train_throughput.jsonl 2>/dev/null |
-  grep -h -o -E '"impl": "[^"]*", "mode": "[a-z]*", "model": "[a-z0-9_]*"|"donate": [a-z]*|"kernel_layout": "[a-z]*"|"early_weight_grads": [a-z]*|"images_per_s": [0-9.]*|"peak_memory_gib": [0-9.a-z]*|"xla_flags": "[^"]*"|"error": "[^"]*"' |
+  grep -h -o -E '"impl": "[^"]*", "mode": "[a-z]*", "model": "[a-z0-9_]*"|"donate": [a-z]*|"kernel_layout": "[a-z]*"|"images_per_s": [0-9.]*|"peak_memory_gib": [0-9.a-z]*|"xla_flags": "[^"]*"|"error": "[^"]*"' |
   paste -sd' ' | sed 's/"impl"/\n"impl"/g'
 tail -5 "${log}"

@@ -135,7 +135,9 @@ def weight_gradient_positions(instructions: list[dict]) -> dict:
   For each, the number of other convolutions scheduled between the latest of
   its operands (the output gradient it reads) and itself: 0 when it runs as
   soon as it can, dozens when the weight gradients are deferred to the end
-  of the backward pass (which `ops.early_weight_grads` prevents).
+  of the backward pass (XLA's GPU scheduler does that when memory is to
+  spare; tying each to its input gradient cost time on an H100 and saved
+  no peak memory: benchmarks/RESULTS.md).
   """
   index = {ins['name']: i for i, ins in enumerate(instructions)}
   convs = [

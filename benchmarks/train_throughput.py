@@ -150,7 +150,6 @@ def build_step(
     num_classes=1000,
     donate=True,
     kernel_layout='auto',
-    early_weight_grads=True,
 ):
   """(pmapped step, replicated state, device batch, config) for one setup.
 
@@ -158,15 +157,12 @@ def build_step(
   which the runner does not do: an experiment, since XLA copies the outputs
   it cannot write in place into the donated buffers. `kernel_layout` is
   `config.train.kernel_layout`'s: 'auto' as the runner, or 'hwio' / 'ohwi'
-  to compare them (`train.to_device_layout`). `early_weight_grads=False`
-  leaves the order of each conv's two gradients to XLA
-  (`config.train.early_weight_grads`).
+  to compare them (`train.to_device_layout`).
   """
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; valid: {MODES}.')
   kernel_layout = resolve.kernel_layout(kernel_layout)
   config = _config(model, batch, image_size, dtype)
-  config.train.early_weight_grads = early_weight_grads
   forward = train.create_model(config, num_classes)
   agc_cfg = config.optimizer.agc
   if mode == 'minimal':
@@ -256,7 +252,6 @@ def time_ours(
     warmup,
     donate=True,
     kernel_layout='auto',
-    early_weight_grads=True,
 ):
   """Measures one (model, mode) setup; returns the JSON record."""
   step_fn, state, device_batch, config, augment, raw_batch = build_step(
@@ -267,7 +262,6 @@ def time_ours(
       mode,
       donate=donate,
       kernel_layout=kernel_layout,
-      early_weight_grads=early_weight_grads,
   )
   start = time.perf_counter()
   step_fn = step_fn.lower(state, device_batch).compile()
@@ -307,7 +301,6 @@ def time_ours(
       model=model,
       donate=donate,
       kernel_layout=resolve.kernel_layout(kernel_layout),
-      early_weight_grads=early_weight_grads,
       batch=batch,
       image_size=image_size,
       dtype=dtype,
@@ -416,7 +409,6 @@ def _measure(job: dict) -> dict | None:
       job['warmup'],
       job.get('donate', True),
       job.get('kernel_layout', 'auto'),
-      job.get('early_weight_grads', True),
   )
 
 
@@ -491,14 +483,6 @@ def main(argv=None):
       help='conv kernels between our steps (config.train.kernel_layout)',
   )
   parser.add_argument(
-      '--no_early_weight_grads',
-      action='store_true',
-      help=(
-          "XLA orders each conv's weight and input gradients as it likes "
-          '(config.train.early_weight_grads=False)'
-      ),
-  )
-  parser.add_argument(
       '--isolate',
       default='auto',
       choices=['auto', 'yes', 'no'],
@@ -551,8 +535,6 @@ def main(argv=None):
       if args.no_donate:
         job['donate'] = False
       job['kernel_layout'] = args.kernel_layout
-      if args.no_early_weight_grads:
-        job['early_weight_grads'] = False
     record = _measure_isolated(job) if isolate else _measure(job)
     if record is not None:
       print(json.dumps(record), flush=True)

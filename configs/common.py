@@ -66,11 +66,6 @@ def get_config() -> ml_collections.ConfigDict:
   # spares a GPU step the transposes and copies of every kernel), or 'auto':
   # 'ohwi' on GPUs, else 'hwio'. Checkpoints are HWIO either way.
   config.train.kernel_layout = 'auto'
-  # Each conv's weight gradient before its input gradient is handed on
-  # (`nfnets.ops.early_weight_grads`): the same gradients, with each layer's
-  # saved input and output gradient freed as the backward pass goes rather
-  # than at its end (less peak memory). False leaves the order to XLA.
-  config.train.early_weight_grads = True
   config.train.log_every_steps = 100
   config.train.checkpoint_every_steps = 1000
   config.train.keep_checkpoints = 3

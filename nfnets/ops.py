@@ -19,16 +19,11 @@ on RGB images) as stride-1 convolutions of a space-to-depth rearrangement:
 the same products, with 4x the input channels and a quarter of the
 positions. A 3-channel input leaves most of a GPU's tensor-core lanes (or a
 TPU's) idle: NFNet-F0's first conv took 0.79 ms forward and filter
-gradient on an H100 for ~2% of the step's FLOPs. Its backward pass computes
-each weight gradient before the input gradient goes on to the layer below
-(`early_weight_grads`), which XLA's GPU scheduler otherwise deferred to the
-end of the backward pass, keeping every layer's gradient allocated.
+gradient on an H100 for ~2% of the step's FLOPs.
 """
 
-import contextlib
 import functools
 import itertools
-import threading
 from collections.abc import Sequence
 from typing import Union
 
@@ -115,103 +110,6 @@ def _space_to_depth_conv(x, w, pads):
   )
 
 
-class _WeightGradOrder(threading.local):
-  early = True
-
-
-_WEIGHT_GRAD_ORDER = _WeightGradOrder()
-
-
-@contextlib.contextmanager
-def early_weight_grads(enabled: bool = True):
-  """Within it, `conv2d`s are traced with their weight gradients first.
-
-  When enabled (the default, also outside any such context), each `conv2d`'s
-  backward pass hands its input gradient on only once its weight gradient
-  is computed (an optimization barrier ties the two). Without that, XLA's
-  GPU scheduler, with memory to spare, ran every weight-gradient
-  convolution after the whole chain of input gradients (machine E's F0
-  step: 56 of 57 at its end), so each layer's output gradient and saved
-  input stayed allocated until then. Replaying that schedule's buffers
-  (`benchmarks/hlo_memory.py`): 11.69 GB at its peak, in stage 2's input
-  gradients with stage 3's output gradients still held; with each weight
-  gradient right after its output gradient, 11.36 GB, the forward pass's
-  saved activations at the start of the backward pass. How much a model
-  gains depends on how its peak compares with what its forward pass keeps.
-  The gradients are the same, computed by the same convolutions; only
-  their order is constrained.
-
-  Applies at trace time (it chooses what `conv2d` traces), so it has to
-  surround the forward pass of what is differentiated, inside the function
-  that is jitted: a jitted function traced earlier replays its trace
-  whatever the context is when it is called (`train.create_model` enters
-  it inside the model's function). The enabled form is a custom VJP:
-  forward-mode differentiation (`jax.jvp`) through `conv2d` needs it off.
-
-  Args:
-    enabled: `False` lets XLA order the two gradients as it likes.
-
-  Yields:
-    None.
-  """
-  if not isinstance(enabled, bool):
-    raise TypeError(f'early_weight_grads takes a bool, got {enabled!r}.')
-  previous = _WEIGHT_GRAD_ORDER.early
-  _WEIGHT_GRAD_ORDER.early = enabled
-  try:
-    yield
-  finally:
-    _WEIGHT_GRAD_ORDER.early = previous
-
-
-def _conv(x, w, strides, pads, groups):
-  few_channels = x.shape[-1] < SPACE_TO_DEPTH_MAX_CHANNELS
-  if strides == (2, 2) and groups == 1 and few_channels:
-    return _space_to_depth_conv(x, w, pads)
-  return jax.lax.conv_general_dilated(
-      x,
-      w,
-      window_strides=strides,
-      padding=pads,
-      dimension_numbers=_DIMENSION_NUMBERS,
-      feature_group_count=groups,
-  )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_weight_grad_first(x, w, strides, pads, groups):
-  return _conv(x, w, strides, pads, groups)
-
-
-def _conv_weight_grad_first_fwd(x, w, strides, pads, groups):
-  # symbolic_zeros: each argument comes with whether it is differentiated.
-  out = _conv(x.value, w.value, strides, pads, groups)
-  return out, (x.value, w.value, x.perturbed, w.perturbed)
-
-
-def _conv_weight_grad_first_bwd(strides, pads, groups, residuals, g):
-  x, w, need_dx, need_dw = residuals
-  if isinstance(g, jax.custom_derivatives.SymbolicZero):
-    return None, None
-  _, vjp = jax.vjp(
-      functools.partial(_conv, strides=strides, pads=pads, groups=groups), x, w
-  )
-  dx, dw = vjp(g)
-  if need_dx and need_dw:
-    # The point: dx is not available (to the layer below) before dw exists.
-    dx, dw = jax.lax.optimization_barrier((dx, dw))
-  # An input that is not differentiated (the images) gets no gradient, so
-  # XLA drops its convolution; the barrier would have kept it.
-  return (dx if need_dx else None), (dw if need_dw else None)
-
-
-_conv_weight_grad_first.defvjp(
-    _conv_weight_grad_first_fwd,
-    _conv_weight_grad_first_bwd,
-    symbolic_zeros=True,
-)
-
-
 def conv2d(
     x: jax.Array,
     w: jax.Array,
@@ -224,9 +122,7 @@ def conv2d(
   The same function (up to the order of the sums); stride-2, ungrouped
   convolutions of inputs with fewer than `SPACE_TO_DEPTH_MAX_CHANNELS`
   channels run as stride-1 convolutions of a space-to-depth rearrangement
-  of `x` and `w`, which keeps the parameters HWIO. Its backward pass computes
-  the weight gradient before it hands the input gradient on, unless traced
-  within `early_weight_grads(False)`.
+  of `x` and `w`, which keeps the parameters HWIO.
 
   Args:
     x: `[N, H, W, C]`.
@@ -245,9 +141,20 @@ def conv2d(
         f'{w.shape}.'
     )
   pads = explicit_padding(x.shape[1:3], w.shape[:2], strides, padding)
-  if _WEIGHT_GRAD_ORDER.early:
-    return _conv_weight_grad_first(x, w, strides, pads, feature_group_count)
-  return _conv(x, w, strides, pads, feature_group_count)
+  if (
+      strides == (2, 2)
+      and feature_group_count == 1
+      and x.shape[-1] < SPACE_TO_DEPTH_MAX_CHANNELS
+  ):
+    return _space_to_depth_conv(x, w, pads)
+  return jax.lax.conv_general_dilated(
+      x,
+      w,
+      window_strides=strides,
+      padding=pads,
+      dimension_numbers=_DIMENSION_NUMBERS,
+      feature_group_count=feature_group_count,
+  )
 
 
 # ---------------------------------------------------------------------------

@@ -139,11 +139,6 @@ def resolve(
         f'got {config.train.compute_dtype!r}.'
     )
   config.train.kernel_layout = kernel_layout(config.train.kernel_layout)
-  if not isinstance(config.train.early_weight_grads, bool):
-    raise ValueError(
-        'train.early_weight_grads must be True or False, '
-        f'got {config.train.early_weight_grads!r}.'
-    )
   for field, valid in (
       ('name', optim.OPTIMIZERS),
       ('schedule', optim.SCHEDULES),

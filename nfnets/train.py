@@ -33,7 +33,6 @@ from nfnets import agc
 from nfnets import checkpoint
 from nfnets import data
 from nfnets import models
-from nfnets import ops
 from nfnets import optim
 from nfnets import resolve
 from nfnets.data import device_augment
@@ -106,13 +105,10 @@ def create_model(
     ).init(None)
   except (TypeError, ValueError) as e:
     raise ValueError(f'model.overrides: {e}') from None
-  early_weight_grads = config.train.early_weight_grads
 
   def forward(images, is_training):
-    # Traced within: how the convs' backward passes are ordered.
-    with ops.early_weight_grads(early_weight_grads):
-      model = models.create(config.model.name, num_classes, **overrides)
-      return model(images, is_training=is_training)
+    model = models.create(config.model.name, num_classes, **overrides)
+    return model(images, is_training=is_training)
 
   return hk.transform_with_state(forward)
 

@@ -36,7 +36,6 @@ def test_train_throughput_prints_json_lines(capsys):
   for record in modes.values():
     assert record['images_per_s'] > 0 and record['step_ms'] > 0
     assert record['devices'] == 8
-    assert record['early_weight_grads'] is True  # the runner's default
     # conftest's XLA_FLAGS (8 CPU devices), as every measurement records.
     assert '--xla_force_host_platform_device_count=8' in record['xla_flags']
     # XLA's planned memory is reported on every backend, the CPU included.
@@ -65,17 +64,6 @@ def test_train_throughput_donates_the_state_unless_told_not_to(donate):
   # Donated arguments are marked in the lowered module for XLA to alias.
   marked = 'tf.aliasing_output' in text or 'jax.buffer_donor' in text
   assert marked == donate
-
-
-def test_train_throughput_orders_weight_gradients_as_told():
-  barriers = {}
-  for early in (True, False):
-    step_fn, state, batch, *_ = train_throughput.build_step(
-        'nfnet_tiny', 8, 32, 'float32', 'minimal', early_weight_grads=early
-    )
-    text = step_fn.lower(state, batch).as_text()
-    barriers[early] = text.count('optimization_barrier')
-  assert barriers[True] > barriers[False]
 
 
 def test_train_throughput_keeps_kernels_as_told():

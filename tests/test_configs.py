@@ -320,17 +320,6 @@ def test_auto_kernel_layout_is_ohwi_on_gpus_only_and_bad_values_fail(
     resolve.resolve(config)
 
 
-def test_early_weight_grads_is_on_by_default_and_must_be_a_bool():
-  config = importlib.import_module('configs.nfnet').get_config('F0')
-  assert resolve.resolve(config).train.early_weight_grads is True
-  config.train.early_weight_grads = False
-  assert resolve.resolve(config).train.early_weight_grads is False
-  config = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
-  config.train.early_weight_grads = 'no'
-  with pytest.raises(ValueError, match='train.early_weight_grads'):
-    resolve.resolve(config)
-
-
 def test_agc_batch_sweep_dry_run_lists_the_whole_grid(tmp_path):
   result = subprocess.run(
       [

@@ -100,22 +100,12 @@ def test_space_to_depth_conv_matches_strided_conv_and_its_gradients(
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
-def _eqns(jaxpr):
-  """Every equation of `jaxpr` and of the jaxprs inside it, in order."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for param in eqn.params.values():
-      inner = getattr(param, 'jaxpr', param)  # a ClosedJaxpr's own jaxpr
-      if hasattr(inner, 'eqns'):
-        yield from _eqns(inner)
-
-
 def _conv_windows(fn, *args):
   """(window strides, input channels) of every convolution `fn` traces."""
-  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  jaxpr = jax.make_jaxpr(fn)(*args)
   return [
       (eqn.params['window_strides'], eqn.invars[0].aval.shape[-1])
-      for eqn in _eqns(jaxpr)
+      for eqn in jaxpr.eqns
       if eqn.primitive.name == 'conv_general_dilated'
   ]
 
@@ -158,61 +148,3 @@ def test_conv2d_rejects_bad_input():
     ops.conv2d(jnp.ones((2, 16, 16, 3)), jnp.ones((3, 3, 3, 8)), 2, 'same')
   with pytest.raises(ValueError, match='strides'):
     ops.conv2d(jnp.ones((2, 16, 16, 3)), jnp.ones((3, 3, 3, 8)), (2, 0))
-
-
-def _barriers(fn, *args):
-  """Optimization barriers in what `fn` lowers to."""
-  return jax.jit(fn).lower(*args).as_text().count('optimization_barrier')
-
-
-@pytest.mark.parametrize(
-    'strides,channels,groups', [(1, 4, 1), (2, 4, 2), (2, 3, 1)]
-)
-def test_conv2d_computes_weight_gradients_first_with_the_same_values(
-    strides, channels, groups
-):
-  rng = np.random.default_rng(strides * 10 + channels + groups)
-  x = jnp.asarray(rng.standard_normal((2, 9, 9, channels)), jnp.float32)
-  w = jnp.asarray(
-      rng.standard_normal((3, 3, channels // groups, 6)), jnp.float32
-  )
-
-  def loss(x, w, early=True):
-    with ops.early_weight_grads(early):
-      return jnp.sum(jnp.sin(ops.conv2d(x, w, strides, 'SAME', groups)))
-
-  both = jax.grad(loss, argnums=(0, 1))
-  for got, want in zip(both(x, w), both(x, w, early=False)):
-    np.testing.assert_array_equal(got, want)
-  np.testing.assert_array_equal(
-      jax.grad(loss, argnums=1)(x, w), jax.grad(loss, argnums=1)(x, w, False)
-  )
-  # The input gradient is handed on only with the weight gradient (one
-  # barrier); none where it is not needed (the images), so that XLA drops
-  # that convolution; and none when the order is left to XLA.
-  assert _barriers(both, x, w) == 1
-  assert _barriers(jax.grad(loss, argnums=1), x, w) == 0
-  assert _barriers(lambda x, w: both(x, w, early=False), x, w) == 0
-  # The forward pass is the plain convolution either way.
-  np.testing.assert_array_equal(loss(x, w), loss(x, w, False))
-
-
-def test_early_weight_grads_is_scoped_and_takes_a_bool():
-  x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((1, 1, 2, 2))
-
-  def barriers():
-    # A new function each time: jit would replay an earlier trace, which
-    # is why the runner enters the context inside the traced function.
-    grads = jax.grad(lambda x, w: ops.conv2d(x, w).sum(), argnums=(0, 1))
-    return _barriers(grads, x, w)
-
-  assert barriers() == 1  # the default
-  with ops.early_weight_grads(False):
-    assert barriers() == 0
-    with ops.early_weight_grads(True):
-      assert barriers() == 1
-    assert barriers() == 0
-  assert barriers() == 1
-  with pytest.raises(TypeError, match='bool'):
-    with ops.early_weight_grads('yes'):
-      pass

@@ -636,32 +636,6 @@ def test_make_device_step_binds_the_config_and_its_kernel_layout():
     train.make_device_step(config, **common, ema_decy=None)
 
 
-def test_config_orders_each_convs_weight_gradient_first():
-  barriers = {}
-  for early in (True, False):
-    config = tiny_config.get_config(3)
-    config.train.early_weight_grads = early
-    kwargs, state, num_classes = _step_setup(config)
-    n = jax.local_device_count()
-    batch = {
-        'images': np.zeros((n, 2, 16, 16, 3), np.float32),
-        'labels': np.zeros((n, 2), np.int32),
-        'labels2': np.zeros((n, 2), np.int32),
-        'mix_ratio': np.ones((n, 2), np.float32),
-    }
-    step = jax.pmap(
-        functools.partial(train.train_step, **kwargs),
-        axis_name=train.AXIS_NAME,
-    )
-    text = step.lower(train.replicate(state), batch).as_text()
-    barriers[early] = text.count('optimization_barrier')
-  kernels = [
-      leaf for leaf in jax.tree_util.tree_leaves(state.params) if leaf.ndim == 4
-  ]
-  # One per conv but the first, whose input (the images) gets no gradient.
-  assert barriers[True] - barriers[False] == len(kernels) - 1
-
-
 def test_device_layout_keeps_kernels_ohwi_and_round_trips():
   _, state, _ = _step_setup(tiny_config.get_config(3))
   device = train.to_device_layout(state, 'ohwi')
