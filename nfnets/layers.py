@@ -413,25 +413,11 @@ class WSConv2D(hk.Module):
     )
     return standardize_weight(w, gain, self.eps, scale=scale)
 
-  def add_bias(
-      self, out: jax.Array, scale: Optional[jax.Array] = None
-  ) -> jax.Array:
-    """`out + scale * bias` in `out`'s dtype (`out` unchanged without bias)."""
-    if not self.with_bias:
-      return out
-    bias = hk.get_parameter(
-        'bias', (self.output_channels,), jnp.float32, init=jnp.zeros
-    )
-    if scale is not None:
-      bias = bias * scale
-    return out + bias.astype(out.dtype)
-
   def __call__(
       self,
       x: jax.Array,
       scale: Optional[jax.Array] = None,
       input_scale: Optional[float] = None,
-      defer_bias: bool = False,
   ) -> jax.Array:
     """Applies the conv to `x` of shape `[N, H, W, C]`; returns `[N, H', W', O]`.
 
@@ -445,10 +431,6 @@ class WSConv2D(hk.Module):
         rather than from a saved copy of the output.
       input_scale: an optional constant that multiplies the input, applied
         to the kernel alone, for the same reasons.
-      defer_bias: leave the bias out; the caller adds it with `add_bias`
-        after a map that commutes with a per-channel shift (max pooling),
-        where it costs a pass over a smaller tensor, and so does its
-        gradient.
     """
     check_nhwc(x, self.module_name)
     in_channels = x.shape[-1]
@@ -463,9 +445,14 @@ class WSConv2D(hk.Module):
     w = w.astype(x.dtype)
     # The stems' stride-2 convs of RGB images run as space-to-depth convs.
     out = ops.conv2d(x, w, self.stride, self.padding, self.feature_group_count)
-    if defer_bias:
+    if not self.with_bias:
       return out
-    return self.add_bias(out, scale)
+    bias = hk.get_parameter(
+        'bias', (self.output_channels,), jnp.float32, init=jnp.zeros
+    )
+    if scale is not None:
+      bias = bias * scale
+    return out + bias.astype(x.dtype)
 
 
 class Linear(hk.Module):

@@ -125,14 +125,12 @@ class NFResNet(hk.Module):
     See `nfnets.nfnet.NFNet.__call__` for the metrics returned.
     """
     layers.check_nhwc(x, 'NF_ResNet')
-    # The stem's bias is added after the max pooling, which commutes with a
-    # per-channel shift (rounding is monotonic: the same values). Its
-    # gradient is then a sum over the pooled output, 4x smaller, instead of
-    # a reduction fused into the pooling's backward pass, which was the
-    # largest kernel of NF-ResNet-50's step on an H100 (1.3 ms).
-    out = self.initial_conv(x, defer_bias=True)
+    # The bias stays before the pooling. Adding it after (the same values)
+    # came with +0.43 GiB of peak memory for NF-ResNet-50 at batch 256 on an
+    # H100 and no speed-up: about one more stem-sized activation (0.38 GiB
+    # in bfloat16) held at the peak (benchmarks/RESULTS.md, machine F).
+    out = self.initial_conv(x)
     out = ops.max_pool(out, window=3, strides=2, padding='SAME')
-    out = self.initial_conv.add_bias(out)
     metrics = layers.signal_metrics(out, 0) if return_metrics else None
     out = layers.apply_blocks(
         self.blocks, out, is_training=is_training, metrics=metrics
