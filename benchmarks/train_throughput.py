@@ -191,7 +191,11 @@ def build_step(
       donate_argnums=(0,) if donate else (),
   )
   state = train.create_train_state(
-      jax.random.PRNGKey(0), forward, optimizer, image_size
+      jax.random.PRNGKey(0),
+      forward,
+      optimizer,
+      image_size,
+      train.initial_loss_scale(config),
   )
   replicated = train.replicate(train.to_device_layout(state, kernel_layout))
   devices = jax.local_device_count()

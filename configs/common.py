@@ -61,6 +61,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.label_smoothing = 0.1
   # Forward/backward dtype; params, optimizer state and grads stay float32.
   config.train.compute_dtype = 'bfloat16'
+  # float16's 5-bit exponent flushes small gradients to zero, so its loss is
+  # multiplied by a scale before the backward pass and the gradients divided
+  # by it after. 'dynamic': start at loss_scale_init; a step whose
+  # gradients overflow is skipped and halves the scale, and every
+  # loss_scale_period finite steps double it. 'none', or 'auto': 'dynamic'
+  # for float16, 'none' otherwise (bfloat16 has float32's exponent).
+  config.train.loss_scale = 'auto'
+  config.train.loss_scale_init = 2.0**15
+  config.train.loss_scale_period = 2000
   # How conv kernels (and their momenta and EMAs) are kept on the devices
   # between steps: 'hwio' (Haiku's), 'ohwi' (cuDNN's filter layout, which
   # spares a GPU step the transposes and copies of every kernel), or 'auto':

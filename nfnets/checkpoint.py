@@ -340,7 +340,7 @@ class TrainCheckpointer:
         raise CheckpointMismatchError(
             f'Checkpoint {step} in {self.directory} holds another state'
             f' than this config builds ({problem}): it was written by a run'
-            ' with another model, class count or optimizer.'
+            ' with another model, class count, optimizer or loss scaling.'
         )
       # Before, not after, the restore: when one read fails, the other
       # reads' callbacks can fire while the error is still propagating.

@@ -757,7 +757,11 @@ def _time_train_step(
   state = replicate(
       train.to_device_layout(
           train.create_train_state(
-              jax.random.PRNGKey(0), forward, optimizer, image_size
+              jax.random.PRNGKey(0),
+              forward,
+              optimizer,
+              image_size,
+              train.initial_loss_scale(config),
           ),
           kernel_layout,
       )

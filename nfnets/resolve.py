@@ -20,6 +20,8 @@ from nfnets import optim
 
 AUTO = 'auto'
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+# `train.loss_scale`'s values (resolved: 'dynamic' or 'none').
+LOSS_SCALES = ('auto', 'dynamic', 'none')
 # How the runner keeps conv kernels on the devices (`nfnets.train`).
 KERNEL_LAYOUTS = ('hwio', 'ohwi')
 
@@ -74,6 +76,8 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
   require('model.stochdepth_rate', lambda v: 0 <= v < 1, 'in [0, 1)')
   require('optimizer.base_lr', lambda v: v > 0, 'a number > 0')
   require('optimizer.weight_decay', lambda v: v >= 0, '>= 0')
+  # jmp's dynamic scale never goes below 1 (no scaling), nor starts there.
+  require('train.loss_scale_init', lambda v: v >= 1, 'a number >= 1')
   width = config.model.overrides.get('width')
   if width is not None:
     require('model.overrides.width', lambda v: v > 0, 'a number > 0')
@@ -81,6 +85,7 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
       'train.log_every_steps',
       'train.checkpoint_every_steps',
       'train.keep_checkpoints',
+      'train.loss_scale_period',
   ):
     section, key = field.split('.')
     _positive_int(config[section][key], field)
@@ -139,6 +144,14 @@ def resolve(
         f'got {config.train.compute_dtype!r}.'
     )
   config.train.kernel_layout = kernel_layout(config.train.kernel_layout)
+  if config.train.loss_scale not in LOSS_SCALES:
+    raise ValueError(
+        f'train.loss_scale must be one of {LOSS_SCALES}, '
+        f'got {config.train.loss_scale!r}.'
+    )
+  if config.train.loss_scale == AUTO:
+    float16 = config.train.compute_dtype == 'float16'
+    config.train.loss_scale = 'dynamic' if float16 else 'none'
   for field, valid in (
       ('name', optim.OPTIMIZERS),
       ('schedule', optim.SCHEDULES),

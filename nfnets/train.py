@@ -25,6 +25,7 @@ from etils import epath
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import jmp
 import ml_collections
 import numpy as np
 import optax
@@ -55,16 +56,25 @@ _NONFINITE_METRICS = {1: 'train_loss', 2: 'grad_norm'}
 class NonFiniteError(RuntimeError):
   """The loss or the gradients became non-finite; the params were not updated.
 
+  Under dynamic loss scaling (float16) gradients that overflow only skip
+  their step; they are an error at the smallest scale, 1.
+
   Attributes:
     step: the first step whose loss or gradients were non-finite.
     metric: 'train_loss' or 'grad_norm'.
   """
 
-  def __init__(self, step: int, metric: str):
+  def __init__(self, step: int, metric: str, float16: bool = False):
     super().__init__(
         f'Non-finite {metric} at step {step}: training stopped; no '
         'checkpoint holds a non-finite value. Lower optimizer.base_lr or '
-        'enable AGC (optimizer.agc.clipping).'
+        'enable AGC (optimizer.agc.clipping)'
+        + (
+            ', or train in bfloat16 (train.compute_dtype), whose range is'
+            " float32's."
+            if float16
+            else '.'
+        )
     )
     self.step = step
     self.metric = metric
@@ -82,6 +92,10 @@ class TrainState(NamedTuple):
   # First step with a non-finite loss/grad (-1: none) and which metric.
   nonfinite_step: jax.Array
   nonfinite_metric: jax.Array
+  # Dynamic loss scaling (float16): {'scale': float32, 'counter': int32,
+  # finite steps since the scale last changed}; None without it, which
+  # keeps such states and their checkpoints as they were.
+  loss_scale: Optional[dict[str, jax.Array]] = None
 
 
 def create_model(
@@ -173,6 +187,11 @@ def step_kwargs(
       agc_eps=agc_cfg.eps,
       agc_exclude=tuple(agc_cfg.exclude),
       with_metrics=True,
+      loss_scale_period=(
+          config.train.loss_scale_period
+          if config.train.loss_scale == 'dynamic'
+          else None
+      ),
   )
   unknown = sorted(set(overrides) - set(kwargs))
   if unknown:
@@ -183,13 +202,32 @@ def step_kwargs(
   return kwargs
 
 
+def initial_loss_scale(config: ml_collections.ConfigDict) -> Optional[float]:
+  """The first dynamic loss scale of a resolved config, or None (unscaled)."""
+  if config.train.loss_scale == 'dynamic':
+    return float(config.train.loss_scale_init)
+  return None
+
+
 def create_train_state(
     rng: jax.Array,
     forward: hk.TransformedWithState,
     optimizer: optax.GradientTransformation,
     image_size: int,
+    loss_scale: Optional[float] = None,
 ) -> TrainState:
-  """A new (unreplicated) train state, built by one compiled function."""
+  """A new (unreplicated) train state, built by one compiled function.
+
+  Args:
+    rng: the run's key.
+    forward: the model.
+    optimizer: the optax transformation whose state it holds.
+    image_size: the side of the images the model is initialized with.
+    loss_scale: the first dynamic loss scale (`initial_loss_scale`); None:
+      no loss scaling, and no such field in the state.
+  """
+  if loss_scale is not None and not loss_scale >= 1:
+    raise ValueError(f'loss_scale must be >= 1 or None, got {loss_scale!r}.')
 
   @jax.jit
   def init(rng):
@@ -206,6 +244,12 @@ def create_train_state(
         rng=rng,
         nonfinite_step=-jnp.ones((), jnp.int32),
         nonfinite_metric=jnp.zeros((), jnp.int32),
+        loss_scale=None
+        if loss_scale is None
+        else dict(
+            scale=jnp.asarray(loss_scale, jnp.float32),
+            counter=jnp.zeros((), jnp.int32),
+        ),
     )
 
   return init(rng)
@@ -328,6 +372,7 @@ def train_step(
     agc_eps: float,
     agc_exclude: Any,
     with_metrics: bool = True,
+    loss_scale_period: Optional[int] = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on one device's share of the batch; run under pmap.
 
@@ -348,10 +393,29 @@ def train_step(
     agc_eps: AGC's eps.
     agc_exclude: AGC's excluded paths.
     with_metrics: compute the logged norms (off in pure-speed benchmarks).
+    loss_scale_period: dynamic loss scaling (the state has `loss_scale`):
+      the loss is multiplied by the scale and the gradients divided by it.
+      A step whose gradients overflow is skipped (only the step counter
+      moves, so the optimizer's own count, which the schedule reads, falls
+      behind by one) and halves the scale; this many finite steps in a row
+      double it. None: no scaling.
 
   Returns:
     `(new_state, metrics)`, metrics averaged over the devices.
   """
+  if (loss_scale_period is None) != (state.loss_scale is None):
+    raise ValueError(
+        "train_step: loss_scale_period and the state's loss_scale go"
+        f' together; got {loss_scale_period!r} with a state'
+        f' {"without" if state.loss_scale is None else "with"} one.'
+    )
+  scaler = None
+  if loss_scale_period is not None:
+    scaler = jmp.DynamicLossScale(
+        state.loss_scale['scale'],
+        state.loss_scale['counter'],
+        period=loss_scale_period,
+    )
   step = state.step
   # Different dropout / stochastic depth on every device and every step.
   rng = jax.random.fold_in(
@@ -370,12 +434,16 @@ def train_step(
     ) + (1.0 - ratio) * cross_entropy(
         logits, batch['labels2'], num_classes, label_smoothing
     )
-    return jnp.mean(losses), (logits, model_state)
+    loss = jnp.mean(losses)
+    scaled = loss if scaler is None else scaler.scale(loss)
+    return scaled, (loss, logits, model_state)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (logits, model_state)), grads = grad_fn(state.params)
+  (_, (loss, logits, model_state)), grads = grad_fn(state.params)
   # Float32 before the cross-device mean (params are float32 already).
   grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
+  if scaler is not None:
+    grads = scaler.unscale(grads)
   grads = jax.lax.pmean(grads, AXIS_NAME)
   loss = jax.lax.pmean(loss, AXIS_NAME)
   # Cross-replica BatchNorm statistics; integer counters are equal anyway.
@@ -395,7 +463,18 @@ def train_step(
   # Unit by unit, as AGC sums them: XLA computes those sums once for both.
   grad_norm = agc.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  first_bad = (state.nonfinite_step < 0) & ~finite
+  failed = ~finite
+  loss_scale = None
+  if scaler is not None:
+    # Overflowing scaled gradients are the scale's doing: skip the update
+    # and halve it. Only at scale 1 (nothing scaled) do they stop the run,
+    # as a non-finite loss does.
+    failed = ~jnp.isfinite(loss) | (
+        ~jnp.isfinite(grad_norm) & (scaler.loss_scale <= 1.0)
+    )
+    adjusted = scaler.adjust(jnp.isfinite(grad_norm))
+    loss_scale = dict(scale=adjusted.loss_scale, counter=adjusted.counter)
+  first_bad = (state.nonfinite_step < 0) & failed
   new_state = TrainState(
       step=step + 1,
       params=params,
@@ -407,6 +486,7 @@ def train_step(
       nonfinite_metric=jnp.where(
           first_bad, jnp.where(jnp.isfinite(loss), 2, 1), state.nonfinite_metric
       ),
+      loss_scale=loss_scale,
   )
   # A non-finite step leaves every array as it was (but the step counter and
   # the record of the failure), so no non-finite value is ever kept.
@@ -417,6 +497,7 @@ def train_step(
           step=step + 1,
           nonfinite_step=new_state.nonfinite_step,
           nonfinite_metric=new_state.nonfinite_metric,
+          loss_scale=loss_scale,
       ),
   )
 
@@ -427,6 +508,8 @@ def train_step(
       lr=lr_fn(step),
       grad_norm=grad_norm,
   )
+  if scaler is not None:
+    metrics['loss_scale'] = scaler.loss_scale  # the one this step used
   if with_metrics:
     metrics.update(
         # Of the parameters the step started from: AGC has their unit sums
@@ -943,6 +1026,11 @@ def make_evaluator(config, forward, num_classes, kernel_layout='hwio'):
   return evaluate_all
 
 
+def _saved_fields(state: TrainState) -> dict[str, Any]:
+  """The state as checkpoints hold it: its fields, but those left None."""
+  return {k: v for k, v in state._asdict().items() if v is not None}
+
+
 def restore_or_create(
     config, forward, optimizer, workdir, image_size, advice: str
 ):
@@ -964,14 +1052,18 @@ def restore_or_create(
       the message adds how the workdir's config.json differs, and `advice`.
   """
   state = create_train_state(
-      jax.random.PRNGKey(config.seed), forward, optimizer, image_size
+      jax.random.PRNGKey(config.seed),
+      forward,
+      optimizer,
+      image_size,
+      initial_loss_scale(config),
   )
   checkpointer = checkpoint.TrainCheckpointer(
       workdir, config.train.keep_checkpoints
   )
   try:
     restored, step = checkpointer.restore_latest(
-        jax.tree_util.tree_map(np.asarray, state._asdict())
+        jax.tree_util.tree_map(np.asarray, _saved_fields(state))
     )
   except checkpoint.CheckpointMismatchError as e:
     checkpointer.close()
@@ -1089,7 +1181,9 @@ def train_and_evaluate(
       metric = _NONFINITE_METRICS[
           int(np.asarray(replicated.nonfinite_metric)[0])
       ]
-      raise NonFiniteError(bad_step, metric)
+      raise NonFiniteError(
+          bad_step, metric, config.train.compute_dtype == 'float16'
+      )
 
   saved_steps = set(checkpointer.all_steps())
 
@@ -1099,7 +1193,7 @@ def train_and_evaluate(
     saved_steps.add(step)
     check_finite(replicated)
     host = from_device_layout(unreplicate(replicated), kernel_layout)
-    host = host._asdict()
+    host = _saved_fields(host)
     # The step's own guard already kept non-finite values out; this makes it
     # a property of every checkpoint, not of the step function alone.
     for leaf in jax.tree_util.tree_leaves((host['params'], host['ema_params'])):
@@ -1133,8 +1227,13 @@ def train_and_evaluate(
         f'Training {config.model.name} on {config.data.name} for '
         f'{_count(total, "step")} (batch {config.train.batch_size} on '
         f'{_count(jax.device_count(), "device")}, '
-        f'{config.train.compute_dtype}, AGC lambda '
-        f'{config.optimizer.agc.clipping}).'
+        f'{config.train.compute_dtype}'
+        + (
+            f' with a dynamic loss scale from {config.train.loss_scale_init:g}'
+            if config.train.loss_scale == 'dynamic'
+            else ''
+        )
+        + f', AGC lambda {config.optimizer.agc.clipping}).'
     )
   last_eval = {}
   last_train = {}

@@ -235,6 +235,8 @@ def test_every_field_left_none_can_be_set_on_the_command_line(
         ('optimizer.weight_decay', -1e-5),
         ('model.drop_rate', 1.5),
         ('model.overrides.width', 0.0),
+        ('train.loss_scale_init', 0.5),
+        ('train.loss_scale_period', 0),
     ],
 )
 def test_out_of_range_values_are_errors_naming_the_field(field, value):

@@ -586,7 +586,11 @@ def _step_setup(config):
       num_classes=num_classes,
   )
   state = train.create_train_state(
-      jax.random.PRNGKey(0), forward, optimizer, config.data.train_image_size
+      jax.random.PRNGKey(0),
+      forward,
+      optimizer,
+      config.data.train_image_size,
+      train.initial_loss_scale(config),
   )
   return kwargs, jax.tree_util.tree_map(np.asarray, state), num_classes
 
@@ -634,6 +638,150 @@ def test_make_device_step_binds_the_config_and_its_kernel_layout():
     train.make_device_step(config, **common, kernel_layout='auto')
   with pytest.raises(TypeError, match='ema_decy'):
     train.make_device_step(config, **common, ema_decy=None)
+
+
+def _steps_with_loss_scale(n, init, period=2000, images=0.5, dtype=None):
+  """`n` pmapped steps of the tiny config; (states after each, metrics)."""
+  config = tiny_config.get_config(3)
+  config.train.loss_scale = 'dynamic' if init else 'none'
+  config.train.loss_scale_init = float(init or 1)
+  config.train.loss_scale_period = period
+  config.optimizer.warmup_epochs = 0  # so that the first step moves
+  if dtype:
+    config.train.compute_dtype = dtype
+  kwargs, state, _ = _step_setup(config)
+  devices = jax.local_device_count()
+  batch = {
+      'images': np.full((devices, 2, 16, 16, 3), images, np.float32),
+      'labels': np.zeros((devices, 2), np.int32),
+      'labels2': np.zeros((devices, 2), np.int32),
+      'mix_ratio': np.ones((devices, 2), np.float32),
+  }
+  step = jax.pmap(
+      functools.partial(train.train_step, **kwargs), axis_name=train.AXIS_NAME
+  )
+  replicated, states, metrics = train.replicate(state), [state], []
+  for _ in range(n):
+    replicated, m = step(replicated, batch)
+    states.append(train.unreplicate(replicated))
+    metrics.append({k: float(np.asarray(v)[0]) for k, v in m.items()})
+  return states, metrics
+
+
+def _max_difference(a, b):
+  return max(
+      float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+      for x, y in zip(
+          jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+      )
+  )
+
+
+def test_loss_scale_is_dynamic_for_float16_only():
+  for dtype, want in (
+      ('float16', 'dynamic'),
+      ('bfloat16', 'none'),
+      ('float32', 'none'),
+  ):
+    config = tiny_config.get_config(3)
+    config.train.compute_dtype = dtype
+    config, _ = train.prepare(config)
+    assert config.train.loss_scale == want, dtype
+    assert train.initial_loss_scale(config) == (
+        2.0**15 if want == 'dynamic' else None
+    )
+  config = tiny_config.get_config(3)
+  config.train.loss_scale = 'static'
+  with pytest.raises(ValueError, match='train.loss_scale must be one of'):
+    train.prepare(config)
+
+
+def test_loss_scaled_step_updates_as_the_unscaled_one():
+  (_, plain), _ = _steps_with_loss_scale(1, None)
+  (start, scaled), metrics = _steps_with_loss_scale(1, 2.0**10)
+  # A power of two scales and unscales exactly, but for float32 rounding
+  # inside the backward pass.
+  assert _max_difference(plain.params, scaled.params) < 1e-6
+  assert _max_difference(start.params, scaled.params) > 1e-4  # it moved
+  assert metrics[0]['loss_scale'] == 2.0**10
+  assert float(scaled.loss_scale['scale']) == 2.0**10
+  assert int(scaled.loss_scale['counter']) == 1
+  assert plain.loss_scale is None
+
+
+def test_overflowing_scaled_gradients_skip_the_step_and_halve_the_scale():
+  # 3e38 times a loss of ~1.6 overflows float32: every gradient is inf/NaN.
+  states, metrics = _steps_with_loss_scale(2, 3e38, dtype='float16')
+  start, skipped, _ = states
+  assert int(skipped.step) == 1
+  assert int(skipped.nonfinite_step) == -1  # not a failure
+  assert _max_difference(start.params, skipped.params) == 0
+  assert _max_difference(start.opt_state, skipped.opt_state) == 0
+  assert _max_difference(start.ema_params, skipped.ema_params) == 0
+  assert metrics[0]['loss_scale'] == np.float32(3e38)
+  assert np.isfinite(metrics[0]['train_loss'])
+  assert float(skipped.loss_scale['scale']) == np.float32(1.5e38)
+  assert int(skipped.loss_scale['counter']) == 0
+
+
+def test_loss_scale_doubles_after_a_period_of_finite_steps():
+  states, metrics = _steps_with_loss_scale(3, 2.0**10, period=2)
+  scales = [float(s.loss_scale['scale']) for s in states]
+  counters = [int(s.loss_scale['counter']) for s in states]
+  assert scales == [2.0**10, 2.0**10, 2.0**11, 2.0**11]
+  assert counters == [0, 1, 0, 1]
+  assert [m['loss_scale'] for m in metrics] == [2.0**10, 2.0**10, 2.0**11]
+
+
+def test_non_finite_loss_under_loss_scaling_is_still_a_failure():
+  states, _ = _steps_with_loss_scale(1, 2.0**10, images=np.nan)
+  start, failed = states
+  assert int(failed.nonfinite_step) == 0
+  assert train._NONFINITE_METRICS[int(failed.nonfinite_metric)] == 'train_loss'
+  assert _max_difference(start.params, failed.params) == 0
+
+
+def test_float16_run_logs_checkpoints_and_resumes_its_loss_scale(tmp_path):
+  workdir = str(tmp_path)
+  flags = ('--config.train.compute_dtype=float16',)
+  first = _run(workdir, 4, *flags, devices=2)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert 'float16 with a dynamic loss scale from 32768' in first.stdout
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  def saved_scale(step):
+    tree = ocp.StandardCheckpointer().restore(
+        os.path.join(workdir, 'checkpoints', str(step), 'default')
+    )
+    return float(tree['loss_scale']['scale'])
+
+  def logged_scales():
+    return {r['step']: r['loss_scale'] for r in _metrics(workdir) if 'lr' in r}
+
+  scales = logged_scales()
+  assert scales[1] == 2.0**15
+  # Each step keeps or halves the scale (2,000 finite steps would double it).
+  for step in (2, 3, 4):
+    assert scales[step] in (scales[step - 1], scales[step - 1] / 2), scales
+  assert saved_scale(4) in (scales[4], scales[4] / 2)
+  resumed = _run(workdir, 6, *flags, devices=2)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resumed from the checkpoint of step 4' in resumed.stdout
+  # The resumed run starts from the saved scale, not from loss_scale_init.
+  assert logged_scales()[5] == saved_scale(4)
+
+
+def test_train_step_refuses_a_loss_scale_without_its_state():
+  config = tiny_config.get_config(3)
+  kwargs, state, _ = _step_setup(config)
+  with pytest.raises(ValueError, match='loss_scale_period'):
+    jax.eval_shape(
+        functools.partial(
+            train.train_step, **{**kwargs, 'loss_scale_period': 5}
+        ),
+        state,
+        {},
+    )
 
 
 def test_device_layout_keeps_kernels_ohwi_and_round_trips():
