@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from nfnets import jsonl
 from nfnets import models
 from nfnets import nf_resnet
 from nfnets import signal_prop
@@ -1037,7 +1038,7 @@ def _read_curve(workdir: str) -> list[tuple[int, float]]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+    records, _ = jsonl.parse(f.read())
   return [(r['step'], r['train_loss']) for r in records if 'train_loss' in r]
 
 

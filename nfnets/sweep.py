@@ -51,6 +51,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from nfnets import cli
+from nfnets import jsonl
 
 DONE_FILE = 'DONE'
 FAILED_FILE = 'FAILED'
@@ -438,13 +439,8 @@ def _final_metrics(workdir: epath.Path) -> dict[str, Any]:
   final = {}
   metrics_file = workdir / METRICS_FILE
   if metrics_file.exists():
-    for line in metrics_file.read_text().splitlines():
-      try:
-        event = json.loads(line)
-      except ValueError:
-        continue  # A line cut short by a preemption.
-      if isinstance(event, dict):
-        final.update(event)
+    for event in jsonl.parse(metrics_file.read_text())[0]:
+      final.update(event)
   done = workdir / DONE_FILE
   if done.exists():
     returned = _read_json(done)

@@ -33,6 +33,7 @@ import optax
 from nfnets import agc
 from nfnets import checkpoint
 from nfnets import data
+from nfnets import jsonl
 from nfnets import models
 from nfnets import optim
 from nfnets import resolve
@@ -782,10 +783,18 @@ class _Logger:
     if enabled and self.path.exists():
       # Events after the restored checkpoint will be logged again: drop them
       # so the file stays one continuous record with no duplicate step.
+      records, skipped = jsonl.parse(self.path.read_text())
+      if skipped:
+        print(
+            f'WARNING: dropped {_count(skipped, "line")} of {self.path}'
+            f' that {"is" if skipped == 1 else "are"} not JSON (a write cut'
+            ' short when the job was killed).',
+            flush=True,
+        )
       kept = [
-          line + '\n'
-          for line in self.path.read_text().splitlines()
-          if line.strip() and json.loads(line)['step'] <= resume_step
+          json.dumps(r) + '\n'
+          for r in records
+          if r.get('step', resume_step + 1) <= resume_step
       ]
       temporary = self.path.with_name('metrics.jsonl.tmp')
       temporary.write_text(''.join(kept))
@@ -1364,11 +1373,7 @@ def _plot_curves(workdir: str, logger: _Logger) -> Optional[str]:
     from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
-  records = [
-      json.loads(line)
-      for line in logger.path.read_text().splitlines()
-      if line.strip()
-  ]
+  records, _ = jsonl.parse(logger.path.read_text())
   train = [r for r in records if 'train_loss' in r]
   evals = [r for r in records if 'eval_top1' in r]
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))

@@ -274,13 +274,27 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path):
   largest = max(files, key=os.path.getsize)
   with open(largest, 'r+b') as f:
     f.truncate(os.path.getsize(largest) // 3)
+  # The same kill cut metrics.jsonl's last line short.
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write('{"step": 9, "train_lo')
   result = _run(workdir, 12, devices=1)
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'checkpoint 8' in result.stdout and 'unreadable' in result.stdout
   assert 'Resumed from the checkpoint of step 4' in result.stdout
-  assert _metrics(workdir)[-1]['step'] == 12
+  assert 'dropped 1 line of' in result.stdout
+  steps = [r['step'] for r in _metrics(workdir) if 'train_loss' in r]
+  assert steps == list(range(1, 13))  # every line JSON, no step twice
   # One warning, not a traceback per array from the failed restore's reads.
   assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+
+
+def test_logger_keeps_the_restored_steps_and_drops_a_cut_line(tmp_path, capsys):
+  path = tmp_path / 'metrics.jsonl'
+  lines = [json.dumps({'step': s, 'train_loss': 1.0 / s}) for s in (1, 2, 3)]
+  path.write_text('\n'.join(lines) + '\n{"step": 4, "tra')
+  train._Logger(str(tmp_path), resume_step=2, enabled=True)
+  assert path.read_text() == '\n'.join(lines[:2]) + '\n'
+  assert 'dropped 1 line of' in capsys.readouterr().out
 
 
 def _fake_gcs(store):
