@@ -256,6 +256,11 @@ def main(argv=None):
       help='only the F0 configuration, not the breakdown',
   )
   args = parser.parse_args(argv)
+  for flag in ('num_images', 'batch_size', 'devices', 'image_size'):
+    if getattr(args, flag) < 1:
+      parser.error(f'--{flag} must be >= 1, got {getattr(args, flag)}')
+  if args.num_batches < 1 or args.warmup < 0:
+    parser.error('--num_batches must be >= 1 and --warmup >= 0')
   if args.batch_size % args.devices:
     parser.error(
         f'--batch_size={args.batch_size} is not divisible by'

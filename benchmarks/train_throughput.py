@@ -502,6 +502,11 @@ def main(argv=None):
     return
   if args.steps < 1 or args.warmup < 0:
     parser.error('--steps must be >= 1 and --warmup >= 0')
+  # Left out, these take the backend's defaults; given, they are used as is.
+  for flag in ('batch', 'image_size', 'thesis_batch', 'thesis_image_size'):
+    value = getattr(args, flag)
+    if value is not None and value < 1:
+      parser.error(f'--{flag} must be >= 1 (leave it out for the default)')
   for mode in [m for m in args.modes.split(',') if m]:
     if mode not in MODES:
       parser.error(f'unknown mode {mode!r}: use some of {MODES}')

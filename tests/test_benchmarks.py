@@ -49,6 +49,23 @@ def test_train_throughput_rejects_an_unknown_mode():
     train_throughput.main(['--modes=minimal,fast'])
 
 
+@pytest.mark.parametrize(
+    'main,flag',
+    [
+        (train_throughput.main, '--batch=0'),
+        (train_throughput.main, '--image_size=0'),
+        (train_throughput.main, '--thesis_batch=-8'),
+        (profile_step.main, '--batch=0'),
+        (profile_step.main, '--image_size=-1'),
+    ],
+)
+def test_benchmarks_reject_sizes_below_one(main, flag, capsys):
+  # 0 used to fall back to the default silently (`args.batch or default`).
+  with pytest.raises(SystemExit):
+    main([flag])
+  assert f'{flag.split("=")[0]} must be >= 1' in capsys.readouterr().err
+
+
 def test_train_throughput_rejects_an_unknown_model_in_one_line(capsys):
   with pytest.raises(SystemExit):
     train_throughput.main(['--model=nfnet_f9'])

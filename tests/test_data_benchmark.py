@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 from PIL import Image
+import pytest
 
 sys.path.insert(
     0,
@@ -77,3 +78,14 @@ def test_device_augment_only_needs_no_folder(tmp_path, capsys, monkeypatch):
   assert line['config'] == 'device_augment' and line['batch_size'] == 4
   assert line['randaugment'] == [4, 5] and line['ms_per_batch'] > 0
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    'flag',
+    ['--devices=0', '--batch_size=-1', '--num_images=0', '--num_batches=0'],
+)
+def test_input_pipeline_rejects_counts_below_one(flag, capsys):
+  # --devices=0 was a ZeroDivisionError traceback.
+  with pytest.raises(SystemExit):
+    input_pipeline.main([flag])
+  assert flag.split('=')[0] in capsys.readouterr().err
