@@ -76,8 +76,11 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
   require('model.stochdepth_rate', lambda v: 0 <= v < 1, 'in [0, 1)')
   require('optimizer.base_lr', lambda v: v > 0, 'a number > 0')
   require('optimizer.weight_decay', lambda v: v >= 0, '>= 0')
-  # jmp's dynamic scale never goes below 1 (no scaling), nor starts there.
-  require('train.loss_scale_init', lambda v: v >= 1, 'a number >= 1')
+  # jmp's dynamic scale never goes below 1 (no scaling). Above float32's
+  # range it would be inf, which halving keeps inf: every step skipped.
+  require(
+      'train.loss_scale_init', lambda v: 1 <= v <= 2.0**127, 'in [1, 2**127]'
+  )
   width = config.model.overrides.get('width')
   if width is not None:
     require('model.overrides.width', lambda v: v > 0, 'a number > 0')

@@ -227,8 +227,10 @@ def create_train_state(
     loss_scale: the first dynamic loss scale (`initial_loss_scale`); None:
       no loss scaling, and no such field in the state.
   """
-  if loss_scale is not None and not loss_scale >= 1:
-    raise ValueError(f'loss_scale must be >= 1 or None, got {loss_scale!r}.')
+  if loss_scale is not None and not 1 <= loss_scale <= 2.0**127:
+    raise ValueError(
+        f'loss_scale must be in [1, 2**127] or None, got {loss_scale!r}.'
+    )
 
   @jax.jit
   def init(rng):

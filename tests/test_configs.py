@@ -236,6 +236,7 @@ def test_every_field_left_none_can_be_set_on_the_command_line(
         ('model.drop_rate', 1.5),
         ('model.overrides.width', 0.0),
         ('train.loss_scale_init', 0.5),
+        ('train.loss_scale_init', 1e39),  # inf in float32
         ('train.loss_scale_period', 0),
     ],
 )
