@@ -146,6 +146,27 @@ def _int_list(text: str) -> list[int]:
   return values
 
 
+def _int_at_least(low: int) -> Callable[[str], int]:
+  """An argparse type: an integer >= `low`."""
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      value = None
+    if value is None or value < low:
+      raise argparse.ArgumentTypeError(
+          f'expected an integer >= {low}, got {text!r}'
+      )
+    return value
+
+  return parse
+
+
+_positive_int = _int_at_least(1)
+_nonnegative_int = _int_at_least(0)
+
+
 def _name_list(text: str) -> list[str]:
   names = [n.strip() for n in text.split(',') if n.strip()]
   for name in names:
@@ -1486,8 +1507,8 @@ def build_parser() -> argparse.ArgumentParser:
       default=0.25,
       help='width multiplier (1: 16 stem, 64..512 channels)',
   )
-  p.add_argument('--image_size', type=int, default=128)
-  p.add_argument('--batch_size', type=int, default=8)
+  p.add_argument('--image_size', type=_positive_int, default=128)
+  p.add_argument('--batch_size', type=_positive_int, default=8)
   p.add_argument('--alpha', type=float, default=0.2)
   p.add_argument('--seed', type=int, default=0)
 
@@ -1505,10 +1526,15 @@ def build_parser() -> argparse.ArgumentParser:
       help=f'comma-separated, of {",".join(signal_prop.SCHEMES)}',
   )
   p.add_argument(
-      '--channels', type=int, default=256, help='width of the residual stream'
+      '--channels',
+      type=_positive_int,
+      default=256,
+      help='width of the residual stream',
   )
-  p.add_argument('--spatial', type=int, default=8, help='feature map side')
-  p.add_argument('--batch_size', type=int, default=8)
+  p.add_argument(
+      '--spatial', type=_positive_int, default=8, help='feature map side'
+  )
+  p.add_argument('--batch_size', type=_positive_int, default=8)
   p.add_argument('--alpha', type=float, default=0.2)
   p.add_argument('--seed', type=int, default=0)
 
@@ -1521,25 +1547,25 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--models', type=_name_list, default=list(LATENCY_MODELS))
   p.add_argument(
       '--batch_size',
-      type=int,
+      type=_positive_int,
       default=None,
       help='images per device (default 32; 2 with --shrink)',
   )
   p.add_argument(
       '--image_size',
-      type=int,
+      type=_positive_int,
       default=None,
       help="default: each model's training resolution; 32 with " '--shrink',
   )
   p.add_argument(
       '--steps',
-      type=int,
+      type=_positive_int,
       default=None,
       help='timed steps (default 20; 3 with --shrink)',
   )
   p.add_argument(
       '--warmup',
-      type=int,
+      type=_nonnegative_int,
       default=None,
       help='untimed steps after compiling (default 3; 1 shrunk)',
   )
@@ -1582,8 +1608,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="blocks per stage (default: the model's)",
   )
   p.add_argument('--width', type=float, default=0.25)
-  p.add_argument('--image_size', type=int, default=16)
-  p.add_argument('--log_every', type=int, default=10)
+  p.add_argument('--image_size', type=_positive_int, default=16)
+  p.add_argument('--log_every', type=_positive_int, default=10)
   p.add_argument('--seed', type=int, default=0)
 
   p = parsers['depth']
@@ -1599,7 +1625,7 @@ def build_parser() -> argparse.ArgumentParser:
       default=list(DEPTH_NETWORKS),
       help=f'comma-separated, of {",".join(DEPTH_NETWORKS)}',
   )
-  p.add_argument('--batch_size', type=int, default=64)
+  p.add_argument('--batch_size', type=_positive_int, default=64)
   p.add_argument('--epochs', type=float, default=5)
   p.add_argument(
       '--base_lr',
@@ -1617,7 +1643,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="AGC lambda, or 'none' (default: none)",
   )
   p.add_argument('--width', type=float, default=0.25)
-  p.add_argument('--image_size', type=int, default=16)
+  p.add_argument('--image_size', type=_positive_int, default=16)
   p.add_argument('--seed', type=int, default=0)
   return parser
 

@@ -318,3 +318,20 @@ def test_a_value_the_runner_refuses_is_one_line(tmp_path):
       'python -m nfnets.reproduce agc: error: train.num_epochs must be a'
       ' number > 0, got 0.0.'
   )
+
+
+@pytest.mark.parametrize(
+    'argv',
+    [
+        ['latency', '--batch_size=0'],  # was the default batch, silently
+        ['latency', '--steps=0'],
+        ['latency', '--warmup=-1'],
+        ['spp', '--batch_size=0'],
+        ['variance', '--channels=-4'],
+        ['depth', '--image_size=0'],
+    ],
+)
+def test_sizes_and_counts_below_their_floor_are_argparse_errors(argv, capsys):
+  with pytest.raises(SystemExit):
+    reproduce.build_parser().parse_args(argv)
+  assert 'expected an integer >=' in capsys.readouterr().err
