@@ -20,6 +20,8 @@ from nfnets import optim
 
 AUTO = 'auto'
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+# The largest float32: a loss scale beyond it would be inf.
+MAX_LOSS_SCALE = float(jax.numpy.finfo(jax.numpy.float32).max)
 # `train.loss_scale`'s values (resolved: 'dynamic' or 'none').
 LOSS_SCALES = ('auto', 'dynamic', 'none')
 # How the runner keeps conv kernels on the devices (`nfnets.train`).
@@ -79,7 +81,9 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
   # jmp's dynamic scale never goes below 1 (no scaling). Above float32's
   # range it would be inf, which halving keeps inf: every step skipped.
   require(
-      'train.loss_scale_init', lambda v: 1 <= v <= 2.0**127, 'in [1, 2**127]'
+      'train.loss_scale_init',
+      lambda v: 1 <= v <= MAX_LOSS_SCALE,
+      f"in [1, {MAX_LOSS_SCALE:.5g}] (float32's range)",
   )
   width = config.model.overrides.get('width')
   if width is not None:

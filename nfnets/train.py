@@ -227,9 +227,10 @@ def create_train_state(
     loss_scale: the first dynamic loss scale (`initial_loss_scale`); None:
       no loss scaling, and no such field in the state.
   """
-  if loss_scale is not None and not 1 <= loss_scale <= 2.0**127:
+  if loss_scale is not None and not 1 <= loss_scale <= resolve.MAX_LOSS_SCALE:
     raise ValueError(
-        f'loss_scale must be in [1, 2**127] or None, got {loss_scale!r}.'
+        f'loss_scale must be in [1, {resolve.MAX_LOSS_SCALE:.5g}] or None, got'
+        f' {loss_scale!r}.'
     )
 
   @jax.jit
