@@ -308,9 +308,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.steps < 1 or args.timed_steps < 1 or args.top < 0:
     parser.error('--steps and --timed_steps must be >= 1, --top >= 0')
-  for flag in ('batch', 'image_size'):  # left out: the backend's default
-    if getattr(args, flag) is not None and getattr(args, flag) < 1:
-      parser.error(f'--{flag} must be >= 1 (leave it out for the default)')
+  train_throughput.check_sizes(parser, args, ('batch', 'image_size'))
   default = train_throughput.defaults(on_accelerator)
   model = args.model or default['model']
   train_throughput.models.info(model)  # unknown names fail here

@@ -451,6 +451,18 @@ def _ratio(a, b):
   return round(a['images_per_s'] / b['images_per_s'], 4)
 
 
+def check_sizes(parser, args, flags):
+  """`parser.error` unless each of `args`' `flags` is None or >= 1.
+
+  Left out (None), a size takes the backend's default; given, it is used as
+  is, so 0 must not quietly mean the default.
+  """
+  for flag in flags:
+    value = getattr(args, flag)
+    if value is not None and value < 1:
+      parser.error(f'--{flag} must be >= 1 (leave it out for the default)')
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--model', default=None)
@@ -502,11 +514,9 @@ def main(argv=None):
     return
   if args.steps < 1 or args.warmup < 0:
     parser.error('--steps must be >= 1 and --warmup >= 0')
-  # Left out, these take the backend's defaults; given, they are used as is.
-  for flag in ('batch', 'image_size', 'thesis_batch', 'thesis_image_size'):
-    value = getattr(args, flag)
-    if value is not None and value < 1:
-      parser.error(f'--{flag} must be >= 1 (leave it out for the default)')
+  check_sizes(
+      parser, args, ('batch', 'image_size', 'thesis_batch', 'thesis_image_size')
+  )
   for mode in [m for m in args.modes.split(',') if m]:
     if mode not in MODES:
       parser.error(f'unknown mode {mode!r}: use some of {MODES}')
