@@ -11,25 +11,26 @@ from nfnets import ops
 
 
 def _reference_pool(x, window, strides, padding):
+  window, strides = ops.pair(window, 'window'), ops.pair(strides, 'strides')
   return jax.lax.reduce_window(
-      x,
-      -jnp.inf,
-      jax.lax.max,
-      (1, window, window, 1),
-      (1, strides, strides, 1),
-      padding,
+      x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1), padding
   )
 
 
 @pytest.mark.parametrize(
     'size,window,strides,padding',
     list(itertools.product([7, 8], [3], [1, 2], ['SAME', 'VALID']))
-    + [(9, 2, 3, 'SAME'), (8, 2, 2, 'VALID')],
+    # Stride above the window (phases without taps), and phases with
+    # different numbers of taps.
+    + [(9, 2, 3, 'SAME'), (8, 2, 2, 'VALID'), (12, 5, 3, 'SAME')]
+    + [(9, (3, 2), (2, 1), 'SAME'), (10, (2, 4), (1, 3), 'VALID')],
 )
 def test_max_pool_matches_reduce_window_and_its_gradient_with_ties(
     size, window, strides, padding
 ):
-  rng = np.random.default_rng(size * 100 + window * 10 + strides)
+  rng = np.random.default_rng(
+      size * 100 + int(np.sum(window)) * 10 + int(np.sum(strides))
+  )
   # Few distinct values: most windows hold tied maxima, where the gradient
   # must go to the same element as XLA's select_and_scatter picks.
   x = jnp.asarray(rng.integers(0, 4, (2, size, size + 1, 3)), jnp.float32)
