@@ -269,6 +269,51 @@ def test_fused_layer_equals_the_single_op(magnitude):
     np.testing.assert_array_equal(kept, _BATCH)
 
 
+@pytest.mark.parametrize('batch', [1, 4, 16, 256, 1000])
+def test_equalize_capacity_is_the_smallest_with_a_tail_below_1e12(batch):
+  stats = pytest.importorskip('scipy.stats')
+  capacity = device_augment._equalize_capacity(batch)  # pylint: disable=protected-access
+  # Images that equalise in a layer: Binomial(batch, 1/16 * 0.5).
+  tail = lambda k: stats.binom.sf(k, batch, 1 / 32)  # P(count > k)
+  assert 0 < capacity <= batch
+  assert tail(capacity) <= 1e-12
+  assert tail(capacity - 1) > 1e-12
+
+
+def test_equalize_counts_histograms_of_at_most_capacity_images():
+  batch = 64
+  capacity = device_augment._equalize_capacity(batch)  # pylint: disable=protected-access
+  assert capacity == 17
+  images = jnp.asarray(_RNG.integers(0, 256, (batch, 5, 7, 3)), jnp.uint8)
+  full = jax.jit(
+      lambda x, a: device_augment._histogram(  # pylint: disable=protected-access
+          device_augment._lut_index(x), active=a  # pylint: disable=protected-access
+      )
+  )
+  counted = jax.jit(device_augment._equalize_histograms)  # pylint: disable=protected-access
+  # Up to the capacity, the same histograms as counting every image.
+  for active in (_RNG.random(batch) < 0.2, np.arange(batch) % 4 == 1):
+    assert active.sum() <= capacity
+    np.testing.assert_array_equal(counted(images, active), full(images, active))
+  # Beyond it, the first `capacity` active images (batch order) are counted
+  # and the others get empty histograms: in the layer, they stay unchanged.
+  active = np.ones([batch], bool)
+  got = counted(images, active)
+  np.testing.assert_array_equal(got[:capacity], full(images, active)[:capacity])
+  np.testing.assert_array_equal(got[capacity:], 0)
+  equalize = np.full([batch], device_augment.RANDAUGMENT_OPS.index('Equalize'))
+  out = _jitted_layer(5.0)(
+      images,
+      equalize,
+      active,
+      np.ones([batch], np.float32),
+      np.zeros([batch, 2], np.int32),
+  )
+  for i in (0, capacity - 1):
+    np.testing.assert_array_equal(out[i], device_augment.equalize(images[i]))
+  np.testing.assert_array_equal(out[capacity:], images[capacity:])
+
+
 def _tf_choices(seed, height, width):
   """The sign and cutout centre `randaugment.py` draws from an op seed."""
   seed = tf.constant(seed, tf.int64)
