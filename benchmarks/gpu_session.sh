@@ -11,15 +11,15 @@
 #     dm-haiku==0.0.17 jmp==0.0.4 ml-collections==1.1.0 tensorboardX==2.6.5
 #
 # To compare with an earlier commit in the same call, put its tree in the
-# ignored folder .base (e.g. `git archive dffa3fc | tar -x -C .base`, the
-# tree machine F timed, before the two changes it measured as losses were
-# taken out: conv weight gradients forced first, NF-ResNet's stem bias after
-# the pooling).
+# ignored folder .base (e.g. `git archive 3a6a5cc | tar -x -C .base`: the
+# tree before the tenth round's max-pooling gradient and Equalize
+# sub-batch, neither timed on a GPU yet).
 #
 # Then, with `.whl` (and `.base`) carried, run with a timeout of ~590 s
 # (a machine idle for 30 s is given back, so a second call may start cold):
-#   `bash benchmarks/gpu_session.sh round` (~7-8 minutes cold): F0 minimal
-#     and full, the thesis pair, then F0 and NF-ResNet-50 minimal for .base;
+#   `bash benchmarks/gpu_session.sh round` (~8-9 minutes cold): F0 minimal
+#     and full, the thesis pair, the on-device augmentation alone for this
+#     tree and .base, then NF-ResNet-50 and BN-ResNet-50 minimal for .base;
 #     on a warm machine the modes below take 40-110 s per line;
 #   `bash benchmarks/gpu_session.sh ablate` (~3.5 minutes cold): F0 minimal
 #     for this tree, for .base and with HWIO kernels in the state
@@ -71,11 +71,12 @@ export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 log="${out}/stderr.log"
 # Records a step that failed or ran out of time (timeout exits 124).
 check() { local rc=$?; ((rc)) && echo "step '$1' exited ${rc}" | tee -a "${log}"; }
-# One minimal-step measurement (the command given) for the tree in .base,
-# when one was carried.
+# One measurement (the command given) for the tree in .base, when one was
+# carried, appended to $OUT/${BASE_FILE:-ablate_base}.jsonl.
 base_line() {
   [[ -d .base ]] || return 0
-  (cd .base && "$@") 2>>"${log}" | tee -a "${out}/ablate_base.jsonl"
+  (cd .base && "$@") 2>>"${log}" |
+    tee -a "${out}/${BASE_FILE:-ablate_base}.jsonl"
   check base
 }
 
@@ -143,20 +144,25 @@ fi
 if [[ "${what}" == round ]]; then
   # Everything that settles the issue in one call, since a lent machine is
   # given back after 30 s idle and a second call may start cold: F0 minimal
-  # and full for this tree, the thesis pair, then F0's and NF-ResNet-50's
-  # minimal steps for the tree in .base, which against this tree's lines
-  # say what the changes since it did. ~70 s per measurement cold (machine
-  # F: 480 s for seven); the call's 600 s limit may cut the tail, whose
-  # lines are then missing, not wrong.
+  # and full for this tree, the thesis pair, F0's on-device augmentation
+  # alone (256 images, 192 px) for this tree and .base, then the thesis
+  # pair's minimal steps for .base, which against this tree's lines say
+  # what the changes since it did. ~70 s per step measurement cold (machine
+  # F: 480 s for seven), ~20 s per augmentation line; the call's 600 s
+  # limit may cut the tail, whose lines are then missing, not wrong.
   timeout 220 "${python}" benchmarks/train_throughput.py --modes=minimal,full \
     --no_timm 2>>"${log}" | tee "${out}/train_throughput.jsonl"
   check throughput
   timeout 200 "${python}" benchmarks/train_throughput.py --modes= --no_timm \
     --thesis 2>>"${log}" | tee "${out}/thesis.jsonl"; check thesis
+  augment=(timeout 60 "${python}" benchmarks/input_pipeline.py
+    --device_augment_only --devices=1 --num_batches=30)
+  "${augment[@]}" 2>>"${log}" | tee "${out}/augment.jsonl"; check augment
+  BASE_FILE=augment_base base_line "${augment[@]}"
   one=(timeout 110 "${python}" benchmarks/train_throughput.py --modes=minimal
-    --no_timm)
-  base_line "${one[@]}"
-  base_line "${one[@]}" --model=nf_resnet50 --image_size=224
+    --no_timm --image_size=224)
+  base_line "${one[@]}" --model=nf_resnet50
+  base_line "${one[@]}" --model=resnet50_bn
 fi
 
 # On a cold H100 each of our measurements takes ~90 s in its own process
@@ -215,4 +221,8 @@ cat "${out}"/ablate_*.jsonl "${out}"/flags.jsonl "${out}"/thesis.jsonl \
   "${out}"/train_throughput.jsonl 2>/dev/null |
   grep -h -o -E '"impl": "[^"]*", "mode": "[a-z]*", "model": "[a-z0-9_]*"|"donate": [a-z]*|"kernel_layout": "[a-z]*"|"images_per_s": [0-9.]*|"peak_memory_gib": [0-9.a-z]*|"xla_flags": "[^"]*"|"error": "[^"]*"' |
   paste -sd' ' | sed 's/"impl"/\n"impl"/g'
+for f in augment augment_base; do
+  [[ -f "${out}/${f}.jsonl" ]] && echo "${f}: $(grep -o -E \
+    '"ms_per_batch": [0-9.]*' "${out}/${f}.jsonl")"
+done
 tail -5 "${log}"
