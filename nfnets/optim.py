@@ -162,6 +162,37 @@ def learning_rate_fn_from_config(
   )
 
 
+def schedule_count(opt_state: Any, default: Any = None) -> Any:
+  """The step the learning-rate schedule in an optax state is at.
+
+  The schedules of `create_optimizer` read optax's own count, which stays
+  put on the steps a dynamic loss scale skips (the whole state does), so
+  after a skipped step it is behind the training step; the learning rate a
+  step applies is `schedule(schedule_count(opt_state))`, with the state it
+  starts from.
+
+  Args:
+    opt_state: an optax state, e.g. of an optimizer from `create_optimizer`.
+    default: returned when the state holds no schedule (a constant learning
+      rate).
+
+  Returns:
+    The schedule's int32 count, or `default`.
+  """
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  found = [
+      x
+      for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_schedule)
+      if is_schedule(x)
+  ]
+  if len(found) > 1:
+    raise ValueError(
+        f"Expected at most one learning-rate schedule in the optimizer state,"
+        f" found {len(found)}."
+    )
+  return found[0].count if found else default
+
+
 def create_optimizer(
     cfg: ml_collections.ConfigDict,
     *,

@@ -509,7 +509,9 @@ def train_step(
   metrics = dict(
       train_loss=loss,
       train_top1=jax.lax.pmean(top1, AXIS_NAME),
-      lr=lr_fn(step),
+      # The rate this step applied: the schedule's count is behind `step` by
+      # the steps a dynamic loss scale skipped.
+      lr=lr_fn(optim.schedule_count(state.opt_state, default=step)),
       grad_norm=grad_norm,
   )
   if scaler is not None:
@@ -520,7 +522,8 @@ def train_step(
         # already (XLA shares them), where the new ones' norm would be one
         # more pass over every parameter and a reduction per kernel.
         param_norm=agc.global_norm(state.params),
-        update_norm=agc.global_norm(updates),
+        # A skipped or failed step applies no update.
+        update_norm=jnp.where(finite, agc.global_norm(updates), 0.0),
     )
     if agc_clipping is not None:
       metrics['agc_clipped_fraction'] = agc.clipped_fraction(

@@ -281,6 +281,31 @@ def test_optimizers_run_and_decay_only_weights(name):
   assert all(np.all(np.asarray(u) != 0) for u in jax.tree.leaves(updates))
 
 
+@pytest.mark.parametrize("name", ["adamw", "lamb", "adam", "sgd"])
+def test_schedule_count_is_the_count_the_schedule_reads(name):
+  _, params = small_tree(2)
+  grads, _ = small_tree(3)
+  cfg = make_config(name=name)
+  opt = optim.create_optimizer(
+      cfg, batch_size=256, total_steps=10, warmup_steps=2
+  )
+  state = opt.init(params)
+  assert int(optim.schedule_count(state)) == 0
+  for _ in range(3):
+    _, state = jax.jit(opt.update)(grads, state, params)
+  assert int(optim.schedule_count(state)) == 3
+
+
+def test_schedule_count_default_and_two_schedules():
+  _, params = small_tree(2)
+  constant = optax.sgd(0.1).init(params)
+  assert optim.schedule_count(constant, default=7) == 7
+  schedule = optax.sgd(optax.constant_schedule(0.1))
+  two = optax.chain(schedule, schedule).init(params)
+  with pytest.raises(ValueError, match="found 2"):
+    optim.schedule_count(two)
+
+
 # ---------------------------------------------------------------------------
 # pmap: the all-reduced update equals the single-device update.
 # ---------------------------------------------------------------------------

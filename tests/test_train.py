@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from nfnets import checkpoint
+from nfnets import optim
 from nfnets import resolve
 from nfnets import train
 import tiny_config
@@ -736,6 +737,22 @@ def test_overflowing_scaled_gradients_skip_the_step_and_halve_the_scale():
   assert np.isfinite(metrics[0]['train_loss'])
   assert float(skipped.loss_scale['scale']) == np.float32(1.5e38)
   assert int(skipped.loss_scale['counter']) == 0
+
+
+def test_skipped_steps_log_the_rate_applied_and_no_update():
+  # Both steps overflow and are skipped: optax's count stays at 0, so both
+  # apply (and log) the schedule's first learning rate, and no update.
+  states, metrics = _steps_with_loss_scale(2, 3e38, dtype='float16')
+  for m in metrics:
+    assert not np.isfinite(m['grad_norm'])
+    assert m['update_norm'] == 0.0
+    assert m['lr'] == metrics[0]['lr'] > 0
+  assert int(optim.schedule_count(states[-1].opt_state)) == 0
+  # Steps that apply their update move the count, and the rate with it.
+  states, metrics = _steps_with_loss_scale(2, None)
+  assert int(optim.schedule_count(states[-1].opt_state)) == 2
+  assert 0 < metrics[1]['lr'] < metrics[0]['lr']  # cosine over 3 steps
+  assert all(m['update_norm'] > 0 for m in metrics)
 
 
 def test_loss_scale_doubles_after_a_period_of_finite_steps():
