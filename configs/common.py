@@ -84,7 +84,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = _section()
   config.eval.batch_size = 1000  # global; the last batch is padded and masked
   config.eval.ema = True  # also evaluate the EMA of the parameters
-  # --mode=eval: a published DeepMind file (e.g. F0_haiku.npz); None: the
+  # --mode=eval: a published DeepMind file (e.g. F0_haiku.npz), another
+  # run's workdir or one of its checkpoints/<step> folders; None: the
   # workdir's latest checkpoint.
   config.eval.checkpoint = unset(str)
 

@@ -11,7 +11,7 @@ import io
 import os
 import pickle
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import haiku as hk
 import jax
@@ -299,7 +299,7 @@ class TrainCheckpointer:
     if wait:
       self._manager.wait_until_finished()
 
-  def restore_latest(self, target: Any, log=None):
+  def restore_latest(self, target: Any, log=None, step: Optional[int] = None):
     """Restores the newest readable checkpoint into `target`'s structure.
 
     A checkpoint that cannot be read (a truncated file, missing metadata) is
@@ -311,6 +311,8 @@ class TrainCheckpointer:
     Args:
       target: a tree of arrays with the saved structure, shapes and dtypes.
       log: a function of one string for warnings (default: print).
+      step: restore this step only (an error if it is missing or cannot be
+        read) instead of the newest readable one.
 
     Returns:
       `(tree, step)`, or `(None, None)` when there is no checkpoint at all.
@@ -318,6 +320,8 @@ class TrainCheckpointer:
     Raises:
       CheckpointMismatchError: the newest readable checkpoint's paths or
         shapes differ from `target`'s; the message names the first one.
+      FileNotFoundError: `step` has no finished checkpoint.
+      ValueError: `step`'s checkpoint cannot be read.
     """
     log = log or print
     self._manager.wait_until_finished()
@@ -325,20 +329,38 @@ class TrainCheckpointer:
         lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), target
     )
     wanted = _shapes_by_path(abstract)
-    for step in reversed(self.all_steps()):
+    candidates = self.all_steps()
+    if step is not None:
+      if step not in candidates:
+        raise FileNotFoundError(
+            f'No finished checkpoint {step} in {self.directory}; it has'
+            f' {candidates or "none"}.'
+        )
+      candidates = [step]
+
+    def unreadable(candidate, error):
+      if step is not None:  # Asked for: no older one to fall back to.
+        raise ValueError(
+            f'Checkpoint {candidate} in {self.directory} is unreadable'
+            f' ({type(error).__name__}:'
+            f' {str(error).splitlines()[0][:200]}).'
+        ) from None
+      self._warn_unreadable(log, candidate, error)
+
+    for candidate in reversed(candidates):
       try:
-        metadata = self._manager.item_metadata(step)
+        metadata = self._manager.item_metadata(candidate)
         # Newer orbax wraps the tree; older versions return it.
         saved = _shapes_by_path(getattr(metadata, 'tree', metadata))
         if not saved:
           raise ValueError('no array metadata')
       except Exception as e:  # pylint: disable=broad-except
-        self._warn_unreadable(log, step, e)
+        unreadable(candidate, e)
         continue
       problem = _first_difference(saved, wanted)
       if problem:
         raise CheckpointMismatchError(
-            f'Checkpoint {step} in {self.directory} holds another state'
+            f'Checkpoint {candidate} in {self.directory} holds another state'
             f' than this config builds ({problem}): it was written by a run'
             ' with another model, class count, optimizer or loss scaling.'
         )
@@ -347,12 +369,12 @@ class TrainCheckpointer:
       _ignore_closed_loop_callbacks()
       try:
         tree = self._manager.restore(
-            step, args=self._ocp.args.StandardRestore(abstract)
+            candidate, args=self._ocp.args.StandardRestore(abstract)
         )
       except Exception as e:  # pylint: disable=broad-except
-        self._warn_unreadable(log, step, e)
+        unreadable(candidate, e)
         continue
-      return jax.tree_util.tree_map(np.asarray, tree), step
+      return jax.tree_util.tree_map(np.asarray, tree), candidate
     return None, None
 
   def _warn_unreadable(self, log, step: int, error: Exception) -> None:

@@ -1047,7 +1047,7 @@ def _saved_fields(state: TrainState) -> dict[str, Any]:
 
 
 def restore_or_create(
-    config, forward, optimizer, workdir, image_size, advice: str
+    config, forward, optimizer, workdir, image_size, advice: str, step=None
 ):
   """The newest readable checkpoint's state in `workdir`, or a new one.
 
@@ -1058,6 +1058,7 @@ def restore_or_create(
     workdir: the run's folder.
     image_size: the side of the images that initialize the model.
     advice: the sentence that ends a mismatch error: what the user can do.
+    step: restore this step instead (`TrainCheckpointer.restore_latest`).
 
   Returns:
     `(state, restored_step or None, checkpointer)`.
@@ -1078,7 +1079,7 @@ def restore_or_create(
   )
   try:
     restored, step = checkpointer.restore_latest(
-        jax.tree_util.tree_map(np.asarray, _saved_fields(state))
+        jax.tree_util.tree_map(np.asarray, _saved_fields(state)), step=step
     )
   except checkpoint.CheckpointMismatchError as e:
     checkpointer.close()
@@ -1316,19 +1317,52 @@ def train_and_evaluate(
   return result
 
 
+def _run_checkpoint(path: str) -> Optional[tuple[str, Optional[int]]]:
+  """`(workdir, step or None)` where `path` is a run's folder; None: a file.
+
+  A run's workdir (or its `checkpoints/` folder) means its newest readable
+  checkpoint; `checkpoints/<step>` (or orbax's `<step>/default` in it), that
+  step.
+  """
+  folder = epath.Path(path)
+  is_step = folder.name.isdigit() and folder.parent.name == 'checkpoints'
+  if not folder.is_dir() and not (is_step and folder.parent.is_dir()):
+    return None
+  if (folder / 'checkpoints').is_dir():
+    return str(folder), None
+  if folder.name == 'checkpoints':
+    return str(folder.parent), None
+  if folder.name == 'default':  # Orbax's item folder inside a step's.
+    folder = folder.parent
+  if folder.name.isdigit() and folder.parent.name == 'checkpoints':
+    return str(folder.parent.parent), int(folder.name)
+  raise FileNotFoundError(
+      f'eval.checkpoint={path!r} is a folder but not a run of this project:'
+      ' give a workdir, its checkpoints/ folder, one of its'
+      ' checkpoints/<step> folders, or a parameter file.'
+  )
+
+
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str
 ) -> dict[str, Any]:
   """Evaluates the workdir's latest checkpoint, or `config.eval.checkpoint`.
 
   `config.eval.checkpoint` may name a published DeepMind parameter file
-  (e.g. `F0_haiku.npz`), loaded with `checkpoint.load_deepmind_params`.
+  (e.g. `F0_haiku.npz`), loaded with `checkpoint.load_deepmind_params`, or
+  another run of this project: its workdir or `checkpoints/` folder (its
+  newest readable checkpoint), or one of its `checkpoints/<step>` folders.
   """
   workdir = expand_home(workdir)
   _check_batch(config.eval.batch_size, 'eval.batch_size')
   config, num_classes = prepare(config)
   forward = create_model(config, num_classes)
+  run = None
   if config.eval.checkpoint:
+    run = _run_checkpoint(expand_home(config.eval.checkpoint))
+    if run is not None:
+      workdir = run[0]
+  if config.eval.checkpoint and run is None:
     params = checkpoint.load_deepmind_params(
         expand_home(config.eval.checkpoint),
         config.model.name,
@@ -1353,13 +1387,15 @@ def evaluate_checkpoint(
         workdir,
         config.data.eval_image_size,
         advice='Evaluate it with the config it was trained with.',
+        step=run[1] if run else None,
     )
     checkpointer.close()
     if step is None:
       raise missing
     model_state = state.model_state
     trees = {'eval': state.params, 'ema_eval': state.ema_params}
-    print(f'Evaluating the checkpoint of step {step}.')
+    where = f' in {checkpointer.directory}' if run else ''
+    print(f'Evaluating the checkpoint of step {step}{where}.')
   # The params as loaded, HWIO: one pass needs no layout of its own.
   evaluate_all = make_evaluator(config, forward, num_classes)
   result = evaluate_all(

@@ -155,3 +155,29 @@ def test_closed_loop_echoes_of_a_failed_restore_are_silenced(
   np.testing.assert_array_equal(restored['w'], tree['w'])
   assert len(warnings) == 1 and 'checkpoint 2' in warnings[0]
   assert [type(u.exc_value) for u in seen] == [ValueError]
+
+
+def test_restore_latest_of_a_given_step_and_its_errors(tmp_path):
+  checkpointer = checkpoint.TrainCheckpointer(str(tmp_path), keep=3)
+  trees = {s: {'w': np.full((2, 3), s, np.float32)} for s in (1, 2)}
+  for s, tree in trees.items():
+    checkpointer.save(s, tree, wait=True)
+  restored, step = checkpointer.restore_latest(trees[1], step=1)
+  assert step == 1
+  np.testing.assert_array_equal(restored['w'], trees[1]['w'])
+  assert checkpointer.restore_latest(trees[1])[1] == 2  # the newest
+  with pytest.raises(
+      FileNotFoundError, match=r'No finished checkpoint 5 .*\[1, 2\]'
+  ):
+    checkpointer.restore_latest(trees[1], step=5)
+  # An unreadable step asked for is an error, not a fall back to step 1.
+  for path in (tmp_path / 'checkpoints' / '2').rglob('*'):
+    if path.is_file():
+      path.write_bytes(b'')
+  warnings = []
+  with pytest.raises(ValueError, match='Checkpoint 2 .* is unreadable'):
+    checkpointer.restore_latest(trees[1], log=warnings.append, step=2)
+  assert not warnings
+  assert checkpointer.restore_latest(trees[1], log=warnings.append)[1] == 1
+  assert len(warnings) == 1
+  checkpointer.close()

@@ -233,6 +233,23 @@ def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
   config.eval.checkpoint = path
   published = train.evaluate_checkpoint(config, str(tmp_path))
   assert published['eval_top1'] == pytest.approx(result['eval_top1'])
+  # ... and so does this run named from another workdir: its folder, its
+  # checkpoints/ folder, the step's folder or orbax's item folder in it.
+  other = str(tmp_path / 'other')
+  run = os.path.join(str(tmp_path), 'checkpoints')
+  for source in (str(tmp_path), run, f'{run}/5', f'{run}/5/default'):
+    config.eval.checkpoint = source
+    named = train.evaluate_checkpoint(config, other)
+    assert named == evaluated, source
+  assert not os.path.exists(other)
+  config.eval.checkpoint = f'{run}/4'  # an older step, as saved
+  assert train.evaluate_checkpoint(config, other) != evaluated
+  config.eval.checkpoint = f'{run}/3'
+  with pytest.raises(FileNotFoundError, match=r'checkpoint 3 .*\[4, 5\]'):
+    train.evaluate_checkpoint(config, other)
+  config.eval.checkpoint = os.path.join(str(tmp_path), 'tensorboard')
+  with pytest.raises(FileNotFoundError, match='not a run of this project'):
+    train.evaluate_checkpoint(config, other)
 
 
 def test_sigterm_then_relaunch_equals_uninterrupted_bitwise(
