@@ -11,7 +11,7 @@ import io
 import os
 import pickle
 import sys
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import haiku as hk
 import jax
@@ -214,6 +214,21 @@ def _path_name(path) -> str:
   return '/'.join(parts)
 
 
+def _with_other_fields(abstract: dict, metadata, fields) -> dict:
+  """`abstract` (the `fields`) plus the saved dict's other keys, as saved.
+
+  Those are read into host arrays of their saved shapes and dtypes (not
+  onto the devices they were saved from, which may not exist here).
+  """
+  full = dict(abstract)
+  for key, value in dict(metadata).items():
+    if key not in fields:
+      full[key] = jax.tree_util.tree_map(
+          lambda m: np.zeros(m.shape, m.dtype), value
+      )
+  return full
+
+
 def _shapes_by_path(tree) -> dict[str, tuple]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {_path_name(p): tuple(leaf.shape) for p, leaf in flat}
@@ -299,7 +314,13 @@ class TrainCheckpointer:
     if wait:
       self._manager.wait_until_finished()
 
-  def restore_latest(self, target: Any, log=None, step: Optional[int] = None):
+  def restore_latest(
+      self,
+      target: Any,
+      log=None,
+      step: Optional[int] = None,
+      fields: Optional[Sequence[str]] = None,
+  ):
     """Restores the newest readable checkpoint into `target`'s structure.
 
     A checkpoint that cannot be read (a truncated file, missing metadata) is
@@ -313,9 +334,14 @@ class TrainCheckpointer:
       log: a function of one string for warnings (default: print).
       step: restore this step only (an error if it is missing or cannot be
         read) instead of the newest readable one.
+      fields: restore only these top-level keys of the saved dict, which
+        `target` then holds (and is compared on): e.g. the parameters for
+        evaluation, whatever optimizer or loss scaling the run trained with.
+        The other keys are read as saved and dropped.
 
     Returns:
       `(tree, step)`, or `(None, None)` when there is no checkpoint at all.
+      With `fields`, `tree` holds those keys only.
 
     Raises:
       CheckpointMismatchError: the newest readable checkpoint's paths or
@@ -329,6 +355,13 @@ class TrainCheckpointer:
         lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), target
     )
     wanted = _shapes_by_path(abstract)
+    chosen = lambda shapes: shapes
+    if fields is not None:
+      prefixes = tuple(f'{f}/' for f in fields)
+      chosen = lambda shapes: {
+          p: s for p, s in shapes.items() if p.startswith(prefixes)
+      }
+      wanted = chosen(wanted)
     candidates = self.all_steps()
     if step is not None:
       if step not in candidates:
@@ -351,7 +384,8 @@ class TrainCheckpointer:
       try:
         metadata = self._manager.item_metadata(candidate)
         # Newer orbax wraps the tree; older versions return it.
-        saved = _shapes_by_path(getattr(metadata, 'tree', metadata))
+        metadata = getattr(metadata, 'tree', metadata)
+        saved = chosen(_shapes_by_path(metadata))
         if not saved:
           raise ValueError('no array metadata')
       except Exception as e:  # pylint: disable=broad-except
@@ -369,11 +403,18 @@ class TrainCheckpointer:
       _ignore_closed_loop_callbacks()
       try:
         tree = self._manager.restore(
-            candidate, args=self._ocp.args.StandardRestore(abstract)
+            candidate,
+            args=self._ocp.args.StandardRestore(
+                abstract
+                if fields is None
+                else _with_other_fields(abstract, metadata, fields)
+            ),
         )
       except Exception as e:  # pylint: disable=broad-except
         unreadable(candidate, e)
         continue
+      if fields is not None:
+        tree = {f: tree[f] for f in fields}
       return jax.tree_util.tree_map(np.asarray, tree), candidate
     return None, None
 

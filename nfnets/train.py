@@ -1047,7 +1047,14 @@ def _saved_fields(state: TrainState) -> dict[str, Any]:
 
 
 def restore_or_create(
-    config, forward, optimizer, workdir, image_size, advice: str, step=None
+    config,
+    forward,
+    optimizer,
+    workdir,
+    image_size,
+    advice: str,
+    step=None,
+    fields=None,
 ):
   """The newest readable checkpoint's state in `workdir`, or a new one.
 
@@ -1059,6 +1066,8 @@ def restore_or_create(
     image_size: the side of the images that initialize the model.
     advice: the sentence that ends a mismatch error: what the user can do.
     step: restore this step instead (`TrainCheckpointer.restore_latest`).
+    fields: restore only these fields of the state (of those it saves); the
+      others stay new.
 
   Returns:
     `(state, restored_step or None, checkpointer)`.
@@ -1078,8 +1087,12 @@ def restore_or_create(
       workdir, config.train.keep_checkpoints
   )
   try:
+    target = _saved_fields(state)
+    if fields is not None:
+      fields = [f for f in fields if f in target]
+      target = {f: target[f] for f in fields}
     restored, step = checkpointer.restore_latest(
-        jax.tree_util.tree_map(np.asarray, _saved_fields(state)), step=step
+        jax.tree_util.tree_map(np.asarray, target), step=step, fields=fields
     )
   except checkpoint.CheckpointMismatchError as e:
     checkpointer.close()
@@ -1087,7 +1100,7 @@ def restore_or_create(
         f'{e}{_config_changes(workdir, config)} {advice}'
     ) from None
   if restored is not None:
-    state = TrainState(**restored)
+    state = state._replace(**restored)
   return state, step, checkpointer
 
 
@@ -1388,6 +1401,8 @@ def evaluate_checkpoint(
         config.data.eval_image_size,
         advice='Evaluate it with the config it was trained with.',
         step=run[1] if run else None,
+        # Whatever optimizer, loss scaling or precision it trained with.
+        fields=('params', 'model_state', 'ema_params'),
     )
     checkpointer.close()
     if step is None:

@@ -817,6 +817,14 @@ def test_float16_run_logs_checkpoints_and_resumes_its_loss_scale(tmp_path):
   assert 'Resumed from the checkpoint of step 4' in resumed.stdout
   # The resumed run starts from the saved scale, not from loss_scale_init.
   assert logged_scales()[5] == saved_scale(4)
+  # Evaluation reads the parameters only: in float32 and with another
+  # optimizer, neither of which could resume this run.
+  config = tiny_config.get_config(6)
+  config.optimizer.name = 'adam'
+  with pytest.raises(checkpoint.CheckpointMismatchError, match='arrays'):
+    train.train_and_evaluate(config, workdir)
+  evaluated = train.evaluate_checkpoint(config, workdir)
+  assert evaluated['eval_count'] == evaluated['ema_eval_count'] == 360
 
 
 def test_train_step_refuses_a_loss_scale_without_its_state():
