@@ -43,6 +43,11 @@
 # HLO's buffers.
 # On a CPU (PYTHON=.venv/bin/python) the benchmarks pick tiny defaults.
 set -uo pipefail
+what="${1:-all}"  # ablate, flags, round, throughput, profile or all
+case "${what}" in ablate | flags | round | throughput | profile | all) ;;
+  *) echo "usage: $0 [ablate|flags|round|throughput|profile|all]" >&2
+    exit 2 ;;
+esac
 out="${OUT:-/tmp/gpu_session}"
 mkdir -p "${out}"
 cd "$(dirname "$0")/.." || exit 1
@@ -80,11 +85,6 @@ base_line() {
   check base
 }
 
-what="${1:-all}"  # ablate, flags, round, throughput, profile or all
-case "${what}" in ablate | flags | round | throughput | profile | all) ;;
-  *) echo "usage: $0 [ablate|flags|round|throughput|profile|all]" >&2
-    exit 2 ;;
-esac
 timm_flag=--no_timm
 [[ "${TIMM:-0}" == 1 ]] && timm_flag=
 

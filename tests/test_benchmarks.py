@@ -252,3 +252,26 @@ def test_hlo_memory_reads_a_compiled_step(tmp_path, capsys):
   lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
   assert lines[0]['kind'] == 'summary' and lines[0]['peak_gb'] >= 0
   assert 1 <= len(lines) <= 4
+
+
+def test_gpu_session_script_parses_and_rejects_an_unknown_mode(tmp_path):
+  # A broken script would waste a lent GPU's 15 minutes; its modes run only
+  # there (or for minutes on a CPU), so at least its syntax and usage are
+  # checked here.
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  script = os.path.join(
+      os.path.dirname(__file__), '..', 'benchmarks', 'gpu_session.sh'
+  )
+  assert subprocess.run(['bash', '-n', script], check=False).returncode == 0
+  result = subprocess.run(
+      ['bash', script, 'everything'],
+      env=dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable),
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+  )
+  assert result.returncode == 2
+  assert 'usage:' in result.stderr and 'round' in result.stderr
+  assert not os.listdir(tmp_path)  # refused before it installs or writes
