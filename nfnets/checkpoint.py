@@ -393,10 +393,15 @@ class TrainCheckpointer:
         continue
       problem = _first_difference(saved, wanted)
       if problem:
+        causes = (
+            'another model, class count, optimizer or loss scaling'
+            if fields is None
+            else 'another model or class count'  # all that shapes `fields`
+        )
         raise CheckpointMismatchError(
             f'Checkpoint {candidate} in {self.directory} holds another state'
             f' than this config builds ({problem}): it was written by a run'
-            ' with another model, class count, optimizer or loss scaling.'
+            f' with {causes}.'
         )
       # Before, not after, the restore: when one read fails, the other
       # reads' callbacks can fire while the error is still propagating.

@@ -405,7 +405,8 @@ def test_resuming_with_another_model_is_an_error_that_keeps_the_run(tmp_path):
     train.train_and_evaluate(wider, workdir)
   with pytest.raises(
       checkpoint.CheckpointMismatchError,
-      match=r'differs in model\.overrides.*Evaluate it with the config',
+      match=r'model or class count\. .*differs in model\.overrides.*Evaluate'
+      r' it with the config',
   ):
     train.evaluate_checkpoint(wider, workdir)
   adam = tiny_config.get_config(12)
