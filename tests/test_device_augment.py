@@ -270,11 +270,13 @@ def test_fused_layer_equals_the_single_op(magnitude):
 
 
 @pytest.mark.parametrize('batch', [1, 4, 16, 256, 1000])
-def test_equalize_capacity_is_the_smallest_with_a_tail_below_1e12(batch):
+@pytest.mark.parametrize('num_ops', [1, 8])
+def test_capacity_is_the_smallest_with_a_tail_below_1e12(batch, num_ops):
   stats = pytest.importorskip('scipy.stats')
-  capacity = device_augment._equalize_capacity(batch)  # pylint: disable=protected-access
-  # Images that equalise in a layer: Binomial(batch, 1/16 * 0.5).
-  tail = lambda k: stats.binom.sf(k, batch, 1 / 32)  # P(count > k)
+  capacity = device_augment._capacity(batch, num_ops)  # pylint: disable=protected-access
+  # Images drawing one of `num_ops` operations and applying it in a layer:
+  # Binomial(batch, num_ops / 16 * 0.5).
+  tail = lambda k: stats.binom.sf(k, batch, num_ops / 32)  # P(count > k)
   assert 0 < capacity <= batch
   assert tail(capacity) <= 1e-12
   assert tail(capacity - 1) > 1e-12
@@ -282,7 +284,7 @@ def test_equalize_capacity_is_the_smallest_with_a_tail_below_1e12(batch):
 
 def test_equalize_counts_histograms_of_at_most_capacity_images():
   batch = 64
-  capacity = device_augment._equalize_capacity(batch)  # pylint: disable=protected-access
+  capacity = device_augment._capacity(batch, 1)  # pylint: disable=protected-access
   assert capacity == 17
   images = jnp.asarray(_RNG.integers(0, 256, (batch, 5, 7, 3)), jnp.uint8)
   full = jax.jit(
@@ -312,6 +314,41 @@ def test_equalize_counts_histograms_of_at_most_capacity_images():
   for i in (0, capacity - 1):
     np.testing.assert_array_equal(out[i], device_augment.equalize(images[i]))
   np.testing.assert_array_equal(out[capacity:], images[capacity:])
+
+
+def _layer_choices(batch, rng):
+  return (
+      rng.integers(0, len(device_augment.RANDAUGMENT_OPS), batch),
+      rng.random(batch) < 0.5,
+      np.where(rng.random(batch) < 0.5, -1.0, 1.0).astype(np.float32),
+      np.stack([rng.integers(0, 9, batch), rng.integers(0, 11, batch)], -1),
+  )
+
+
+def test_pixel_stages_run_on_a_sub_batch_as_on_the_whole_batch(monkeypatch):
+  batch, rng = 128, np.random.default_rng(5)
+  capacity = device_augment._capacity(batch, 8)  # pylint: disable=protected-access
+  assert capacity == 69
+  images = jnp.asarray(rng.integers(0, 256, (batch, 9, 11, 3)), jnp.uint8)
+  op_index, apply, sign, centre = _layer_choices(batch, rng)
+  pixel_ops = [
+      device_augment.RANDAUGMENT_OPS.index(name)
+      for name in device_augment._PIXEL_OPS  # pylint: disable=protected-access
+  ]
+  rotate = np.full([batch], device_augment.RANDAUGMENT_OPS.index('Rotate'))
+  cases = [(op_index, apply), (rotate, np.ones([batch], bool))]
+  assert 0 < (np.isin(op_index, pixel_ops) & apply).sum() <= capacity
+  sub_batch = [_jitted_layer(7.0)(images, o, a, sign, centre) for o, a in cases]
+  # The reference: every stage on the whole batch.
+  monkeypatch.setattr(device_augment, '_capacity', lambda batch, _: batch)
+  layer = jax.jit(functools.partial(device_augment._layer, magnitude=7.0))
+  whole = [layer(images, o, a, sign, centre) for o, a in cases]
+  np.testing.assert_array_equal(sub_batch[0], whole[0])
+  # All 128 rotate: the first 69 are rotated, the others (a layer with more
+  # than the capacity: probability below 1e-12) keep their input.
+  np.testing.assert_array_equal(sub_batch[1][:capacity], whole[1][:capacity])
+  np.testing.assert_array_equal(sub_batch[1][capacity:], images[capacity:])
+  assert np.any(sub_batch[1][:capacity] != images[:capacity])
 
 
 def _tf_choices(seed, height, width):

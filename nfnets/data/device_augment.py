@@ -24,8 +24,9 @@ applying it uniform in `APPLY_PROBABILITY_RANGE`, random sign, the same
 magnitude -> argument mapping; the recipe of `nfnets.data.mixing`), but with
 `jax.random`, so not with the same random draws: outputs are not bitwise the
 TensorFlow pipeline's for a given seed. One departure, with probability below
-1e-12 per layer and batch: images beyond the capacity of Equalize's
-histograms are left as they are (stage 1 below).
+2e-12 per layer and batch: images beyond the capacity of a sub-batch (for
+Equalize's histograms, or for stages 2-5 below) are left as they are for
+that layer.
 
 Design: the obvious batched RandAugment, `vmap` of a `lax.switch` over the 16
 operations, computes all 16 operations for every image. Instead one layer is a
@@ -37,7 +38,7 @@ exactly the identity for the examples whose operation is not in that stage:
      Brightness); its statistics (histograms, channel extremes and means) are
      computed on the layer's input, the histograms only for a sub-batch that
      holds the images equalising (but with probability below 1e-12 per
-     layer: `_equalize_capacity`);
+     layer: `_capacity`);
   2. a per-example 3x3 colour matrix (Color);
   3. a blend with PIL's SMOOTH filter (Sharpness, factor 1: identity);
   4. one nearest-neighbour affine warp with a per-example 2x3 matrix (Rotate,
@@ -46,7 +47,11 @@ exactly the identity for the examples whose operation is not in that stage:
 
 Exactly one operation (or none) is active per image and layer, so the
 composition is that operation. Colour and Sharpness read the same input side
-by side (one of them is the identity). Images stay uint8 between stages, each
+by side (one of them is the identity). Stages 2-5 run only on the images
+whose operation is one of theirs (a quarter on average; for batches of 64 or
+more, a sub-batch of `_capacity` images, which holds them all but with
+probability below 1e-12 per layer), from the layer's input, since their
+lookup table is the identity. Images stay uint8 between stages, each
 stage is a gather, a stencil or elementwise work that XLA fuses, and the
 layers run in a `lax.scan`, so that each layer's output is materialised once.
 No loop depends on the data (MixUp's Beta draws included: `_log_gamma`), so
@@ -71,6 +76,18 @@ APPLY_PROBABILITY_RANGE = recipe.APPLY_PROBABILITY_RANGE
 RANDAUGMENT_OPS = recipe.RANDAUGMENT_OPS
 
 _OP_INDEX = {name: i for i, name in enumerate(RANDAUGMENT_OPS)}
+# The operations of stages 2-5 (`_pixel_stages`).
+_PIXEL_OPS = (
+    'Color',
+    'Sharpness',
+    'Rotate',
+    'ShearX',
+    'ShearY',
+    'TranslateX',
+    'TranslateY',
+    'Cutout',
+)
+_PIXEL_OP_INDICES = tuple(_OP_INDEX[name] for name in _PIXEL_OPS)
 # ITU-R 601 luma, PIL's RGB -> 'L' conversion.
 _LUMA = (0.299, 0.587, 0.114)
 _LEVELS = 256
@@ -247,29 +264,29 @@ def _histogram(index: jax.Array, active=None) -> jax.Array:
   return counts.reshape(batch, 3, _LEVELS)
 
 
-# Bound on the chance that a layer has more images to equalise than
-# `_equalize_capacity` counts histograms for.
-_EQUALIZE_OVERFLOW = 1e-12
+# Bound on the chance, per layer, that more images than a sub-batch holds
+# draw its operations (`_capacity`).
+_OVERFLOW_PROBABILITY = 1e-12
 
 
-def _equalize_capacity(batch: int) -> int:
-  """How many images of a `batch` a layer counts Equalize histograms for.
+def _capacity(batch: int, num_ops: int) -> int:
+  """Images per layer a sub-batch for `num_ops` of the operations holds.
 
-  Each image of a layer equalises with probability 1/16 (the operation) times
-  0.5 (the mean of `APPLY_PROBABILITY_RANGE`), independently of the others,
-  so their number is Binomial(batch, 1/32): 8 on average for 256 images. The
-  histogram is a scatter with one update per pixel and channel, whose cost
-  is in the updates, not in the ones kept (an H100 spent 0.175 ms per layer
-  on 256 images at 192 px, dropping ~97% of them), so it runs on a sub-batch
-  of this many images: the smallest k with P(count > k) <= 1e-12.
+  Each image of a layer draws one of the 16 operations and applies it with
+  probability 0.5 on average (uniform in `APPLY_PROBABILITY_RANGE`),
+  independently of the others, so the number drawing one of `num_ops` given
+  operations is Binomial(batch, num_ops / 32). This returns the smallest k
+  with P(count > k) <= 1e-12: stages that only those images need run on k
+  images, not all of them.
 
   Args:
     batch: images per device batch (static).
+    num_ops: how many of `RANDAUGMENT_OPS` the sub-batch is for.
 
   Returns:
     The capacity, at most `batch`.
   """
-  q = 0.5 * sum(APPLY_PROBABILITY_RANGE) / len(RANDAUGMENT_OPS)
+  q = num_ops * 0.5 * sum(APPLY_PROBABILITY_RANGE) / len(RANDAUGMENT_OPS)
   log_pmf = [
       math.lgamma(batch + 1)
       - math.lgamma(j + 1)
@@ -281,18 +298,33 @@ def _equalize_capacity(batch: int) -> int:
   tail = 0.0  # P(count > k), for k from batch down.
   for k in range(batch, 0, -1):
     tail += math.exp(log_pmf[k])
-    if tail > _EQUALIZE_OVERFLOW:
+    if tail > _OVERFLOW_PROBABILITY:
       return k
   return 0
+
+
+def _sub_batch(active: jax.Array, capacity: int) -> jax.Array:
+  """Indices of the first `capacity` active examples; `len(active)` pads."""
+  (chosen,) = jnp.nonzero(active, size=capacity, fill_value=active.shape[0])
+  return chosen
+
+
+def _take(x: jax.Array, chosen: jax.Array) -> jax.Array:
+  """`x[chosen]`, zeros where `chosen` is past the end (padding)."""
+  return x.at[chosen].get(mode='fill', fill_value=0)
 
 
 def _equalize_histograms(images: jax.Array, active: jax.Array) -> jax.Array:
   """`_histogram` of the `active` images, counted on a sub-batch.
 
-  The first `_equalize_capacity(B)` active images, in batch order, are
-  gathered and counted; the others (probability <= 1e-12 per layer that there
-  are any) get an empty histogram, which `_equalize_lut` maps to the
-  identity: they stay as they are for that layer.
+  The histogram is a scatter with one update per pixel and channel, whose
+  cost is in the updates, not in the ones kept: an H100 spent 0.175 ms per
+  layer on 256 images at 192 px, ~97% of the updates dropped (8 images
+  equalise on average). So the first `_capacity(B, 1)` active images (34 of
+  256), in batch order, are gathered and counted; the others (probability
+  <= 1e-12 per layer that there are any) get an empty histogram, which
+  `_equalize_lut` maps to the identity: they stay as they are for that
+  layer.
 
   Args:
     images: uint8 `[B, H, W, 3]`.
@@ -302,13 +334,11 @@ def _equalize_histograms(images: jax.Array, active: jax.Array) -> jax.Array:
     int32 `[B, 3, 256]`, empty for images not active (or not counted).
   """
   batch = images.shape[0]
-  capacity = _equalize_capacity(batch)
+  capacity = _capacity(batch, 1)
   if capacity == batch:
     return _histogram(_lut_index(images), active=active)
-  (chosen,) = jnp.nonzero(active, size=capacity, fill_value=batch)
-  counted = chosen < batch
-  sub_batch = images.at[chosen].get(mode='fill', fill_value=0)
-  counts = _histogram(_lut_index(sub_batch), active=counted)
+  chosen = _sub_batch(active, capacity)
+  counts = _histogram(_lut_index(_take(images, chosen)), active=chosen < batch)
   empty = jnp.zeros([batch, 3, _LEVELS], jnp.int32)
   return empty.at[chosen].set(counts, mode='drop')
 
@@ -826,18 +856,13 @@ def _layer(images, op_index, apply, sign, cutout_centre, magnitude: float):
   slot = jnp.zeros_like(op)  # Slot 0: the identity table.
   for k, name in enumerate(tables, 1):
     slot = jnp.where(is_op(name), k, slot)
-  images = _apply_lut(
+  looked_up = _apply_lut(
       images, [_levels()[None, None]] + list(tables.values()), slot
   )
 
-  # 2. Colour and 3. Sharpness, side by side on the same input.
-  images = _sharpness_stage(
-      images,
-      jnp.where(is_op('Sharpness'), factor, 1.0),
-      centre=_color_stage(images, jnp.where(is_op('Color'), factor, 1.0)),
-  )
-
-  # 4. One affine warp.
+  # 2.-5., each the identity but for its operations' images.
+  colour = jnp.where(is_op('Color'), factor, 1.0)
+  sharpness = jnp.where(is_op('Sharpness'), factor, 1.0)
   matrix = jnp.broadcast_to(
       jnp.array(_IDENTITY_MATRIX, jnp.float32), (images.shape[0], 6)
   )
@@ -855,10 +880,36 @@ def _layer(images, op_index, apply, sign, cutout_centre, magnitude: float):
       ),
   ):
     matrix = jnp.where(is_op(name)[:, None], candidate, matrix)
-  images = _warp(images, matrix)
-
-  # 5. Cutout.
   size = jnp.where(is_op('Cutout'), _cutout_size(magnitude, height, width), 0)
+  arguments = (colour, sharpness, matrix, size, cutout_centre)
+
+  batch = images.shape[0]
+  capacity = _capacity(batch, len(_PIXEL_OPS))
+  if capacity > 0.75 * batch:
+    # Small batches (27 of 32, all of 16): too little left out to pay for
+    # the lookup tables' own pass, the gather and the scatter.
+    return _pixel_stages(looked_up, *arguments)
+  # Only the images whose operation is one of these need stages 2-5 (a
+  # quarter on average), and their lookup table is the identity: run the
+  # stages on those, from the layer's input, and write them over the
+  # looked-up batch. On more than `capacity` of them (probability <= 1e-12
+  # per layer) the rest keep their input for this layer.
+  chosen = _sub_batch(jnp.isin(op, jnp.array(_PIXEL_OP_INDICES)), capacity)
+  out = _pixel_stages(
+      _take(images, chosen), *(_take(a, chosen) for a in arguments)
+  )
+  return looked_up.at[chosen].set(out, mode='drop')
+
+
+def _pixel_stages(images, colour, sharpness, matrix, size, cutout_centre):
+  """Stages 2-5 of a layer, with per-example arguments (see `_layer`)."""
+  # 2. Colour and 3. Sharpness, side by side on the same input.
+  images = _sharpness_stage(
+      images, sharpness, centre=_color_stage(images, colour)
+  )
+  # 4. One affine warp.
+  images = _warp(images, matrix)
+  # 5. Cutout.
   return _cutout_stage(images, size, cutout_centre[:, 0], cutout_centre[:, 1])
 
 
