@@ -12,8 +12,8 @@
 #
 # To compare with an earlier commit in the same call, put its tree in the
 # ignored folder .base (e.g. `git archive 3a6a5cc | tar -x -C .base`: the
-# tree before the tenth round's max-pooling gradient and Equalize
-# sub-batch, neither timed on a GPU yet).
+# tree before the tenth round's max-pooling gradient and augmentation
+# sub-batches, none timed on a GPU yet).
 #
 # Then, with `.whl` (and `.base`) carried, run with a timeout of ~590 s
 # (a machine idle for 30 s is given back, so a second call may start cold):
