@@ -17,9 +17,10 @@
 #
 # Then, with `.whl` (and `.base`) carried, run with a timeout of ~590 s
 # (a machine idle for 30 s is given back, so a second call may start cold):
-#   `bash benchmarks/gpu_session.sh round` (~8-9 minutes cold): F0 minimal
+#   `bash benchmarks/gpu_session.sh round` (~9-10 minutes cold): F0 minimal
 #     and full, the thesis pair, the on-device augmentation alone for this
-#     tree and .base, then NF-ResNet-50 and BN-ResNet-50 minimal for .base;
+#     tree and .base, NF-ResNet-50 minimal for .base, F0 minimal with
+#     cuDNN's conv fusions (ROUND_FLAGS), BN-ResNet-50 minimal for .base;
 #     on a warm machine the modes below take 40-110 s per line;
 #   `bash benchmarks/gpu_session.sh ablate` (~3.5 minutes cold): F0 minimal
 #     for this tree, for .base and with HWIO kernels in the state
@@ -145,11 +146,13 @@ if [[ "${what}" == round ]]; then
   # Everything that settles the issue in one call, since a lent machine is
   # given back after 30 s idle and a second call may start cold: F0 minimal
   # and full for this tree, the thesis pair, F0's on-device augmentation
-  # alone (256 images, 192 px) for this tree and .base, then the thesis
-  # pair's minimal steps for .base, which against this tree's lines say
-  # what the changes since it did. ~70 s per step measurement cold (machine
-  # F: 480 s for seven), ~20 s per augmentation line; the call's 600 s
-  # limit may cut the tail, whose lines are then missing, not wrong.
+  # alone (256 images, 192 px) for this tree and .base, NF-ResNet-50's
+  # minimal step for .base, F0's minimal step under ROUND_FLAGS (default:
+  # cuDNN's conv fusions, the first XLA flag set of `flags` below; '' skips
+  # it), then BN-ResNet-50's for .base. The .base lines against this tree's
+  # say what the changes since it did. ~70 s per step measurement cold
+  # (machine F: 480 s for seven), ~20 s per augmentation line; the call's
+  # 600 s limit may cut the tail, whose lines are then missing, not wrong.
   timeout 220 "${python}" benchmarks/train_throughput.py --modes=minimal,full \
     --no_timm 2>>"${log}" | tee "${out}/train_throughput.jsonl"
   check throughput
@@ -162,6 +165,13 @@ if [[ "${what}" == round ]]; then
   one=(timeout 110 "${python}" benchmarks/train_throughput.py --modes=minimal
     --no_timm --image_size=224)
   base_line "${one[@]}" --model=nf_resnet50
+  round_flags="${ROUND_FLAGS-"--xla_gpu_experimental_enable_conv_fusion=true"}"
+  if [[ -n "${round_flags}" ]]; then
+    XLA_FLAGS="$(echo "${XLA_FLAGS:-} ${round_flags}" | xargs)" \
+      timeout 110 "${python}" benchmarks/train_throughput.py \
+      --modes=minimal --no_timm 2>>"${log}" | tee -a "${out}/flags.jsonl"
+    check "flags ${round_flags}"
+  fi
   base_line "${one[@]}" --model=resnet50_bn
 fi
 
