@@ -214,18 +214,26 @@ def _path_name(path) -> str:
   return '/'.join(parts)
 
 
-def _with_other_fields(abstract: dict, metadata, fields) -> dict:
-  """`abstract` (the `fields`) plus the saved dict's other keys, as saved.
+def _host_zeros(tree) -> Any:
+  """Host zeros of each leaf's shape and dtype: what a restore fills.
 
-  Those are read into host arrays of their saved shapes and dtypes (not
-  onto the devices they were saved from, which may not exist here).
+  Leaves are arrays (or scalars) or orbax's array metadata. Host arrays, not
+  the devices a checkpoint was saved from, which may not exist here.
   """
+
+  def zeros(leaf):
+    leaf = leaf if hasattr(leaf, 'shape') else np.asarray(leaf)
+    return np.zeros(leaf.shape, leaf.dtype)
+
+  return jax.tree_util.tree_map(zeros, tree)
+
+
+def _with_other_fields(abstract: dict, metadata, fields) -> dict:
+  """`abstract` (the `fields`) plus the saved dict's other keys, as saved."""
   full = dict(abstract)
   for key, value in dict(metadata).items():
     if key not in fields:
-      full[key] = jax.tree_util.tree_map(
-          lambda m: np.zeros(m.shape, m.dtype), value
-      )
+      full[key] = _host_zeros(value)
   return full
 
 
@@ -351,9 +359,7 @@ class TrainCheckpointer:
     """
     log = log or print
     self._manager.wait_until_finished()
-    abstract = jax.tree_util.tree_map(
-        lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), target
-    )
+    abstract = _host_zeros(target)
     wanted = _shapes_by_path(abstract)
     chosen = lambda shapes: shapes
     if fields is not None:
