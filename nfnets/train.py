@@ -1402,13 +1402,16 @@ def evaluate_checkpoint(
         advice='Evaluate it with the config it was trained with.',
         step=run[1] if run else None,
         # Whatever optimizer, loss scaling or precision it trained with.
-        fields=('params', 'model_state', 'ema_params'),
+        fields=('params', 'model_state')
+        + (('ema_params',) if config.eval.ema else ()),
     )
     checkpointer.close()
     if step is None:
       raise missing
     model_state = state.model_state
-    trees = {'eval': state.params, 'ema_eval': state.ema_params}
+    trees = {'eval': state.params}
+    if config.eval.ema:
+      trees['ema_eval'] = state.ema_params
     where = f' in {checkpointer.directory}' if run else ''
     print(f'Evaluating the checkpoint of step {step}{where}.')
   # The params as loaded, HWIO: one pass needs no layout of its own.

@@ -242,6 +242,11 @@ def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
     named = train.evaluate_checkpoint(config, other)
     assert named == evaluated, source
   assert not os.path.exists(other)
+  config.eval.ema = False  # as in training: no EMA evaluated
+  assert train.evaluate_checkpoint(config, other) == {
+      k: v for k, v in evaluated.items() if not k.startswith('ema_')
+  }
+  config.eval.ema = True
   config.eval.checkpoint = f'{run}/4'  # an older step, as saved
   assert train.evaluate_checkpoint(config, other) != evaluated
   config.eval.checkpoint = f'{run}/3'
