@@ -75,6 +75,15 @@ def get_config() -> ml_collections.ConfigDict:
   # spares a GPU step the transposes and copies of every kernel), or 'auto':
   # 'ohwi' on GPUs, else 'hwio'. Checkpoints are HWIO either way.
   config.train.kernel_layout = 'auto'
+  # Fine-tuning: a new run (its workdir has no checkpoint yet) starts from
+  # these weights instead of a random init: a published DeepMind file (e.g.
+  # F0_haiku.npz) or another run's workdir or checkpoints/<step> folder. The
+  # EMA starts from them too; the step and optimizer state start afresh.
+  config.train.init_checkpoint = unset(str)
+  # Parameters (and model state) whose 'module/name' path this regular
+  # expression matches (re.search) keep their random init, e.g. 'linear/'
+  # for a classifier with another number of classes.
+  config.train.init_exclude = unset(str)
   config.train.log_every_steps = 100
   config.train.checkpoint_every_steps = 1000
   config.train.keep_checkpoints = 3

@@ -143,6 +143,20 @@ def check_params(
       )
 
 
+def read_params_file(path: str) -> dict[str, dict[str, np.ndarray]]:
+  """A parameter file's `{module: {param: array}}`, unchecked.
+
+  `load_deepmind_params` checks it against a model; this is for callers
+  that take part of it (fine-tuning).
+
+  Raises:
+    FileNotFoundError: no file at `path`.
+    UnsafePickleError: the file would call code while loading.
+    ValueError: the file is corrupt or holds something else.
+  """
+  return _read_params_file(path)
+
+
 def load_deepmind_params(
     path: str, model_name: str, num_classes: int = 1000, **overrides
 ) -> dict[str, dict[str, np.ndarray]]:
@@ -338,7 +352,8 @@ class TrainCheckpointer:
     checkpoints.
 
     Args:
-      target: a tree of arrays with the saved structure, shapes and dtypes.
+      target: a tree of arrays with the saved structure, shapes and dtypes;
+        None: the checkpoint's own (its metadata's), compared with nothing.
       log: a function of one string for warnings (default: print).
       step: restore this step only (an error if it is missing or cannot be
         read) instead of the newest readable one.
@@ -359,15 +374,15 @@ class TrainCheckpointer:
     """
     log = log or print
     self._manager.wait_until_finished()
-    abstract = _host_zeros(target)
-    wanted = _shapes_by_path(abstract)
+    abstract = None if target is None else _host_zeros(target)
+    wanted = None if target is None else _shapes_by_path(abstract)
     chosen = lambda shapes: shapes
     if fields is not None:
       prefixes = tuple(f'{f}/' for f in fields)
       chosen = lambda shapes: {
           p: s for p, s in shapes.items() if p.startswith(prefixes)
       }
-      wanted = chosen(wanted)
+      wanted = None if wanted is None else chosen(wanted)
     candidates = self.all_steps()
     if step is not None:
       if step not in candidates:
@@ -397,7 +412,7 @@ class TrainCheckpointer:
       except Exception as e:  # pylint: disable=broad-except
         unreadable(candidate, e)
         continue
-      problem = _first_difference(saved, wanted)
+      problem = wanted is not None and _first_difference(saved, wanted)
       if problem:
         causes = (
             'another model, class count, optimizer or loss scaling'
@@ -412,14 +427,15 @@ class TrainCheckpointer:
       # Before, not after, the restore: when one read fails, the other
       # reads' callbacks can fire while the error is still propagating.
       _ignore_closed_loop_callbacks()
+      if abstract is None:
+        restore_into = _host_zeros(metadata)
+      elif fields is None:
+        restore_into = abstract
+      else:
+        restore_into = _with_other_fields(abstract, metadata, fields)
       try:
         tree = self._manager.restore(
-            candidate,
-            args=self._ocp.args.StandardRestore(
-                abstract
-                if fields is None
-                else _with_other_fields(abstract, metadata, fields)
-            ),
+            candidate, args=self._ocp.args.StandardRestore(restore_into)
         )
       except Exception as e:  # pylint: disable=broad-except
         unreadable(candidate, e)

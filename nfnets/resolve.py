@@ -7,6 +7,7 @@ every duration in steps is computed here, once, from the final config. So
 """
 
 import math
+import re
 from typing import Optional
 
 import jax
@@ -98,6 +99,24 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
     _positive_int(config[section][key], field)
 
 
+def _check_init(config: ml_collections.ConfigDict) -> None:
+  """train.init_exclude: a regular expression, and only with a source."""
+  exclude = config.train.init_exclude
+  if exclude is None:
+    return
+  if not config.train.init_checkpoint:
+    raise ValueError(
+        f'train.init_exclude={exclude!r} is set, but train.init_checkpoint'
+        ' (the weights it leaves out of) is not.'
+    )
+  try:
+    re.compile(exclude)
+  except re.error as e:
+    raise ValueError(
+        f'train.init_exclude={exclude!r} is not a regular expression: {e}.'
+    ) from None
+
+
 def kernel_layout(value: str, backend: Optional[str] = None) -> str:
   """`train.kernel_layout` resolved: 'hwio' or 'ohwi'.
 
@@ -170,6 +189,7 @@ def resolve(
       )
   config.model.name = name
   _check_ranges(config)
+  _check_init(config)
 
   derived = {
       ('model', 'drop_rate'): (info.drop_rate, float),

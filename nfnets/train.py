@@ -17,6 +17,7 @@ import functools
 import inspect
 import json
 import os
+import re
 import signal
 import time
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
@@ -1156,6 +1157,12 @@ def train_and_evaluate(
       advice='Resume it with the config it was trained with, or give this'
       ' run another --workdir.',
   )
+  initialized = ''
+  if restored_step is None and config.train.init_checkpoint:
+    # A new run only: one that resumes has its own, fine-tuned weights.
+    state, initialized = initialize_from(
+        config, jax.tree_util.tree_map(np.asarray, state)
+    )
   # Read before config.json is replaced: a resumed run whose command line
   # changed (another learning rate, more steps) says so.
   changes = (
@@ -1167,6 +1174,8 @@ def train_and_evaluate(
     _save_config(config, workdir)
   start_step = int(state.step)
   logger = _Logger(workdir, start_step, is_chief)
+  if initialized:
+    logger.print(initialized)
   if restored_step is not None:
     logger.print(
         f'Resumed from the checkpoint of step {restored_step}.'
@@ -1354,6 +1363,119 @@ def _run_checkpoint(path: str) -> Optional[tuple[str, Optional[int]]]:
       ' give a workdir, its checkpoints/ folder, one of its'
       ' checkpoints/<step> folders, or a parameter file.'
   )
+
+
+def merge_initial(
+    fresh: Mapping[str, Mapping[str, Any]],
+    loaded: Mapping[str, Mapping[str, Any]],
+    exclude: Optional[str],
+    where: str,
+) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
+  """`fresh` (a Haiku tree) with each array taken from `loaded` instead.
+
+  Args:
+    fresh: the new model's params (or state), `{module: {name: array}}`.
+    loaded: the same kind of tree from the checkpoint or file.
+    exclude: a regular expression; the 'module/name' paths it matches
+      (`re.search`) keep `fresh`'s array, and are not needed in `loaded`.
+    where: the source, named in errors (`train.init_checkpoint (where)`).
+
+  Returns:
+    `(tree, kept)`: the merged tree, in `fresh`'s dtypes, and the sorted
+    paths that kept `fresh`'s array.
+
+  Raises:
+    ValueError: a path not excluded is missing from either side or has
+      another shape there; the message names the first one and the config
+      field that would keep it.
+  """
+  skip = re.compile(exclude).search if exclude else lambda _: False
+  where = f'train.init_checkpoint ({where})'
+  paths = lambda tree: {f'{m}/{n}' for m, d in tree.items() for n in d}
+  hint = (
+      ' Keep it at its random init with --config.train.init_exclude=REGEX'
+      ' (e.g. "linear/" for a classifier with another number of classes).'
+  )
+  for path in sorted(paths(loaded) - paths(fresh)):
+    if not skip(path):
+      raise ValueError(f'{where} has {path}, which this model has not.{hint}')
+  merged, kept = {}, []
+  for module, arrays in fresh.items():
+    merged[module] = {}
+    for name, value in arrays.items():
+      path = f'{module}/{name}'
+      value = np.asarray(value)
+      if skip(path):
+        merged[module][name] = value
+        kept.append(path)
+        continue
+      source = loaded.get(module, {}).get(name)
+      if source is None:
+        raise ValueError(f'{where} has no {path}.{hint}')
+      if np.shape(source) != value.shape:
+        raise ValueError(
+            f'{where} has {path} with shape {np.shape(source)}; this model'
+            f' has {value.shape}.{hint}'
+        )
+      merged[module][name] = np.asarray(source, value.dtype)
+  return merged, sorted(kept)
+
+
+def initialize_from(
+    config: ml_collections.ConfigDict, state: TrainState
+) -> tuple[TrainState, str]:
+  """`state` with the weights of `config.train.init_checkpoint` (fine-tuning).
+
+  The parameters (and the model state, where the source has one: a run of
+  this project) are taken from the source but for `config.train.init_exclude`;
+  the EMA starts from the same parameters. The step, optimizer state and
+  loss scale stay as `state` has them (new).
+
+  Args:
+    config: the resolved config, with `train.init_checkpoint` set.
+    state: a new host state (`create_train_state`).
+
+  Returns:
+    `(state, message)`: the new state, and a line that says what was loaded.
+  """
+  source = expand_home(config.train.init_checkpoint)
+  exclude = config.train.init_exclude
+  run = _run_checkpoint(source)
+  if run is None:
+    loaded = {'params': checkpoint.read_params_file(source)}
+    where = source
+  else:
+    checkpointer = checkpoint.TrainCheckpointer(run[0])
+    try:
+      fields = ['params', 'model_state']
+      saved, step = checkpointer.restore_latest(None, step=run[1])
+    finally:
+      checkpointer.close()
+    if saved is None:
+      raise FileNotFoundError(
+          f'train.init_checkpoint={source!r}: no readable checkpoint in'
+          f' {checkpointer.directory}.'
+      )
+    loaded = {f: saved[f] for f in fields if f in saved}
+    where = f'checkpoint {step} in {checkpointer.directory}'
+  params, kept = merge_initial(state.params, loaded['params'], exclude, where)
+  model_state = state.model_state
+  if loaded.get('model_state'):
+    model_state, kept_state = merge_initial(
+        state.model_state, loaded['model_state'], exclude, where
+    )
+    kept += kept_state
+  state = state._replace(
+      params=params,
+      model_state=model_state,
+      ema_params=None
+      if state.ema_params is None
+      else jax.tree_util.tree_map(np.copy, params),
+  )
+  message = f'Initialised from {where}'
+  if kept:
+    message += f'; kept at random init: {", ".join(kept)}'
+  return state, message + '.'
 
 
 def evaluate_checkpoint(

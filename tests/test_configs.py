@@ -180,6 +180,8 @@ def test_command_line_numbers_and_none_for_auto_fields(monkeypatch):
 _UNSET_FIELDS = {
     'train.max_steps': ('8', 8),
     'eval.checkpoint': ('F0_haiku.npz', 'F0_haiku.npz'),
+    'train.init_checkpoint': ('workdirs/f0', 'workdirs/f0'),
+    'train.init_exclude': ('linear/', 'linear/'),
     'data.data_dir': ('gs://bucket/tfds', 'gs://bucket/tfds'),
     'optimizer.agc.clipping': ('auto', 'auto'),  # the BN / Fixup baselines
     'model.overrides.widths': ('(16,32,64,64)', (16, 32, 64, 64)),  # NFNets

@@ -256,6 +256,71 @@ def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
   with pytest.raises(FileNotFoundError, match='not a run of this project'):
     train.evaluate_checkpoint(config, other)
 
+  # Fine-tuning from this run, or from the DeepMind-format file: a new state
+  # with its weights (and its EMA from them), the rest new.
+  for source in (str(tmp_path), path):
+    tuned = tiny_config.get_config(2)
+    tuned.train.init_checkpoint = source
+    tuned, num_classes = train.prepare(tuned)
+    forward = train.create_model(tuned, num_classes)
+    optimizer, _ = train.optimizer_and_schedule(tuned)
+    new = jax.tree_util.tree_map(
+        np.asarray,
+        train.create_train_state(jax.random.PRNGKey(1), forward, optimizer, 16),
+    )
+    state, message = train.initialize_from(tuned, new)
+    assert message.startswith('Initialised from'), message
+    for tree in (state.params, state.ema_params):
+      got = {f'{m}/{n}': v for m, d in tree.items() for n, v in d.items()}
+      assert got.keys() == flat.keys()
+      for key, value in flat.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    assert _max_difference(state.opt_state, new.opt_state) == 0
+    assert int(state.step) == 0
+  workdir = str(tmp_path / 'tuned')
+  assert train.train_and_evaluate(tuned, workdir)['step'] == 2
+  # Resumed, a run keeps its own weights: init_checkpoint is not read.
+  tuned.train.init_checkpoint = str(tmp_path / 'missing')
+  assert train.train_and_evaluate(tuned, workdir)['step'] == 2
+
+
+def test_merge_initial_keeps_excluded_and_names_what_does_not_fit():
+  fresh = {
+      'net/~/conv': {'w': np.zeros((3, 3), np.float32)},
+      'net/~/linear': {'w': np.zeros((3, 4), np.float32)},
+  }
+  loaded = {
+      'net/~/conv': {'w': np.ones((3, 3), np.float64)},
+      'net/~/linear': {'w': np.ones((3, 10), np.float32)},
+  }
+  with pytest.raises(
+      ValueError, match=r'linear/w with shape \(3, 10\);.*' 'init_exclude'
+  ):
+    train.merge_initial(fresh, loaded, None, 'src')
+  merged, kept = train.merge_initial(fresh, loaded, 'linear/', 'src')
+  assert kept == ['net/~/linear/w']
+  np.testing.assert_array_equal(merged['net/~/conv']['w'], 1.0)
+  assert merged['net/~/conv']['w'].dtype == np.float32
+  np.testing.assert_array_equal(merged['net/~/linear']['w'], 0.0)
+  with pytest.raises(ValueError, match=r'\(src\) has no net/~/conv/w'):
+    train.merge_initial(
+        fresh, {'net/~/linear': loaded['net/~/linear']}, 'linear/', 'src'
+    )
+  extra = dict(loaded, **{'net/~/head': {'b': np.ones(2)}})
+  with pytest.raises(ValueError, match='has net/~/head/b, which this model'):
+    train.merge_initial(fresh, extra, 'linear/', 'src')
+
+
+def test_init_exclude_needs_a_source_and_a_regular_expression():
+  config = tiny_config.get_config(2)
+  config.train.init_exclude = 'linear/'
+  with pytest.raises(ValueError, match='init_checkpoint .* is not'):
+    train.prepare(config)
+  config.train.init_checkpoint = 'F0_haiku.npz'
+  config.train.init_exclude = '('
+  with pytest.raises(ValueError, match='not a regular expression'):
+    train.prepare(config)
+
 
 def test_sigterm_then_relaunch_equals_uninterrupted_bitwise(
     uninterrupted, tmp_path
@@ -829,6 +894,7 @@ def test_float16_run_logs_checkpoints_and_resumes_its_loss_scale(tmp_path):
   config.optimizer.name = 'adam'
   with pytest.raises(checkpoint.CheckpointMismatchError, match='arrays'):
     train.train_and_evaluate(config, workdir)
+  config.eval.ema = True  # the tiny config's is off
   evaluated = train.evaluate_checkpoint(config, workdir)
   assert evaluated['eval_count'] == evaluated['ema_eval_count'] == 360
 
