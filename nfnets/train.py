@@ -1390,35 +1390,43 @@ def merge_initial(
       field that would keep it.
   """
   skip = re.compile(exclude).search if exclude else lambda _: False
-  where = f'train.init_checkpoint ({where})'
-  paths = lambda tree: {f'{m}/{n}' for m, d in tree.items() for n in d}
-  hint = (
-      ' Keep it at its random init with --config.train.init_exclude=REGEX'
-      ' (e.g. "linear/" for a classifier with another number of classes).'
+
+  def kept_out(tree):
+    return {
+        m: {n: v for n, v in d.items() if not skip(f'{m}/{n}')}
+        for m, d in tree.items()
+    }
+
+  try:
+    checkpoint.check_params(
+        kept_out(loaded),
+        {
+            m: {n: np.shape(v) for n, v in d.items()}
+            for m, d in kept_out(fresh).items()
+        },
+        where=f'train.init_checkpoint ({where})',
+    )
+  except ValueError as e:
+    raise ValueError(
+        f'{e} Keep such an array at its random init with'
+        ' --config.train.init_exclude=REGEX (e.g. "linear/" for a classifier'
+        ' with another number of classes).'
+    ) from None
+  merged = {
+      m: {
+          n: (
+              np.asarray(v)
+              if skip(f'{m}/{n}')
+              else np.asarray(loaded[m][n], np.asarray(v).dtype)
+          )
+          for n, v in d.items()
+      }
+      for m, d in fresh.items()
+  }
+  kept = sorted(
+      f'{m}/{n}' for m, d in fresh.items() for n in d if skip(f'{m}/{n}')
   )
-  for path in sorted(paths(loaded) - paths(fresh)):
-    if not skip(path):
-      raise ValueError(f'{where} has {path}, which this model has not.{hint}')
-  merged, kept = {}, []
-  for module, arrays in fresh.items():
-    merged[module] = {}
-    for name, value in arrays.items():
-      path = f'{module}/{name}'
-      value = np.asarray(value)
-      if skip(path):
-        merged[module][name] = value
-        kept.append(path)
-        continue
-      source = loaded.get(module, {}).get(name)
-      if source is None:
-        raise ValueError(f'{where} has no {path}.{hint}')
-      if np.shape(source) != value.shape:
-        raise ValueError(
-            f'{where} has {path} with shape {np.shape(source)}; this model'
-            f' has {value.shape}.{hint}'
-        )
-      merged[module][name] = np.asarray(source, value.dtype)
-  return merged, sorted(kept)
+  return merged, kept
 
 
 def initialize_from(
