@@ -1339,8 +1339,13 @@ def train_and_evaluate(
   return result
 
 
-def _run_checkpoint(path: str) -> Optional[tuple[str, Optional[int]]]:
+def _run_checkpoint(
+    path: str, field: str
+) -> Optional[tuple[str, Optional[int]]]:
   """`(workdir, step or None)` where `path` is a run's folder; None: a file.
+
+  `field` (e.g. 'eval.checkpoint') is the config field that gave `path`,
+  named in the error.
 
   A run's workdir (or its `checkpoints/` folder) means its newest readable
   checkpoint; `checkpoints/<step>` (or orbax's `<step>/default` in it), that
@@ -1359,7 +1364,7 @@ def _run_checkpoint(path: str) -> Optional[tuple[str, Optional[int]]]:
   if folder.name.isdigit() and folder.parent.name == 'checkpoints':
     return str(folder.parent.parent), int(folder.name)
   raise FileNotFoundError(
-      f'eval.checkpoint={path!r} is a folder but not a run of this project:'
+      f'{field}={path!r} is a folder but not a run of this project:'
       ' give a workdir, its checkpoints/ folder, one of its'
       ' checkpoints/<step> folders, or a parameter file.'
   )
@@ -1448,7 +1453,7 @@ def initialize_from(
   """
   source = expand_home(config.train.init_checkpoint)
   exclude = config.train.init_exclude
-  run = _run_checkpoint(source)
+  run = _run_checkpoint(source, 'train.init_checkpoint')
   if run is None:
     loaded = {'params': checkpoint.read_params_file(source)}
     where = source
@@ -1502,7 +1507,9 @@ def evaluate_checkpoint(
   forward = create_model(config, num_classes)
   run = None
   if config.eval.checkpoint:
-    run = _run_checkpoint(expand_home(config.eval.checkpoint))
+    run = _run_checkpoint(
+        expand_home(config.eval.checkpoint), 'eval.checkpoint'
+    )
     if run is not None:
       workdir = run[0]
   if config.eval.checkpoint and run is None:

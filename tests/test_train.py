@@ -253,7 +253,9 @@ def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'checkpoint 3 .*\[4, 5\]'):
     train.evaluate_checkpoint(config, other)
   config.eval.checkpoint = os.path.join(str(tmp_path), 'tensorboard')
-  with pytest.raises(FileNotFoundError, match='not a run of this project'):
+  with pytest.raises(
+      FileNotFoundError, match='eval.checkpoint=.* not a run of this project'
+  ):
     train.evaluate_checkpoint(config, other)
 
   # Fine-tuning from this run, or from the DeepMind-format file: a new state
@@ -279,6 +281,11 @@ def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
     assert int(state.step) == 0
   workdir = str(tmp_path / 'tuned')
   assert train.train_and_evaluate(tuned, workdir)['step'] == 2
+  tuned.train.init_checkpoint = os.path.join(str(tmp_path), 'tensorboard')
+  with pytest.raises(
+      FileNotFoundError, match='train.init_checkpoint=.* not a run of this'
+  ):
+    train.initialize_from(tuned, new)
   # Resumed, a run keeps its own weights: init_checkpoint is not read.
   tuned.train.init_checkpoint = str(tmp_path / 'missing')
   assert train.train_and_evaluate(tuned, workdir)['step'] == 2
