@@ -2,18 +2,13 @@
 # The GPU figures of benchmarks/RESULTS.md on a lent GPU machine.
 #
 # The GPU image has JAX, optax, orbax, timm and torch but not dm-haiku, jmp,
-# ml-collections or tensorboardX. Once, here, fetch them as wheels into the
-# ignored folder .whl (pure Python, ~0.6 MB):
-#
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: \
-#     --python-version 3.12 --implementation cp -d .whl \
-#     dm-haiku==0.0.17 jmp==0.0.4 ml-collections==1.1.0 tensorboardX==2.6.5
-#
-# To compare with an earlier commit in the same call, put its tree in the
-# ignored folder .base (e.g. `git archive 3a6a5cc | tar -x -C .base`: the
-# tree before the tenth round's max-pooling gradient and augmentation
-# sub-batches, none timed on a GPU yet).
+# ml-collections or tensorboardX. Before the first device call, here (not
+# on the device), `bash benchmarks/gpu_session.sh prep` fetches them as
+# wheels into the ignored folder .whl (pure Python, ~0.6 MB, for the GPU
+# machine's Python 3.12) and writes the tree of commit ${BASE:-3a6a5cc}
+# into the ignored folder .base, to compare with in the same call (3a6a5cc:
+# the tree before the tenth round's max-pooling gradient and augmentation
+# sub-batches, none timed on a GPU yet; BASE= leaves .base out).
 #
 # Then, with `.whl` (and `.base`) carried, run with a timeout of ~590 s
 # (a machine idle for 30 s is given back, so a second call may start cold):
@@ -44,14 +39,36 @@
 # HLO's buffers.
 # On a CPU (PYTHON=.venv/bin/python) the benchmarks pick tiny defaults.
 set -uo pipefail
-what="${1:-all}"  # ablate, flags, round, throughput, profile or all
-case "${what}" in ablate | flags | round | throughput | profile | all) ;;
-  *) echo "usage: $0 [ablate|flags|round|throughput|profile|all]" >&2
+what="${1:-all}"  # prep, ablate, flags, round, throughput, profile or all
+case "${what}" in prep | ablate | flags | round | throughput | profile | all) ;;
+  *) echo "usage: $0 [prep|ablate|flags|round|throughput|profile|all]" >&2
     exit 2 ;;
 esac
+cd "$(dirname "$0")/.." || exit 1
+
+if [[ "${what}" == prep ]]; then
+  # Here, before the device call: what the call must carry (see above).
+  base="${BASE-3a6a5cc}"
+  if [[ -n "${base}" ]] &&
+    ! git rev-parse -q --verify "${base}^{commit}" >/dev/null; then
+    echo "prep: BASE=${base} is not a commit of this repository" >&2
+    exit 1
+  fi
+  wheels=(dm-haiku==0.0.17 jmp==0.0.4 ml-collections==1.1.0
+    tensorboardX==2.6.5)
+  python3 -m pip download -q --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp -d .whl "${wheels[@]}" ||
+    { echo "prep: could not fetch ${wheels[*]} into .whl" >&2; exit 1; }
+  rm -rf .base
+  if [[ -n "${base}" ]]; then
+    mkdir .base && git archive "${base}" | tar -x -C .base || exit 1
+  fi
+  echo "carry: .whl ($(ls .whl | wc -l) wheels)${base:+ and .base (${base})}"
+  exit 0
+fi
+
 out="${OUT:-/tmp/gpu_session}"
 mkdir -p "${out}"
-cd "$(dirname "$0")/.." || exit 1
 python="${PYTHON:-python3}"  # PYTHON=.venv/bin/python to try it on a CPU
 # Absolute, so that the .base tree (run from its own folder) finds it too.
 [[ "${python}" == */* && "${python}" != /* ]] && python="${PWD}/${python}"

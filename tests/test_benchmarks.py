@@ -275,3 +275,23 @@ def test_gpu_session_script_parses_and_rejects_an_unknown_mode(tmp_path):
   assert result.returncode == 2
   assert 'usage:' in result.stderr and 'round' in result.stderr
   assert not os.listdir(tmp_path)  # refused before it installs or writes
+
+
+def test_gpu_session_prep_refuses_a_base_that_is_not_a_commit():
+  # `prep` fetches wheels and rewrites .base: a wrong BASE must stop it
+  # before either, with the field named.
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  root = os.path.join(os.path.dirname(__file__), '..')
+  before = os.path.exists(os.path.join(root, '.base'))
+  result = subprocess.run(
+      ['bash', os.path.join(root, 'benchmarks', 'gpu_session.sh'), 'prep'],
+      env=dict(os.environ, BASE='not-a-commit-0000'),
+      capture_output=True,
+      text=True,
+      timeout=60,
+      check=False,
+  )
+  assert result.returncode == 1
+  assert 'BASE=not-a-commit-0000 is not a commit' in result.stderr
+  assert os.path.exists(os.path.join(root, '.base')) == before
