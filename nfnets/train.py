@@ -16,6 +16,7 @@ import contextlib
 import functools
 import inspect
 import json
+import math
 import os
 import re
 import signal
@@ -775,6 +776,20 @@ def _summary_writer(logdir: str):
   return tensorboardX.SummaryWriter(logdir)
 
 
+def _json_line(record: dict[str, Any]) -> str:
+  """`record` as one line of strict JSON, non-finite floats as null.
+
+  JSON has no infinity or NaN. Python would write `Infinity`, which jq,
+  JavaScript and other strict readers refuse: such a value (the grad norm of
+  a step that a float16 loss scale skipped) is written as null.
+  """
+  strict = {
+      k: None if isinstance(v, float) and not math.isfinite(v) else v
+      for k, v in record.items()
+  }
+  return json.dumps(strict, allow_nan=False) + '\n'
+
+
 class _Logger:
   """metrics.jsonl, TensorBoard events and a stdout progress line.
 
@@ -799,7 +814,7 @@ class _Logger:
             flush=True,
         )
       kept = [
-          json.dumps(r) + '\n'
+          _json_line(r)
           for r in records
           if r.get('step', resume_step + 1) <= resume_step
       ]
@@ -819,8 +834,8 @@ class _Logger:
         for k, v in record.items()
     }
     with self.path.open('a') as f:
-      f.write(json.dumps(record) + '\n')
-    self._tensorboard(record)
+      f.write(_json_line(record))
+    self._tensorboard(record)  # TensorBoard takes non-finite floats
 
   def _tensorboard(self, record):
     if self._tb is None:

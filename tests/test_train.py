@@ -1016,3 +1016,25 @@ def test_logged_param_norm_is_of_the_params_the_step_started_from(two_steps):
   # The step moves the norm by more than the tolerance: the test can fail.
   assert abs(_norm(after.params) - want) > 1e-5 * want
   assert float(metrics['update_norm']) > 0
+
+
+def test_logger_writes_strict_json_with_non_finite_values_as_null(tmp_path):
+  def refuse(constant):
+    raise ValueError(f'not JSON: {constant}')
+
+  path = tmp_path / 'metrics.jsonl'
+  # A line an older version wrote, kept on resume, is rewritten strictly.
+  path.write_text('{"step": 1, "grad_norm": Infinity}\n')
+  logger = train._Logger(str(tmp_path), resume_step=1, enabled=True)
+  logger.write(
+      dict(step=2, train_loss=np.float32(0.5), grad_norm=np.float32(np.inf))
+  )
+  logger.write(dict(step=3, train_loss=0.25, grad_norm=float('nan')))
+  logger.close()
+  lines = path.read_text().splitlines()
+  records = [json.loads(l, parse_constant=refuse) for l in lines]
+  assert records == [
+      {'step': 1, 'grad_norm': None},
+      {'step': 2, 'train_loss': 0.5, 'grad_norm': None},
+      {'step': 3, 'train_loss': 0.25, 'grad_norm': None},
+  ]
