@@ -229,6 +229,21 @@ def test_bad_config_values_raise():
     _digits('train', 8, prefetch=-2)
 
 
+def test_split_strings_that_select_other_digits_raise():
+  # The split is fixed: a slice would otherwise be ignored without a word.
+  with pytest.raises(ValueError, match=r"^data\.train_split='train\[:50%\]'"):
+    _digits('train', 8, train_split='train[:50%]')
+  with pytest.raises(
+      ValueError, match=r"^data\.eval_split='validation\[:10\]'"
+  ):
+    data.num_examples(
+        testing.config(name='digits', eval_split='validation[:10]'), 'eval'
+    )
+  for name in ('validation', 'test', 'eval'):
+    config = testing.config(name='digits', eval_split=name)
+    assert data.num_examples(config, 'eval') == 360
+
+
 def test_device_count_defaults_to_jax():
   import jax  # pylint: disable=g-import-not-at-top
 

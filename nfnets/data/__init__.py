@@ -82,6 +82,7 @@ def _kind(cfg) -> str:
   if not isinstance(name, str) or not name:
     raise ValueError(f'data.name={name!r} must be a non-empty dataset name.')
   if name == 'digits':
+    digits.check_splits(cfg)
     return 'digits'
   if name.startswith(FOLDER_PREFIX):
     return 'folder'

@@ -6,7 +6,9 @@ download. Choices (fixed, so runs are comparable):
 
 * Split: stratified, `sklearn.model_selection.train_test_split(test_size=360,
   stratify=labels, random_state=0)`: 1,437 train / 360 eval examples. The
-  config's `train_split` / `eval_split` strings are not used for digits.
+  config's `train_split` must be `'train'` and its `eval_split` one of
+  `EVAL_SPLITS`: a TFDS slice such as `'train[:50%]'` is refused
+  (`check_splits`), not ignored.
 * Images: intensities scaled to [0, 1], upsampled from 8x8 to
   `image_size` x `image_size` (32 by default) with bilinear interpolation
   (half-pixel centres, as `tf.image.resize`), replicated to 3 channels, then
@@ -37,6 +39,8 @@ NUM_CLASSES = 10
 NUM_TRAIN = 1437
 NUM_EVAL = 360
 _SPLIT_SEED = 0
+# The names a config may give the 360 held-out digits.
+EVAL_SPLITS = ('validation', 'test', 'eval')
 # Translation range at 32 px; scales with the image size.
 _MAX_SHIFT_FRACTION = 1 / 16
 # Tags that keep the random streams of different uses independent.
@@ -92,6 +96,28 @@ def normalization() -> Tuple[float, float]:
   """(mean, std) of the training pixels in [0, 1], at the native 8x8."""
   train_images = _load()['train'][0]
   return float(train_images.mean()), float(train_images.std())
+
+
+def check_splits(cfg) -> None:
+  """Refuses split strings that would select other digits than the fixed ones.
+
+  Args:
+    cfg: the data config; its `train_split` and `eval_split` are checked.
+
+  Raises:
+    ValueError: naming the field, when it asks for a subset or another split.
+  """
+  for field, valid in (
+      ('train_split', ('train',)),
+      ('eval_split', EVAL_SPLITS),
+  ):
+    value = getattr(cfg, field, valid[0])
+    if value not in valid:
+      raise ValueError(
+          f'data.{field}={value!r} does not apply to digits, whose split is'
+          f' fixed ({NUM_TRAIN:,} train / {NUM_EVAL} eval images); use'
+          f' {valid[0]!r}, or a TFDS dataset or image folder to choose splits.'
+      )
 
 
 def num_examples(split: str) -> int:
