@@ -236,12 +236,15 @@ def create_optimizer(
   weight_decay = cfg.weight_decay
   _check_number("weight_decay", weight_decay, minimum=0, strict=False)
 
+  # At 1 or more a momentum or moment estimate never decays: the updates
+  # grow unbounded or stop following the gradient.
+  for field in ("momentum",) if name == "sgd" else ("b1", "b2"):
+    value = cfg[field]
+    _check_number(f"optimizer.{field}", value, minimum=0, strict=False)
+    if not value < 1:
+      raise ValueError(f"optimizer.{field} must be < 1, got {value!r}.")
   if name == "sgd":
     momentum = cfg.momentum
-    _check_number("momentum", momentum, minimum=0, strict=False)
-    if not momentum < 1:
-      # At 1 or more the velocity never decays: the updates grow unbounded.
-      raise ValueError(f"momentum must be < 1, got {momentum!r}.")
     optimizer = optax.chain(
         optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
         optax.sgd(learning_rate_fn, momentum=momentum, nesterov=cfg.nesterov),

@@ -248,6 +248,30 @@ def test_momentum_outside_0_1_is_rejected(momentum):
     )
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw", "lamb"])
+@pytest.mark.parametrize(
+    "field, value",
+    [("b1", 1.0), ("b2", 1.5), ("b1", -0.1), ("b2", float("nan"))],
+)
+def test_adam_moment_decays_outside_0_1_are_rejected(name, field, value):
+  with pytest.raises(ValueError, match=rf"^optimizer\.{field} must be"):
+    optim.create_optimizer(
+        make_config(name=name, **{field: value}),
+        batch_size=256,
+        total_steps=10,
+        warmup_steps=1,
+    )
+
+
+def test_sgd_does_not_read_the_adam_fields():
+  optim.create_optimizer(
+      make_config(name="sgd", b1=1.0, b2=2.0),
+      batch_size=256,
+      total_steps=10,
+      warmup_steps=1,
+  )
+
+
 def test_bad_optimizer_name_lists_valid_names():
   with pytest.raises(ValueError, match="'rmsprop'.*sgd.*adamw.*lamb.*adam"):
     optim.create_optimizer(
