@@ -12,10 +12,10 @@
 #
 # Then, with `.whl` (and `.base`) carried, run with a timeout of ~590 s
 # (a machine idle for 30 s is given back, so a second call may start cold):
-#   `bash benchmarks/gpu_session.sh round` (~9-10 minutes cold): F0 minimal
-#     and full, the thesis pair, the on-device augmentation alone for this
-#     tree and .base, NF-ResNet-50 minimal for .base, F0 minimal with
-#     cuDNN's conv fusions (ROUND_FLAGS), BN-ResNet-50 minimal for .base;
+#   `bash benchmarks/gpu_session.sh round` (~10 minutes cold): F0 minimal
+#     and full, the thesis pair, F0 minimal with cuDNN's conv fusions
+#     (ROUND_FLAGS), the on-device augmentation alone for this tree and
+#     .base, NF-ResNet-50 and BN-ResNet-50 minimal for .base;
 #     on a warm machine the modes below take 40-110 s per line;
 #   `bash benchmarks/gpu_session.sh ablate` (~3.5 minutes cold): F0 minimal
 #     for this tree, for .base and with HWIO kernels in the state
@@ -162,26 +162,20 @@ fi
 if [[ "${what}" == round ]]; then
   # Everything that settles the issue in one call, since a lent machine is
   # given back after 30 s idle and a second call may start cold: F0 minimal
-  # and full for this tree, the thesis pair, F0's on-device augmentation
-  # alone (256 images, 192 px) for this tree and .base, NF-ResNet-50's
-  # minimal step for .base, F0's minimal step under ROUND_FLAGS (default:
-  # cuDNN's conv fusions, the first XLA flag set of `flags` below; '' skips
-  # it), then BN-ResNet-50's for .base. The .base lines against this tree's
+  # and full for this tree, the thesis pair, F0's minimal step under
+  # ROUND_FLAGS (default: cuDNN's conv fusions, the first XLA flag set of
+  # `flags` below; '' skips it), F0's on-device augmentation alone (256
+  # images, 192 px) for this tree and .base, then NF-ResNet-50's and
+  # BN-ResNet-50's minimal steps for .base. The .base lines against this tree's
   # say what the changes since it did. ~70 s per step measurement cold
   # (machine F: 480 s for seven), ~20 s per augmentation line; the call's
   # 600 s limit may cut the tail, whose lines are then missing, not wrong.
-  timeout 220 "${python}" benchmarks/train_throughput.py --modes=minimal,full \
+  # (`full` compiles two steps: the one between log steps and the log step.)
+  timeout 260 "${python}" benchmarks/train_throughput.py --modes=minimal,full \
     --no_timm 2>>"${log}" | tee "${out}/train_throughput.jsonl"
   check throughput
   timeout 200 "${python}" benchmarks/train_throughput.py --modes= --no_timm \
     --thesis 2>>"${log}" | tee "${out}/thesis.jsonl"; check thesis
-  augment=(timeout 60 "${python}" benchmarks/input_pipeline.py
-    --device_augment_only --devices=1 --num_batches=30)
-  "${augment[@]}" 2>>"${log}" | tee "${out}/augment.jsonl"; check augment
-  BASE_FILE=augment_base base_line "${augment[@]}"
-  one=(timeout 110 "${python}" benchmarks/train_throughput.py --modes=minimal
-    --no_timm --image_size=224)
-  base_line "${one[@]}" --model=nf_resnet50
   round_flags="${ROUND_FLAGS-"--xla_gpu_experimental_enable_conv_fusion=true"}"
   if [[ -n "${round_flags}" ]]; then
     XLA_FLAGS="$(echo "${XLA_FLAGS:-} ${round_flags}" | xargs)" \
@@ -189,6 +183,13 @@ if [[ "${what}" == round ]]; then
       --modes=minimal --no_timm 2>>"${log}" | tee -a "${out}/flags.jsonl"
     check "flags ${round_flags}"
   fi
+  augment=(timeout 60 "${python}" benchmarks/input_pipeline.py
+    --device_augment_only --devices=1 --num_batches=30)
+  "${augment[@]}" 2>>"${log}" | tee "${out}/augment.jsonl"; check augment
+  BASE_FILE=augment_base base_line "${augment[@]}"
+  one=(timeout 110 "${python}" benchmarks/train_throughput.py --modes=minimal
+    --no_timm --image_size=224)
+  base_line "${one[@]}" --model=nf_resnet50
   base_line "${one[@]}" --model=resnet50_bn
 fi
 
@@ -202,7 +203,7 @@ if [[ "${what}" == throughput || "${what}" == all ]]; then
     --thesis 2>>"${log}" | tee "${out}/thesis.jsonl"; check thesis
   # NFNet-F0 minimal, full_step and full at 192 px, batch 256, bf16 (and
   # timm's dm_nfnet_f0 beside them with TIMM=1).
-  timeout 290 "${python}" benchmarks/train_throughput.py ${timm_flag} \
+  timeout 340 "${python}" benchmarks/train_throughput.py ${timm_flag} \
     2>>"${log}" | tee "${out}/train_throughput.jsonl"; check throughput
 fi
 

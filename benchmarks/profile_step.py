@@ -14,6 +14,9 @@ module path and primitive). Prints, per traced step:
   * `--top` lines for the costliest HLO instructions, with the bandwidth
     their operands and outputs imply (`gb_per_s`, an upper bound).
 
+In the full modes the step profiled is the one the runner runs between log
+steps, without the logged norms (99 steps in 100 by default).
+
 With `--mode=full` on an accelerator the runner's on-device augmentation is
 a program of its own that runs before each step; it is traced separately
 and gets its own lines (`"program": "augment"`; the train step's are

@@ -15,8 +15,11 @@ Modes:
              benchmarks time.
   full_step  the runner's train step as configured: the config's optimizer
              chain (AGC, masked weight decay, schedule), EMA, label
-             smoothing, MixUp/CutMix labels and the logged norms, on a
-             batch that is ready.
+             smoothing and MixUp/CutMix labels, on a batch that is ready;
+             with the logged norms on one step in
+             `config.train.log_every_steps`, as the runner (both steps
+             are timed: `quiet_step_ms`, `log_step_ms`; `step_ms` is their
+             average in that proportion).
   full       everything experiment.py does per step on an accelerator:
              `full_step` plus the on-device augmentation that runs before
              each step by default (RandAugment at the variant's
@@ -141,28 +144,25 @@ def _config(model, batch, image_size, dtype):
   return config
 
 
-def build_step(
-    model,
-    batch,
-    image_size,
-    dtype,
+def make_step(
+    config,
     mode,
+    *,
     num_classes=1000,
     donate=True,
-    kernel_layout='auto',
+    kernel_layout='hwio',
+    with_metrics=False,
 ):
-  """(pmapped step, replicated state, device batch, config) for one setup.
+  """(pmapped step, forward, optimizer) of `mode` for a `_config` config.
 
-  `donate=False` gives the step fresh output buffers instead of the state's,
-  which the runner does not do: an experiment, since XLA copies the outputs
-  it cannot write in place into the donated buffers. `kernel_layout` is
-  `config.train.kernel_layout`'s: 'auto' as the runner, or 'hwio' / 'ohwi'
-  to compare them (`train.to_device_layout`).
+  In the full modes `with_metrics=True` gives the step of the runner's log
+  steps (`train.is_log_step`), which also computes the logged norms, and
+  False the step of the others; `minimal` has no logged norms.
   """
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; valid: {MODES}.')
-  kernel_layout = resolve.kernel_layout(kernel_layout)
-  config = _config(model, batch, image_size, dtype)
+  if mode == 'minimal' and with_metrics:
+    raise ValueError("The 'minimal' step logs no norms (with_metrics).")
   forward = train.create_model(config, num_classes)
   agc_cfg = config.optimizer.agc
   if mode == 'minimal':
@@ -176,7 +176,7 @@ def build_step(
     overrides = dict(label_smoothing=0.0, ema_decay=None, with_metrics=False)
   else:
     optimizer, lr_fn = train.optimizer_and_schedule(config)
-    overrides = {}
+    overrides = dict(with_metrics=with_metrics)
   step_fn = jax.pmap(
       train.make_device_step(
           config,
@@ -189,6 +189,39 @@ def build_step(
       ),
       axis_name=train.AXIS_NAME,
       donate_argnums=(0,) if donate else (),
+  )
+  return step_fn, forward, optimizer
+
+
+def build_step(
+    model,
+    batch,
+    image_size,
+    dtype,
+    mode,
+    num_classes=1000,
+    donate=True,
+    kernel_layout='auto',
+    with_metrics=False,
+):
+  """(pmapped step, replicated state, device batch, config) for one setup.
+
+  `donate=False` gives the step fresh output buffers instead of the state's,
+  which the runner does not do: an experiment, since XLA copies the outputs
+  it cannot write in place into the donated buffers. `kernel_layout` is
+  `config.train.kernel_layout`'s: 'auto' as the runner, or 'hwio' / 'ohwi'
+  to compare them (`train.to_device_layout`). `with_metrics` as for
+  `make_step`: by default the step the runner runs between log steps.
+  """
+  kernel_layout = resolve.kernel_layout(kernel_layout)
+  config = _config(model, batch, image_size, dtype)
+  step_fn, forward, optimizer = make_step(
+      config,
+      mode,
+      num_classes=num_classes,
+      donate=donate,
+      kernel_layout=kernel_layout,
+      with_metrics=with_metrics,
   )
   state = train.create_train_state(
       jax.random.PRNGKey(0),
@@ -257,7 +290,12 @@ def time_ours(
     donate=True,
     kernel_layout='auto',
 ):
-  """Measures one (model, mode) setup; returns the JSON record."""
+  """Measures one (model, mode) setup; returns the JSON record.
+
+  In the full modes the runner computes the logged norms on one step in
+  `config.train.log_every_steps` (`train.is_log_step`): both steps are
+  timed, and `step_ms` (hence images/s) is their average in that proportion.
+  """
   step_fn, state, device_batch, config, augment, raw_batch = build_step(
       model,
       batch,
@@ -269,6 +307,19 @@ def time_ours(
   )
   start = time.perf_counter()
   step_fn = step_fn.lower(state, device_batch).compile()
+  log_step_fn = None
+  if mode != 'minimal':
+    log_step_fn = (
+        make_step(
+            config,
+            mode,
+            donate=donate,
+            kernel_layout=resolve.kernel_layout(kernel_layout),
+            with_metrics=True,
+        )[0]
+        .lower(state, device_batch)
+        .compile()
+    )
   if augment is not None:
     jax.block_until_ready(augment(raw_batch, 0))
   compile_s = time.perf_counter() - start
@@ -277,9 +328,9 @@ def time_ours(
   except (NotImplementedError, AttributeError):  # Not every backend has it.
     memory = None
 
-  def run(state, i):
+  def run(state, i, fn=step_fn):
     batch = device_batch if augment is None else augment(raw_batch, i)
-    return step_fn(state, batch)
+    return fn(state, batch)
 
   state, metrics = run(state, 0)
   jax.block_until_ready(metrics)
@@ -287,13 +338,23 @@ def time_ours(
     state, metrics = run(state, i)
   jax.block_until_ready(metrics)
 
-  def run_steps(count):
+  def run_steps(count, fn=step_fn):
     nonlocal state, metrics
     for i in range(count):
-      state, metrics = run(state, i)
+      state, metrics = run(state, i, fn)
     jax.block_until_ready(metrics)
 
   median = median_step_seconds(run_steps, steps)
+  log_every = log_step_s = None
+  if log_step_fn is not None:
+    state, metrics = run(state, 0, log_step_fn)  # warm-up
+    jax.block_until_ready(metrics)
+    log_step_s = median_step_seconds(
+        lambda count: run_steps(count, log_step_fn), SYNC_EVERY
+    )
+    log_every = config.train.log_every_steps
+    quiet_s = median
+    median = ((log_every - 1) * quiet_s + log_step_s) / log_every
   images_per_s = batch / median
   flops = 2 * models.count_flops(model, image_size)  # multiply-adds x 2
   peak = peak_flops(jax.devices()[0])
@@ -312,6 +373,11 @@ def time_ours(
       sync_every=SYNC_EVERY,
       step_ms=round(1000 * median, 3),
       images_per_s=round(images_per_s, 1),
+      # Full modes: the step between log steps, the log step (which also
+      # computes the logged norms) and how often the runner takes it.
+      quiet_step_ms=None if log_step_s is None else round(1000 * quiet_s, 3),
+      log_step_ms=None if log_step_s is None else round(1000 * log_step_s, 3),
+      log_every_steps=log_every,
       compile_s=round(compile_s, 2),
       peak_memory_gib=_peak_memory_gib(),
       device_augment=(

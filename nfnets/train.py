@@ -398,7 +398,8 @@ def train_step(
     agc_clipping: AGC's lambda (None: no AGC), for the clipped fraction.
     agc_eps: AGC's eps.
     agc_exclude: AGC's excluded paths.
-    with_metrics: compute the logged norms (off in pure-speed benchmarks).
+    with_metrics: also compute `param_norm`, `update_norm` and (with AGC)
+      `agc_clipped_fraction`: the runner's log steps (`is_log_step`) do.
     loss_scale_period: dynamic loss scaling (the state has `loss_scale`):
       the loss is multiplied by the scale and the gradients divided by it.
       A step whose gradients overflow is skipped (only the step counter
@@ -854,6 +855,15 @@ class _Logger:
       print(text, flush=True)
 
 
+def is_log_step(step: int, log_every: int, total: int) -> bool:
+  """Whether the runner logs the metrics of the step that makes `step` done.
+
+  Every `log_every`-th step and the last one (`total`); the runner computes
+  the logged norms on those steps only.
+  """
+  return step % log_every == 0 or step == total
+
+
 def _format_seconds(seconds: float) -> str:
   seconds = int(seconds)
   if seconds >= 3600:
@@ -1197,17 +1207,21 @@ def train_and_evaluate(
         + (f'{changes} The run goes on with the new values.' if changes else '')
     )
 
-  p_train_step = jax.pmap(
-      make_device_step(
-          config,
-          forward=forward,
-          optimizer=optimizer,
-          lr_fn=lr_fn,
-          num_classes=num_classes,
-      ),
-      axis_name=AXIS_NAME,
-      donate_argnums=(0,),
-  )
+  # The parameter and update norms and AGC's clipped fraction are read on
+  # log steps only; the other steps leave them out (on the CPU they were a
+  # sixth of a small NFNet's step). Each is compiled when first called: a
+  # run that logs every step compiles one.
+  kwargs = dict(forward=forward, optimizer=optimizer, lr_fn=lr_fn)
+  step_fns = {
+      logs: jax.pmap(
+          make_device_step(
+              config, num_classes=num_classes, with_metrics=logs, **kwargs
+          ),
+          axis_name=AXIS_NAME,
+          donate_argnums=(0,),
+      )
+      for logs in (True, False)
+  }
   evaluate_all = make_evaluator(config, forward, num_classes, kernel_layout)
 
   def run_eval(replicated, step):
@@ -1300,9 +1314,10 @@ def train_and_evaluate(
         batch = next(train_ds)
         if augment_on_device is not None:
           batch = augment_on_device(batch, step)
-        replicated, metrics = p_train_step(replicated, batch)
+        logs = is_log_step(step + 1, config.train.log_every_steps, total)
+        replicated, metrics = step_fns[logs](replicated, batch)
         step += 1
-        if step % config.train.log_every_steps == 0 or step == total:
+        if logs:
           check_finite(replicated)
           metrics = {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
           now = time.time()

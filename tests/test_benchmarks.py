@@ -295,3 +295,36 @@ def test_gpu_session_prep_refuses_a_base_that_is_not_a_commit():
   assert result.returncode == 1
   assert 'BASE=not-a-commit-0000 is not a commit' in result.stderr
   assert os.path.exists(os.path.join(root, '.base')) == before
+
+
+def test_full_modes_time_the_log_step_in_the_runners_proportion():
+  record = train_throughput.time_ours(
+      'nfnet_tiny', 8, 16, 'float32', 'full_step', steps=2, warmup=0
+  )
+  every = record['log_every_steps']
+  assert every == 100  # configs/common.py's, as the runner's
+  quiet, log = record['quiet_step_ms'], record['log_step_ms']
+  assert quiet > 0 and log > 0
+  average = ((every - 1) * quiet + log) / every
+  assert record['step_ms'] == pytest.approx(average, abs=2e-3)
+  assert record['images_per_s'] == pytest.approx(
+      8000 / record['step_ms'], rel=1e-3
+  )
+
+
+def test_only_the_log_step_computes_the_logged_norms():
+  config = train_throughput._config('nfnet_tiny', 8, 16, 'float32')
+  _, state, batch, *_ = train_throughput.build_step(
+      'nfnet_tiny', 8, 16, 'float32', 'full_step'
+  )
+  keys = {}
+  for logs in (False, True):
+    step_fn = train_throughput.make_step(config, 'full_step', with_metrics=logs)
+    keys[logs] = set(jax.eval_shape(step_fn[0], state, batch)[1])
+  assert keys[True] - keys[False] == {
+      'param_norm',
+      'update_norm',
+      'agc_clipped_fraction',
+  }
+  with pytest.raises(ValueError, match='minimal'):
+    train_throughput.make_step(config, 'minimal', with_metrics=True)

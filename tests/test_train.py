@@ -972,22 +972,26 @@ def two_steps():
       }
   )
   results = {}
-  for name, fn in (
-      ('hwio', train.train_step),
+  for name, fn, layout, with_metrics in (
+      ('hwio', train.train_step, 'hwio', True),
       (
           'ohwi',
           functools.partial(train.device_train_step, kernel_layout='ohwi'),
+          'ohwi',
+          True,
       ),
+      ('quiet', train.train_step, 'hwio', False),  # a step that is not logged
   ):
     p_step = jax.pmap(
-        functools.partial(fn, **kwargs), axis_name=train.AXIS_NAME
+        functools.partial(fn, **{**kwargs, 'with_metrics': with_metrics}),
+        axis_name=train.AXIS_NAME,
     )
-    replicated = train.replicate(train.to_device_layout(state, name))
+    replicated = train.replicate(train.to_device_layout(state, layout))
     for _ in range(2):
       before = replicated
       replicated, metrics = p_step(replicated, batch)
     results[name] = tuple(
-        train.from_device_layout(train.unreplicate(r), name)
+        train.from_device_layout(train.unreplicate(r), layout)
         for r in (before, replicated)
     ) + (train.unreplicate(metrics),)
   return results
@@ -1001,6 +1005,25 @@ def test_device_train_step_is_train_step_in_the_device_layout(two_steps):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   for key in metrics_a:
     np.testing.assert_allclose(metrics_a[key], metrics_b[key], rtol=1e-6)
+
+
+def test_a_step_without_the_logged_norms_updates_the_state_alike(two_steps):
+  (_, logged, metrics), (_, quiet, quiet_metrics) = (
+      two_steps['hwio'],
+      two_steps['quiet'],
+  )
+  pairs = zip(
+      jax.tree_util.tree_leaves(logged), jax.tree_util.tree_leaves(quiet)
+  )
+  for x, y in pairs:
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  assert set(metrics) - set(quiet_metrics) == {
+      'param_norm',
+      'update_norm',
+      'agc_clipped_fraction',
+  }
+  for key in quiet_metrics:
+    np.testing.assert_allclose(metrics[key], quiet_metrics[key], rtol=1e-6)
 
 
 def _norm(tree):
@@ -1038,3 +1061,37 @@ def test_logger_writes_strict_json_with_non_finite_values_as_null(tmp_path):
       {'step': 2, 'train_loss': 0.5, 'grad_norm': None},
       {'step': 3, 'train_loss': 0.25, 'grad_norm': None},
   ]
+
+
+def test_runner_computes_the_logged_norms_on_log_steps_only(
+    tmp_path, monkeypatch
+):
+  built = train.make_device_step
+  seen = {True: set(), False: set()}
+
+  def spying_builder(*args, with_metrics, **kwargs):
+    step_fn = built(*args, with_metrics=with_metrics, **kwargs)
+
+    def spied(state, batch):
+      jax.debug.callback(
+          lambda s: seen[with_metrics].add(int(s)), state.step, ordered=False
+      )
+      return step_fn(state, batch)
+
+    return spied
+
+  monkeypatch.setattr(train, 'make_device_step', spying_builder)
+  config = tiny_config.get_config(5)
+  config.train.log_every_steps = 2
+  train.train_and_evaluate(config, str(tmp_path))
+  # Steps 2, 4 and the last (5) are logged: 0-based 1, 3 and 4.
+  assert seen == {True: {1, 3, 4}, False: {0, 2}}
+  records = [r for r in _metrics(str(tmp_path)) if 'train_loss' in r]
+  assert [r['step'] for r in records] == [2, 4, 5]
+  for record in records:
+    assert {'param_norm', 'update_norm', 'agc_clipped_fraction'} <= set(record)
+
+
+def test_is_log_step():
+  assert [s for s in range(1, 8) if train.is_log_step(s, 3, 7)] == [3, 6, 7]
+  assert all(train.is_log_step(s, 1, 4) for s in range(1, 5))
