@@ -777,6 +777,13 @@ def _summary_writer(logdir: str):
   return tensorboardX.SummaryWriter(logdir)
 
 
+def _replace_text(path: epath.Path, text: str) -> None:
+  """Writes `path` whole or not at all: a kill mid-write keeps the old file."""
+  temporary = path.with_name(path.name + '.tmp')
+  temporary.write_text(text)
+  temporary.replace(path)
+
+
 def _json_line(record: dict[str, Any]) -> str:
   """`record` as one line of strict JSON, non-finite floats as null.
 
@@ -819,9 +826,7 @@ class _Logger:
           for r in records
           if r.get('step', resume_step + 1) <= resume_step
       ]
-      temporary = self.path.with_name('metrics.jsonl.tmp')
-      temporary.write_text(''.join(kept))
-      temporary.replace(self.path)
+      _replace_text(self.path, ''.join(kept))
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
@@ -924,8 +929,9 @@ def _check_batch(global_batch: int, what: str) -> None:
 
 
 def _save_config(config, workdir):
-  (epath.Path(workdir) / 'config.json').write_text(
-      config.to_json_best_effort(indent=2)
+  # The file a resumed run compares its config with (`_config_changes`).
+  _replace_text(
+      epath.Path(workdir) / 'config.json', config.to_json_best_effort(indent=2)
   )
 
 

@@ -1095,3 +1095,21 @@ def test_runner_computes_the_logged_norms_on_log_steps_only(
 def test_is_log_step():
   assert [s for s in range(1, 8) if train.is_log_step(s, 3, 7)] == [3, 6, 7]
   assert all(train.is_log_step(s, 1, 4) for s in range(1, 5))
+
+
+def test_a_write_cut_short_leaves_the_old_config_json(tmp_path, monkeypatch):
+  config = resolve.resolve(tiny_config.get_config(2))
+  train._save_config(config, str(tmp_path))
+  before = (tmp_path / 'config.json').read_text()
+  written = epath.Path.write_text
+
+  def cut_short(self, text, *args, **kwargs):
+    written(self, text[: len(text) // 2], *args, **kwargs)
+    raise OSError('No space left on device')
+
+  monkeypatch.setattr(epath.Path, 'write_text', cut_short)
+  config.unlock()
+  config.optimizer.base_lr = 0.2
+  with pytest.raises(OSError, match='No space'):
+    train._save_config(config, str(tmp_path))
+  assert (tmp_path / 'config.json').read_text() == before
