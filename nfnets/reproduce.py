@@ -132,20 +132,6 @@ def _pyplot():
   return plt
 
 
-def _int_list(text: str) -> list[int]:
-  try:
-    values = [int(v) for v in text.split(',') if v.strip()]
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f'expected comma-separated integers, got {text!r}'
-    ) from None
-  if not values or min(values) < 1:
-    raise argparse.ArgumentTypeError(
-        f'expected positive integers, got {text!r}'
-    )
-  return values
-
-
 def _int_at_least(low: int) -> Callable[[str], int]:
   """An argparse type: an integer >= `low`."""
 
@@ -165,6 +151,14 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 _positive_int = _int_at_least(1)
 _nonnegative_int = _int_at_least(0)
+
+
+def _int_list(text: str) -> list[int]:
+  """An argparse type: comma-separated integers >= 1."""
+  values = [_positive_int(v.strip()) for v in text.split(',') if v.strip()]
+  if not values:
+    raise argparse.ArgumentTypeError(f'expected integers >= 1, got {text!r}')
+  return values
 
 
 def _name_list(text: str) -> list[str]:

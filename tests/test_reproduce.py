@@ -225,6 +225,10 @@ def test_bad_flag_values_are_errors(capsys):
   with pytest.raises(SystemExit):
     reproduce.main(['spp', '--variant=resnet51'])
   assert 'resnet600' in capsys.readouterr().err
+  for value, shown in (('64,0', "'0'"), ('64,x', "'x'"), (',', "','")):
+    with pytest.raises(SystemExit):
+      reproduce.main(['agc', f'--batch_sizes={value}'])
+    assert f'>= 1, got {shown}' in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not _HAS_RUNNER, reason=_NO_RUNNER)
