@@ -115,6 +115,36 @@ def test_ws_written_out_gradient_matches_autodiff(shape, scaled):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * scale)
 
 
+@pytest.mark.parametrize('offset', [0.0, 1.0, 10.0])
+def test_ws_one_pass_statistics_match_two_pass_float64(offset):
+  # The mean and variance come from one pass of sums; kernels whose channel
+  # means are `offset` standard deviations from zero keep float32 accuracy.
+  rng = np.random.default_rng(int(offset))
+  w = rng.standard_normal((3, 3, 64, 8)) * 0.05 + offset * 0.05
+  gain = rng.uniform(0.5, 2.0, 8)
+  fan_in = 3 * 3 * 64
+  centred = w - w.mean(axis=(0, 1, 2))
+  want = centred / np.sqrt(fan_in * w.var(axis=(0, 1, 2))) * gain
+  got = layers.standardize_weight(
+      jnp.asarray(w, jnp.float32), jnp.asarray(gain, jnp.float32)
+  )
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+def test_ws_gradient_has_zero_mean_over_each_channels_fan_in():
+  # Why the channel means stay near zero under SGD, which the one-pass
+  # variance relies on.
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.standard_normal((3, 3, 16, 6)) + 0.5, jnp.float32)
+  gain = jnp.asarray(rng.uniform(0.5, 2.0, 6), jnp.float32)
+  g = jnp.asarray(rng.standard_normal(w.shape), jnp.float32)
+  _, vjp = jax.vjp(lambda w: layers.standardize_weight(w, gain), w)
+  (dw,) = vjp(g)
+  means = np.abs(np.mean(dw, axis=(0, 1, 2)))
+  spread = np.std(dw, axis=(0, 1, 2))
+  assert np.all(means < 1e-5 * spread), means / spread
+
+
 def test_ws_scale_keeps_no_copy_of_the_standardized_kernel():
   w = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 8, 16))
   gain = jnp.linspace(0.5, 2.0, 16)
