@@ -60,7 +60,17 @@ def safe_load_pickle(data: bytes) -> Any:
   return _RestrictedUnpickler(io.BytesIO(data)).load()
 
 
-def _read_params_file(path: str) -> dict[str, dict[str, np.ndarray]]:
+def read_params_file(path: str) -> dict[str, dict[str, np.ndarray]]:
+  """A parameter file's `{module: {param: array}}`, unchecked.
+
+  `load_deepmind_params` checks it against a model; this is for callers
+  that take part of it (fine-tuning).
+
+  Raises:
+    FileNotFoundError: no file at `path`.
+    UnsafePickleError: the file would call code while loading.
+    ValueError: the file is corrupt or holds something else.
+  """
   if not os.path.exists(path):
     raise FileNotFoundError(f'No parameter file at {path!r}.')
   with open(path, 'rb') as f:
@@ -143,20 +153,6 @@ def check_params(
       )
 
 
-def read_params_file(path: str) -> dict[str, dict[str, np.ndarray]]:
-  """A parameter file's `{module: {param: array}}`, unchecked.
-
-  `load_deepmind_params` checks it against a model; this is for callers
-  that take part of it (fine-tuning).
-
-  Raises:
-    FileNotFoundError: no file at `path`.
-    UnsafePickleError: the file would call code while loading.
-    ValueError: the file is corrupt or holds something else.
-  """
-  return _read_params_file(path)
-
-
 def load_deepmind_params(
     path: str, model_name: str, num_classes: int = 1000, **overrides
 ) -> dict[str, dict[str, np.ndarray]]:
@@ -178,7 +174,7 @@ def load_deepmind_params(
       message names the first one and both shapes), or the file is corrupt.
   """
   expected = expected_param_shapes(model_name, num_classes, **overrides)
-  params = _read_params_file(path)
+  params = read_params_file(path)
   check_params(params, expected, where=f'{path} as {model_name}')
   return {
       m: {p: np.asarray(v, dtype=np.float32) for p, v in d.items()}
