@@ -8,6 +8,7 @@ scalars, and refuses anything else before it runs.
 """
 
 import io
+import logging
 import os
 import pickle
 import sys
@@ -182,17 +183,53 @@ def load_deepmind_params(
   }
 
 
-def _ignore_closed_loop_callbacks() -> None:
-  """Silences the echoes of a failed orbax restore (installed once).
+class _FailedReadEchoes(logging.Filter):
+  """Drops asyncio's 'never retrieved' reports of a restore's failed reads.
 
-  When one read of a restore fails, orbax's event loop closes while
-  TensorStore's other reads are still in flight; each of their completion
-  callbacks then raises 'Event loop is closed' into `sys.unraisablehook`:
-  a traceback per array, hundreds of them, around the one warning that says
-  what happened. They can start before the failed restore returns, so this
-  is installed before every restore. Every other unraisable exception goes
-  on as before.
+  When a truncated checkpoint fails several of a restore's reads at once, the
+  restore raises the first and asyncio later logs each of the others, with a
+  traceback, as 'Task exception was never retrieved' when its task is
+  collected: whenever the garbage collector gets to it, during or well after
+  the restore. Only reports whose error names a checkpoint directory this
+  process restored from are dropped; every other record goes on.
   """
+
+  def __init__(self):
+    super().__init__()
+    self.directories: set[str] = set()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not str(record.msg).startswith('Task exception was never retrieved'):
+      return True
+    if not record.exc_info:
+      return True
+    text = str(record.exc_info[1])
+    return not any(d in text for d in self.directories)
+
+
+_FAILED_READ_ECHOES = _FailedReadEchoes()
+
+
+def _silence_failed_restore_echoes(directory: str) -> None:
+  """Silences the echoes of a failed orbax restore from `directory`.
+
+  A failed restore echoes twice, a traceback per array: hundreds of them
+  around the one warning that says what happened.
+
+  1. When one read fails, orbax's event loop closes while TensorStore's other
+     reads are still in flight; each of their completion callbacks then
+     raises 'Event loop is closed' into `sys.unraisablehook`. Every other
+     unraisable exception goes on as before.
+  2. The other reads that fail too are logged by asyncio (see
+     `_FailedReadEchoes`).
+
+  Both can start before the failed restore returns, so this is called before
+  every restore.
+  """
+  _FAILED_READ_ECHOES.directories.add(directory)
+  asyncio_logger = logging.getLogger('asyncio')
+  if _FAILED_READ_ECHOES not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_FAILED_READ_ECHOES)
   previous = sys.unraisablehook
   if getattr(previous, 'ignores_closed_loops', False):
     return
@@ -422,7 +459,7 @@ class TrainCheckpointer:
         )
       # Before, not after, the restore: when one read fails, the other
       # reads' callbacks can fire while the error is still propagating.
-      _ignore_closed_loop_callbacks()
+      _silence_failed_restore_echoes(self.directory)
       if abstract is None:
         restore_into = _host_zeros(metadata)
       elif fields is None:

@@ -1,6 +1,8 @@
 """Loading the published DeepMind parameter files safely."""
 
+import asyncio
 import functools
+import logging
 import os
 import pickle
 
@@ -155,6 +157,54 @@ def test_closed_loop_echoes_of_a_failed_restore_are_silenced(
   np.testing.assert_array_equal(restored['w'], tree['w'])
   assert len(warnings) == 1 and 'checkpoint 2' in warnings[0]
   assert [type(u.exc_value) for u in seen] == [ValueError]
+
+
+def test_never_retrieved_reads_of_a_failed_restore_are_not_logged(
+    tmp_path, monkeypatch, caplog
+):
+  # A truncated checkpoint fails several reads; asyncio reports each one the
+  # restore did not raise, whenever its task is collected. Those naming the
+  # checkpoint go; a report of anything else still reaches the log.
+  checkpointer = checkpoint.TrainCheckpointer(str(tmp_path), keep=2)
+  tree = {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}
+  checkpointer.save(1, tree, wait=True)
+  checkpointer.save(2, tree, wait=True)
+  real_restore = checkpointer._manager.restore
+  loop = asyncio.new_event_loop()
+
+  def report(error):
+    loop.call_exception_handler(
+        {'message': 'Task exception was never retrieved', 'exception': error}
+    )
+
+  def restore(step, **kwargs):
+    if step == 2:
+      report(
+          ValueError(
+              f'OUT_OF_RANGE: Error reading "w" at local file'
+              f' "{checkpointer.directory}/2/default/"'
+          )
+      )
+      raise ValueError('OUT_OF_RANGE: the first read')
+    return real_restore(step, **kwargs)
+
+  monkeypatch.setattr(checkpointer._manager, 'restore', restore)
+  with caplog.at_level(logging.ERROR, logger='asyncio'):
+    restored, step = checkpointer.restore_latest(tree, log=lambda _: None)
+    report(
+        ValueError(
+            f'Error reading "w" at local file'
+            f' "{checkpointer.directory}/1/default/"'
+        )
+    )  # late
+    report(ValueError('Error reading "w" at local file "/elsewhere/"'))
+  loop.close()
+  checkpointer.close()
+  assert step == 1
+  reported = [r.exc_info[1] for r in caplog.records if r.name == 'asyncio']
+  assert [str(e) for e in reported] == [
+      'Error reading "w" at local file "/elsewhere/"'
+  ]
 
 
 def test_restore_latest_of_a_given_step_and_its_errors(tmp_path):
