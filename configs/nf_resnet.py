@@ -15,6 +15,10 @@ the NFNets paper's Table 3). Runtime: not measured here; NF-ResNet-50 is
 Sweeps: `agc_batch`, the NFNets paper's figure: batch 256...4096 x lambda
 0.01...0.16, plus no AGC:
     python -m nfnets.sweep --config=configs/nf_resnet.py:50 --sweep=agc_batch --dry_run
+`agc_batch_seeds` is the same grid with the paper's protocol, 5 seeds per
+setting and the best 4 averaged (150 runs):
+    python -m nfnets.sweep --config=configs/nf_resnet.py:50 \
+        --sweep=agc_batch_seeds --average_best=4
 """
 
 from configs import common
@@ -31,6 +35,15 @@ def sweep_agc_batch():
       {'train.batch_size': batch, 'optimizer.agc.clipping': clipping}
       for batch in (256, 512, 1024, 2048, 4096)
       for clipping in (0.01, 0.02, 0.04, 0.08, 0.16, None)
+  ]
+
+
+def sweep_agc_batch_seeds():
+  """`sweep_agc_batch` with seeds 0-4 per setting (average the best 4)."""
+  return [
+      dict(overrides, seed=seed)
+      for overrides in sweep_agc_batch()
+      for seed in range(5)
   ]
 
 

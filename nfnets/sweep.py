@@ -26,6 +26,9 @@ resumes it. A run that raises leaves a `FAILED` file
 with the error, the sweep goes on, and the next invocation tries that run
 again. At the end `summary.csv` and `summary.md` in `<workdir_root>/<sweep>`
 hold one row per run; `--summary_only` rewrites them from the workdirs alone.
+A sweep with a `seed` key also gets a table over seeds (summary.md and
+summary_seeds.csv): each setting's mean eval_top1 over its `--average_best`
+best seeds, or all of them.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -58,6 +61,12 @@ FAILED_FILE = 'FAILED'
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_CSV = 'summary.csv'
 SUMMARY_MD = 'summary.md'
+SEEDS_CSV = 'summary_seeds.csv'
+# The override key that repeats a setting with other random draws: runs that
+# differ only in it are summarised together (`write_summary`).
+SEED_KEY = 'seed'
+# What `average_best` ranks seeds by: higher is better.
+RANK_METRIC = 'eval_top1'
 # Metrics that lead the summary tables, in this order, where runs report them.
 DEFAULT_METRICS = ('eval_top1', 'train_loss', 'diverged', 'step')
 # Run names longer than this are cut and given a hash suffix: most filesystems
@@ -369,6 +378,7 @@ def run_sweep(
     *,
     train_fn: TrainFn | None = None,
     metrics: Sequence[str] = DEFAULT_METRICS,
+    average_best: int = 0,
 ) -> str:
   """Trains every unfinished run of a sweep, then writes the summary.
 
@@ -382,15 +392,17 @@ def run_sweep(
     train_fn: `train_fn(config, workdir) -> final metrics dict`; defaults to
       `nfnets.train.train_and_evaluate`.
     metrics: metric columns of summary.md (see `write_summary`).
+    average_best: seeds to average per setting (see `write_summary`).
 
   Returns:
-    The summary as a Markdown table.
+    The summary as Markdown.
 
   Raises:
     Preempted: `train_fn` returned `preempted: True` (a SIGTERM or Ctrl-C);
       that run is left unfinished and no later run starts.
   """
   runs = plan_runs(base_config, grid, sweep_dir)
+  check_average_best(runs, average_best)
   if train_fn is None:
     train_fn = _default_train_fn()
   for i, run in enumerate(runs, start=1):
@@ -424,7 +436,7 @@ def run_sweep(
       (run.workdir / FAILED_FILE).unlink(missing_ok=True)
   if not _is_chief():
     return ''
-  return write_summary(runs, sweep_dir, metrics)
+  return write_summary(runs, sweep_dir, metrics, average_best)
 
 
 def _read_json(path: epath.Path) -> Any:
@@ -478,10 +490,138 @@ def _markdown_cell(value: Any) -> str:
   return text.replace('|', r'\|')
 
 
+def check_average_best(runs: Sequence[Run], average_best: int) -> None:
+  """Checks `average_best` against the sweep's seeds (see `write_summary`).
+
+  Raises:
+    ValueError: it is negative, the sweep has no `seed` key, or a setting
+      has fewer seeds than it.
+  """
+  if average_best < 0:
+    raise ValueError(
+        f'--average_best={average_best}: give the number of best seeds to'
+        ' average (0: all of them).'
+    )
+  if not average_best:
+    return
+  groups = _seed_groups(runs)
+  if not groups:
+    raise ValueError(
+        f'--average_best={average_best}: the sweep has no {SEED_KEY!r} key'
+        ' to average over; add one (see configs/nf_resnet.py,'
+        ' sweep_agc_batch_seeds).'
+    )
+  fewest = min(len(group) for group in groups.values())
+  if average_best > fewest:
+    raise ValueError(
+        f'--average_best={average_best}: a setting of this sweep has only'
+        f' {fewest} seed{"s" if fewest > 1 else ""}; give at most {fewest}.'
+    )
+
+
+def _seed_groups(runs: Sequence[Run]) -> dict[tuple[Any, ...], list[Run]]:
+  """Runs by their overrides but the seed, in sweep order; {} if no seeds."""
+  if not any(SEED_KEY in run.overrides for run in runs):
+    return {}
+  groups = {}
+  for run in runs:
+    setting = tuple(
+        (key, _format_value(value))
+        for key, value in run.overrides.items()
+        if key != SEED_KEY
+    )
+    groups.setdefault(setting, []).append(run)
+  return groups
+
+
+def _rank_value(row: Mapping[str, Any]) -> float | None:
+  """A done run's finite `RANK_METRIC`, else None (it cannot be ranked)."""
+  value = row['metrics'].get(RANK_METRIC)
+  if row['status'] != 'done' or isinstance(value, bool):
+    return None
+  if not isinstance(value, (int, float)) or not math.isfinite(value):
+    return None
+  return float(value)
+
+
+def _seed_summary(
+    runs: Sequence[Run],
+    rows: Sequence[Mapping[str, Any]],
+    keys: Sequence[str],
+    average_best: int,
+) -> tuple[list[str], list[list[Any]]]:
+  """(header, rows) of the table over seeds: one row per setting.
+
+  A setting's value is the mean `RANK_METRIC` of its `average_best` best
+  seeds (all of them for 0), the NFNets paper's protocol for its AGC sweep
+  (5 seeds, best 4 averaged): a seed that failed or diverged is then one of
+  those left out, and the mean is empty while fewer seeds than that are done.
+  """
+  row_of = {run.name: row for run, row in zip(runs, rows)}
+  other_keys = [key for key in keys if key != SEED_KEY]
+  header = [
+      *other_keys,
+      'seeds',
+      'done',
+      'failed',
+      'averaged',
+      f'{RANK_METRIC}_mean',
+      f'{RANK_METRIC}_min',
+      f'{RANK_METRIC}_max',
+      'seeds_averaged',
+      'note',
+  ]
+  table = []
+  for setting, group in _seed_groups(runs).items():
+    values = dict(setting)
+    ranked = sorted(
+        (
+            (_rank_value(row_of[run.name]), run)
+            for run in group
+            if _rank_value(row_of[run.name]) is not None
+        ),
+        key=lambda pair: -pair[0],
+    )
+    statuses = [row_of[run.name]['status'] for run in group]
+    wanted = average_best or len(group)
+    best = ranked[:wanted]
+    note = ''
+    if len(ranked) < wanted:
+      best = []
+      note = (
+          f'{wanted} seeds to average, {len(ranked)} done with'
+          f' {RANK_METRIC}'
+      )
+    mean = sum(v for v, _ in best) / len(best) if best else ''
+    table.append(
+        [
+            *(values.get(key, '') for key in other_keys),
+            len(group),
+            statuses.count('done'),
+            statuses.count('failed'),
+            wanted,
+            mean,
+            min((v for v, _ in best), default=''),
+            max((v for v, _ in best), default=''),
+            ' '.join(_format_value(run.overrides[SEED_KEY]) for _, run in best),
+            note,
+        ]
+    )
+  return header, table
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]):
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for row in rows:
+    lines.append('| ' + ' | '.join(_markdown_cell(c) for c in row) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
 def write_summary(
     runs: Sequence[Run],
     sweep_dir: str | os.PathLike[str],
     metrics: Sequence[str] = DEFAULT_METRICS,
+    average_best: int = 0,
 ) -> str:
   """Writes summary.csv and summary.md for a sweep from its runs' workdirs.
 
@@ -492,14 +632,22 @@ def write_summary(
   summary.md shows the `metrics` that some run reports; summary.csv has every
   scalar metric, `metrics` first.
 
+  A sweep with a `seed` key also gets a table over seeds, in summary.md
+  after the runs and in summary_seeds.csv: one row per setting (the runs
+  whose overrides differ only in the seed), with the mean `eval_top1` of
+  its `average_best` best seeds (see `_seed_summary`).
+
   Args:
     runs: the sweep's runs, from `plan_runs`.
-    sweep_dir: where the two files go.
+    sweep_dir: where the files go.
     metrics: the metric columns of summary.md.
+    average_best: how many of each setting's seeds to average, best first
+      by `eval_top1`; 0: all of them (see `check_average_best`).
 
   Returns:
     The Markdown table (the content of summary.md).
   """
+  check_average_best(runs, average_best)
   keys = _sweep_keys([run.overrides for run in runs])
   rows = [_run_row(run) for run in runs]
   reported = {key for row in rows for key in row['metrics']}
@@ -524,17 +672,32 @@ def write_summary(
   header = ['run', *keys, 'status', *md_metrics] + (
       ['error'] if any_error else []
   )
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  for run, row in zip(runs, rows):
-    row_cells = cells(run, row, md_metrics)
-    if any_error:
-      row_cells.append(row['error'])
-    lines.append('| ' + ' | '.join(_markdown_cell(c) for c in row_cells) + ' |')
-  markdown = '\n'.join(lines) + '\n'
+  markdown = _markdown_table(
+      header,
+      [
+          cells(run, row, md_metrics) + ([row['error']] if any_error else [])
+          for run, row in zip(runs, rows)
+      ],
+  )
 
   sweep_dir = epath.Path(sweep_dir)
   sweep_dir.mkdir(parents=True, exist_ok=True)
   (sweep_dir / SUMMARY_CSV).write_text(buffer.getvalue())
+  if _seed_groups(runs):
+    seed_header, seed_rows = _seed_summary(runs, rows, keys, average_best)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator='\n')
+    writer.writerows([seed_header, *seed_rows])
+    (sweep_dir / SEEDS_CSV).write_text(buffer.getvalue())
+    what = (
+        f'its {average_best} best seeds by {RANK_METRIC}'
+        if average_best
+        else 'all its seeds'
+    )
+    markdown += (
+        f"\nOver seeds: each setting's mean {RANK_METRIC} over {what}.\n\n"
+        + _markdown_table(seed_header, seed_rows)
+    )
   (sweep_dir / SUMMARY_MD).write_text(markdown)
   return markdown
 
@@ -569,6 +732,12 @@ def _define_flags():
       list(DEFAULT_METRICS),
       'Metric columns of summary.md, where runs report them.',
   )
+  flags.DEFINE_integer(
+      'average_best',
+      0,
+      'For a sweep with a seed key: average the eval_top1 of this many best'
+      ' seeds of each setting (the NFNets AGC protocol: 4 of 5); 0: all.',
+  )
   flags.mark_flags_as_required(['config', 'sweep'])
 
 
@@ -583,6 +752,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     grid = load_sweep(flag_values['config'].config_filename, sweep)
     runs = plan_runs(flag_values.config, grid, sweep_dir)
+    check_average_best(runs, flag_values.average_best)
   except (OSError, TypeError, ValueError) as e:
     # Mistakes in the command line or the sweep: one line, no traceback.
     sys.exit(f'nfnets.sweep: error: {e}')
@@ -607,18 +777,33 @@ def main(argv: Sequence[str]) -> None:
       )
     print(f'{len(runs)} runs in sweep {sweep!r} ({done} done).')
   elif flag_values.summary_only:
-    print(write_summary(runs, sweep_dir, flag_values.metrics), end='')
+    print(
+        write_summary(
+            runs,
+            sweep_dir,
+            flag_values.metrics,
+            flag_values.average_best,
+        ),
+        end='',
+    )
   else:
     try:
       markdown = run_sweep(
-          flag_values.config, grid, sweep_dir, metrics=flag_values.metrics
+          flag_values.config,
+          grid,
+          sweep_dir,
+          metrics=flag_values.metrics,
+          average_best=flag_values.average_best,
       )
     except Preempted as e:
       print(e)  # Exit 0, as experiment.py does: the job did what it should.
       return
     if markdown:
       print(markdown, end='')
-      print(f'Wrote {sweep_dir / SUMMARY_CSV} and {sweep_dir / SUMMARY_MD}.')
+      written = [SUMMARY_CSV, SUMMARY_MD] + (
+          [SEEDS_CSV] if _seed_groups(runs) else []
+      )
+      print(f'Wrote {", ".join(str(sweep_dir / w) for w in written)}.')
 
 
 if __name__ == '__main__':

@@ -79,6 +79,7 @@ def _flag_values(argv):
   flags.DEFINE_string('workdir', None, 'workdir', flag_values=values)
   flags.DEFINE_string('sweep', None, 'sweep', flag_values=values)
   flags.DEFINE_bool('dry_run', False, 'dry run', flag_values=values)
+  flags.DEFINE_integer('average_best', 0, 'seeds', flag_values=values)
   return values
 
 
@@ -106,6 +107,10 @@ def test_docstring_commands_parse(name, monkeypatch):
     if values.sweep:
       path = command.split('--config=')[1].split()[0].split(':')[0]
       assert values.sweep in sweep.sweep_names(path)
+      runs = sweep.plan_runs(
+          values.config, sweep.load_sweep(path, values.sweep), '/nonexistent'
+      )
+      sweep.check_average_best(runs, values.average_best)
 
 
 def test_overriding_variant_and_batch_updates_derived_values(monkeypatch):

@@ -455,6 +455,93 @@ def test_run_sweep_accepts_a_trainer_that_returns_nothing(
   assert '| lr=0.3 | 0.3 | done | 0.25 | 3 |' in markdown
 
 
+def test_seeds_are_averaged_best_first_per_setting(config_path, tmp_path):
+  # The NFNets paper's AGC protocol: 5 seeds per setting, the best 4
+  # averaged, so that one failed or diverged seed is the one left out.
+  config = runpy.run_path(config_path)['get_config']()
+  config.seed = 0
+  config.lock()
+  top1 = {
+      0.1: [0.70, 0.72, 0.60, 0.71, 0.73],
+      0.4: [0.50, 0.55, None, 0.52, 0.51],  # seed 2 fails
+  }
+  grid = [{'optimizer.lr': lr, 'seed': s} for lr in top1 for s in range(5)]
+
+  def train_fn(config, workdir):
+    value = top1[config.optimizer.lr][config.seed]
+    if value is None:
+      raise FloatingPointError('non-finite train_loss at step 3')
+    return {'eval_top1': value}
+
+  markdown = sweep.run_sweep(
+      config, grid, tmp_path, train_fn=train_fn, average_best=4
+  )
+  rows = _read_csv(tmp_path / 'summary_seeds.csv')
+  assert [
+      (
+          r['optimizer.lr'],
+          r['seeds'],
+          r['done'],
+          r['failed'],
+          r['averaged'],
+          r['seeds_averaged'],
+      )
+      for r in rows
+  ] == [
+      ('0.1', '5', '5', '0', '4', '4 1 3 0'),
+      ('0.4', '5', '4', '1', '4', '1 3 4 0'),
+  ]
+  assert float(rows[0]['eval_top1_mean']) == pytest.approx(0.715)
+  assert float(rows[0]['eval_top1_min']) == pytest.approx(0.70)
+  assert float(rows[1]['eval_top1_mean']) == pytest.approx(0.52)
+  assert 'mean eval_top1 over its 4 best seeds' in markdown
+  assert '| 0.1 | 5 | 5 | 0 | 4 | 0.715 | 0.7 | 0.73 | 4 1 3 0 |  |' in (
+      markdown
+  )
+  # The per-run table is still there, one row per seed.
+  assert len(_read_csv(tmp_path / 'summary.csv')) == 10
+
+  # All five: the setting with a failed seed has no mean, and says why.
+  runs = sweep.plan_runs(config, grid, tmp_path)
+  sweep.write_summary(runs, tmp_path, average_best=0)
+  rows = _read_csv(tmp_path / 'summary_seeds.csv')
+  assert float(rows[0]['eval_top1_mean']) == pytest.approx(0.692)
+  assert (rows[1]['eval_top1_mean'], rows[1]['seeds_averaged']) == ('', '')
+  assert rows[1]['note'] == '5 seeds to average, 4 done with eval_top1'
+
+
+def test_average_best_is_checked_against_the_seeds(config_path, tmp_path):
+  config = runpy.run_path(config_path)['get_config']()
+  config.seed = 0
+  config.lock()
+  runs = sweep.plan_runs(
+      config, [{'optimizer.lr': 0.1, 'seed': s} for s in range(3)], tmp_path
+  )
+  sweep.check_average_best(runs, 3)
+  with pytest.raises(ValueError, match='only 3 seeds; give at most 3'):
+    sweep.check_average_best(runs, 4)
+  with pytest.raises(ValueError, match='--average_best=-1'):
+    sweep.check_average_best(runs, -1)
+  unseeded = sweep.plan_runs(config, [{'optimizer.lr': 0.1}], tmp_path)
+  sweep.check_average_best(unseeded, 0)
+  with pytest.raises(ValueError, match="no 'seed' key"):
+    sweep.check_average_best(unseeded, 2)
+  # On the command line: one line, before anything runs.
+  result = _sweep_cli(
+      f'--config={config_path}',
+      '--sweep=lr',
+      '--average_best=4',
+      f'--workdir_root={tmp_path / "cli"}',
+  )
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines() == [
+      "nfnets.sweep: error: --average_best=4: the sweep has no 'seed' key to"
+      ' average over; add one (see configs/nf_resnet.py,'
+      ' sweep_agc_batch_seeds).'
+  ]
+  assert not (tmp_path / 'cli').exists()
+
+
 def test_summary_of_a_sweep_not_run_yet(base_config, tmp_path):
   runs = sweep.plan_runs(
       base_config, [{'optimizer.lr': 0.1}, {'optimizer.lr': 0.2}], tmp_path
