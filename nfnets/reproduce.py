@@ -1109,8 +1109,51 @@ def _train_run(config, workdir: str) -> dict[str, Any]:
   )
 
 
+def _check_seeds(args: argparse.Namespace) -> tuple[list[int], int]:
+  """(the seeds, how many best to average) of `--num_seeds/--average_best`."""
+  if args.average_best is None:  # The paper's 4 of 5.
+    wanted = min(4, args.num_seeds)
+  else:
+    wanted = args.average_best or args.num_seeds
+  if wanted > args.num_seeds:
+    raise ValueError(
+        f'--average_best={args.average_best} is more than'
+        f' --num_seeds={args.num_seeds}; give at most {args.num_seeds}.'
+    )
+  return [args.seed + i for i in range(args.num_seeds)], wanted
+
+
+def _agc_cell(runs: Sequence[dict[str, Any]], wanted: int) -> dict[str, Any]:
+  """One (batch, lambda) cell over its seeds: the mean of the best `wanted`.
+
+  The NFNets paper's protocol for its AGC sweep (5 seeds, best 4 averaged):
+  a seed that diverged is one of those left out, and a cell with fewer
+  finished seeds than `wanted` has no value.
+  """
+  finished = sorted(
+      (r for r in runs if not r['diverged']), key=lambda r: -r['eval_top1']
+  )
+  best = finished[:wanted] if len(finished) >= wanted else []
+  top1 = sum(r['eval_top1'] for r in best) / len(best) if best else None
+  diverged = [r for r in runs if r['diverged']]
+  if len(runs) == 1:  # One seed: the run's own value and status.
+    (run,) = runs
+    if run['eval_top1'] is None:
+      text = f'— ({run["status"]})'
+    else:
+      text = f'{100 * run["eval_top1"]:.1f}'
+      if run['status'] != 'ok':
+        text += f' ({run["status"]})'
+  else:
+    text = '—' if top1 is None else f'{100 * top1:.1f}'
+    if diverged:
+      text += f' ({len(diverged)} of {len(runs)} diverged)'
+  return dict(top1=top1, text=text, seeds=[r['seed'] for r in best])
+
+
 def run_agc(args: argparse.Namespace) -> list[str]:
   """Batch size x AGC lambda (and no AGC) on the embedded digits."""
+  seeds, wanted = _check_seeds(args)
   overrides = dict(width=args.width, skipinit='inv_sqrt')
   if args.depth:
     overrides['depth'] = tuple(args.depth)
@@ -1121,34 +1164,37 @@ def run_agc(args: argparse.Namespace) -> list[str]:
   ):
     for batch_size in args.batch_sizes:
       for clipping in args.clippings:
-        config = _digits_config(
-            model_name=args.model,
-            overrides=overrides,
-            batch_size=batch_size,
-            epochs=args.epochs,
-            base_lr=args.base_lr,
-            clipping=clipping,
-            image_size=args.image_size,
-            log_every=max(1, args.log_every),
-            seed=args.seed,
-        )
-        tag = f'b{batch_size}_{clipping}'
-        _LOG(f'agc: batch {batch_size}, lambda {clipping}...')
-        result = _train_run(config, os.path.join(root, tag))
-        result['planned_steps'] = _planned_steps(config)
-        _LOG(
-            f'agc: batch {batch_size}, lambda {clipping}: '
-            f'{result["status"]}, top-1 {result["eval_top1"]} '
-            f'({result["wall_s"]:.0f}s)'
-        )
-        results.append(
-            dict(
-                batch_size=batch_size,
-                clipping=clipping,
-                lr=args.base_lr * batch_size / 256,
-                **result,
-            )
-        )
+        for seed in seeds:
+          config = _digits_config(
+              model_name=args.model,
+              overrides=overrides,
+              batch_size=batch_size,
+              epochs=args.epochs,
+              base_lr=args.base_lr,
+              clipping=clipping,
+              image_size=args.image_size,
+              log_every=max(1, args.log_every),
+              seed=seed,
+          )
+          what = f'agc: batch {batch_size}, lambda {clipping}, seed {seed}'
+          _LOG(f'{what}...')
+          result = _train_run(
+              config, os.path.join(root, f'b{batch_size}_{clipping}_s{seed}')
+          )
+          result['planned_steps'] = _planned_steps(config)
+          _LOG(
+              f'{what}: {result["status"]}, top-1 {result["eval_top1"]} '
+              f'({result["wall_s"]:.0f}s)'
+          )
+          results.append(
+              dict(
+                  batch_size=batch_size,
+                  clipping=clipping,
+                  seed=seed,
+                  lr=args.base_lr * batch_size / 256,
+                  **result,
+              )
+          )
 
   os.makedirs(args.results_dir, exist_ok=True)
   csv_path = _write_csv(
@@ -1156,6 +1202,7 @@ def run_agc(args: argparse.Namespace) -> list[str]:
       [
           'batch_size',
           'clipping',
+          'seed',
           'lr',
           'planned_steps',
           'steps',
@@ -1170,6 +1217,7 @@ def run_agc(args: argparse.Namespace) -> list[str]:
           [
               r['batch_size'],
               'none' if r['clipping'] is None else r['clipping'],
+              r['seed'],
               r['lr'],
               r['planned_steps'],
               r['step'],
@@ -1183,26 +1231,43 @@ def run_agc(args: argparse.Namespace) -> list[str]:
           for r in results
       ],
   )
-
-  def cell(r):
-    if r['eval_top1'] is None:
-      return f'— ({r["status"]})'
-    text = f'{100 * r["eval_top1"]:.1f}'
-    return text if r['status'] == 'ok' else f'{text} ({r["status"]})'
+  cells = {
+      (b, c): _agc_cell(
+          [r for r in results if r['batch_size'] == b and r['clipping'] == c],
+          wanted,
+      )
+      for b in args.batch_sizes
+      for c in args.clippings
+  }
 
   def clip_name(c):
     return 'no AGC' if c is None else f'lambda {c:g}'
 
   md_rows = []
   for batch_size in args.batch_sizes:
-    row = [r for r in results if r['batch_size'] == batch_size]
-    finished = [r for r in row if not r['diverged']]
-    best = max(finished, key=lambda r: r['eval_top1'], default=None)
+    row = [cells[batch_size, c] for c in args.clippings]
+    scored = [
+        (cell['top1'], c)
+        for cell, c in zip(row, args.clippings)
+        if cell['top1'] is not None
+    ]
+    best = max(scored, key=lambda pair: pair[0], default=None)
+    steps = next(
+        r['planned_steps'] for r in results if r['batch_size'] == batch_size
+    )
     md_rows.append(
-        [batch_size, f'{args.base_lr * batch_size / 256:.4g}']
-        + [row[0]['planned_steps']]
-        + [cell(r) for r in row]
-        + [clip_name(best['clipping']) if best else '—']
+        [batch_size, f'{args.base_lr * batch_size / 256:.4g}', steps]
+        + [cell['text'] for cell in row]
+        + [clip_name(best[1]) if best else '—']
+    )
+  if len(seeds) == 1:
+    protocol = f'seed {seeds[0]}, one run per cell. Cells: final test top-1'
+  else:
+    protocol = (
+        f'seeds {seeds[0]}-{seeds[-1]}; each cell is the mean final test'
+        f' top-1 of its best {wanted} of {len(seeds)} seeds (the NFNets'
+        " paper's protocol is 4 of 5), a diverged seed being one of those"
+        ' left out, and "—" where fewer finished. Cells: mean test top-1'
     )
   text = (
       '# Adaptive Gradient Clipping: batch size x lambda\n\n'
@@ -1213,7 +1278,7 @@ def run_agc(args: argparse.Namespace) -> list[str]:
       f'(SkipInit gain 1/sqrt(blocks)), {args.image_size} px digits, '
       f'{args.epochs:g} epochs at every batch size, learning rate '
       f'{args.base_lr:g} x batch / 256 (SGD-Nesterov, cosine, 1 warm-up '
-      f'epoch), seed {args.seed}, one run per cell. Cells: final test top-1 '
+      f'epoch), {protocol} '
       '(%) on the 360 held-out digits; a run "diverged" when its loss or '
       'gradients became non-finite (the runner stops it) or its final '
       'training loss ended above 2 ln 10 (twice chance). Device: '
@@ -1226,26 +1291,27 @@ def run_agc(args: argparse.Namespace) -> list[str]:
       )
       + '\nFor comparison, the NFNets paper sweeps lambda in {0.01, 0.02, '
       '0.04, 0.08, 0.16} for NF-ResNet-50/200 on ImageNet (90 epochs, batch '
-      '256-4096), finds that larger batches need smaller lambda, and uses '
-      'AGC as its replacement for what BatchNorm gives large-batch '
-      'training. This grid is a small-scale analogue on digits, not a '
-      'reproduction.\n'
+      '256-4096, 5 seeds with the best 4 averaged), finds that larger '
+      'batches need smaller lambda, and uses AGC as its replacement for what '
+      'BatchNorm gives large-batch training. This grid is a small-scale '
+      'analogue on digits, not a reproduction.\n'
   )
   md = _write_text(os.path.join(args.results_dir, 'agc.md'), text)
 
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
   for clipping in args.clippings:
-    rs = [r for r in results if r['clipping'] == clipping]
-    done = [r for r in rs if not r['diverged']]
+    scored = [
+        b for b in args.batch_sizes if cells[b, clipping]['top1'] is not None
+    ]
     (line,) = ax.plot(
-        [r['batch_size'] for r in done],
-        [100 * r['eval_top1'] for r in done],
+        scored,
+        [100 * cells[b, clipping]['top1'] for b in scored],
         'o-',
         label=clip_name(clipping),
     )
-    # Diverged runs have no accuracy: a cross on the x axis marks them.
-    bad = [r['batch_size'] for r in rs if r['diverged']]
+    # Diverged cells have no accuracy: a cross on the x axis marks them.
+    bad = [b for b in args.batch_sizes if b not in scored]
     if bad:
       ax.plot(
           bad,
@@ -1259,7 +1325,11 @@ def run_agc(args: argparse.Namespace) -> list[str]:
   ax.set_xscale('log', base=2)
   ax.set_xticks(args.batch_sizes, [str(b) for b in args.batch_sizes])
   ax.set_xlabel('Batch size (lr = %g x batch / 256)' % args.base_lr)
-  ax.set_ylabel('Final test top-1 (%)')
+  ax.set_ylabel(
+      'Final test top-1 (%)'
+      if len(seeds) == 1
+      else f'Mean test top-1 of the best {wanted} of {len(seeds)} seeds (%)'
+  )
   ax.set_ylim(0, 100)
   ax.set_title(
       f'AGC on digits: {args.model} x{args.width:g}, '
@@ -1604,7 +1674,23 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--width', type=float, default=0.25)
   p.add_argument('--image_size', type=_positive_int, default=16)
   p.add_argument('--log_every', type=_positive_int, default=10)
-  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--seed', type=int, default=0, help='the first seed')
+  # The NFNets paper's protocol for its AGC sweep: 5 seeds, best 4 averaged.
+  p.add_argument(
+      '--num_seeds',
+      type=_positive_int,
+      default=5,
+      help='seeds per cell: --seed, --seed + 1, ...',
+  )
+  p.add_argument(
+      '--average_best',
+      type=_nonnegative_int,
+      default=None,
+      help=(
+          'each cell averages its best this many seeds; 0: all (default: 4,'
+          ' or all of fewer)'
+      ),
+  )
 
   p = parsers['depth']
   p.add_argument(

@@ -236,14 +236,89 @@ def test_agc_smoke(tmp_path, capsys):
   # One step of the tiniest grid: the table, CSV and plot are written.
   command = (
       'agc --batch_sizes=64 --clippings=0.04 --epochs=0.05 --depth=1,1,1,1 '
-      '--width=0.125 --image_size=8'
+      '--width=0.125 --image_size=8 --seed=3 --num_seeds=2'
   )
   paths = _run(capsys, command, tmp_path)
   assert _names(paths) == ['agc.csv', 'agc.md', 'agc.png']
-  (row,) = _read_csv(tmp_path / 'agc.csv')
-  assert row['batch_size'] == '64' and float(row['clipping']) == 0.04
-  assert row['status'] == 'ok', row
-  assert 0.0 <= float(row['eval_top1']) <= 1.0
+  rows = _read_csv(tmp_path / 'agc.csv')
+  assert [r['seed'] for r in rows] == ['3', '4']  # one row per run
+  for row in rows:
+    assert row['batch_size'] == '64' and float(row['clipping']) == 0.04
+    assert row['status'] == 'ok', row
+    assert 0.0 <= float(row['eval_top1']) <= 1.0
+  mean = sum(float(r['eval_top1']) for r in rows) / 2
+  text = (tmp_path / 'agc.md').read_text()
+  assert 'seeds 3-4; each cell is the mean final test top-1 of its best 2' in (
+      text
+  )
+  assert f'| 64 | 0.025 | 1 | {100 * mean:.1f} | lambda 0.04 |' in text
+
+
+def _agc_run(seed, top1, status='ok'):
+  return dict(
+      seed=seed,
+      eval_top1=top1,
+      status=status,
+      diverged=status != 'ok',
+  )
+
+
+def test_agc_cells_average_the_best_seeds_leaving_out_diverged_ones():
+  runs = [
+      _agc_run(0, 0.70),
+      _agc_run(1, None, 'non-finite train_loss at step 4'),
+      _agc_run(2, 0.90),
+      _agc_run(3, 0.60),
+      _agc_run(4, 0.80),
+  ]
+  cell = reproduce._agc_cell(runs, 4)  # the paper's best 4 of 5
+  assert cell['top1'] == pytest.approx(0.75)
+  assert cell['seeds'] == [2, 4, 0, 3]
+  assert cell['text'] == '75.0 (1 of 5 diverged)'
+  # All five asked for: the diverged seed leaves the cell without a value.
+  cell = reproduce._agc_cell(runs, 5)
+  assert (cell['top1'], cell['text']) == (None, '— (1 of 5 diverged)')
+  # A run that finished above twice chance's loss diverged too, and is left
+  # out although it has an accuracy.
+  runs[2] = _agc_run(2, 0.95, 'diverged (loss > 2 ln 10)')
+  assert reproduce._agc_cell(runs, 3)['seeds'] == [4, 0, 3]
+  # One seed: the run's own value and status, as before seeds existed.
+  assert reproduce._agc_cell([runs[2]], 1)['text'] == (
+      '95.0 (diverged (loss > 2 ln 10))'
+  )
+  assert reproduce._agc_cell([runs[1]], 1)['text'] == (
+      '— (non-finite train_loss at step 4)'
+  )
+
+
+def test_agc_defaults_to_the_papers_best_4_of_5_seeds():
+  args = reproduce.build_parser().parse_args(['agc', '--seed=2'])
+  assert reproduce._check_seeds(args) == ([2, 3, 4, 5, 6], 4)
+  args = reproduce.build_parser().parse_args(['agc', '--num_seeds=2'])
+  assert reproduce._check_seeds(args) == ([0, 1], 2)  # all of fewer
+  args = reproduce.build_parser().parse_args(['agc', '--average_best=0'])
+  assert reproduce._check_seeds(args) == ([0, 1, 2, 3, 4], 5)
+
+
+def test_agc_average_best_beyond_the_seeds_is_refused_before_any_run(
+    tmp_path, monkeypatch
+):
+  from nfnets import train  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(train, 'train_and_evaluate', None)  # must not be called
+  with pytest.raises(SystemExit) as e:
+    reproduce.main(
+        [
+            'agc',
+            '--num_seeds=3',
+            '--average_best=4',
+            f'--results_dir={tmp_path}',
+        ]
+    )
+  assert str(e.value.code) == (
+      'python -m nfnets.reproduce agc: error: --average_best=4 is more than'
+      ' --num_seeds=3; give at most 3.'
+  )
 
 
 @pytest.mark.skipif(not _HAS_RUNNER, reason=_NO_RUNNER)
