@@ -542,6 +542,29 @@ def test_average_best_is_checked_against_the_seeds(config_path, tmp_path):
   assert not (tmp_path / 'cli').exists()
 
 
+def test_each_run_leaves_no_compiled_program_behind(base_config, tmp_path):
+  # Kept programs hold memory mappings of their code; a long sweep in one
+  # process ran out of them. JAX's caches are cleared after every run,
+  # failed or not.
+  import jax  # pylint: disable=g-import-not-at-top
+
+  program = jax.jit(lambda x: x + 1)
+  sizes = []
+
+  def train_fn(config, workdir):
+    del workdir  # Unused.
+    sizes.append(program._cache_size())
+    program(config.optimizer.lr)
+    if config.optimizer.lr > 0.2:
+      raise RuntimeError('diverged')
+    return {'eval_top1': 0.5}
+
+  grid = [{'optimizer.lr': lr} for lr in (0.1, 0.3, 0.2)]
+  sweep.run_sweep(base_config, grid, tmp_path, train_fn=train_fn)
+  assert sizes == [0, 0, 0]
+  assert program._cache_size() == 0
+
+
 def test_summary_of_a_sweep_not_run_yet(base_config, tmp_path):
   runs = sweep.plan_runs(
       base_config, [{'optimizer.lr': 0.1}, {'optimizer.lr': 0.2}], tmp_path
