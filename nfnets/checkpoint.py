@@ -14,6 +14,7 @@ import pickle
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
+from etils import epath
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -352,6 +353,8 @@ class TrainCheckpointer:
       # Orbax refuses relative paths; the command line gives them.
       workdir = os.path.abspath(workdir)
     self.directory = os.path.join(workdir, 'checkpoints')
+    # The steps the last `restore_latest` could not read.
+    self.unreadable: list[int] = []
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -396,8 +399,10 @@ class TrainCheckpointer:
         The other keys are read as saved and dropped.
 
     Returns:
-      `(tree, step)`, or `(None, None)` when there is no checkpoint at all.
-      With `fields`, `tree` holds those keys only.
+      `(tree, step)`, or `(None, None)` when no checkpoint can be read (none
+      at all, or `unreadable` lists them all). With `fields`, `tree` holds
+      those keys only. `self.unreadable` lists the steps skipped, newest
+      first: all newer than `step`.
 
     Raises:
       CheckpointMismatchError: the newest readable checkpoint's paths or
@@ -406,6 +411,7 @@ class TrainCheckpointer:
       ValueError: `step`'s checkpoint cannot be read.
     """
     log = log or print
+    self.unreadable = []
     self._manager.wait_until_finished()
     abstract = None if target is None else _host_zeros(target)
     wanted = None if target is None else _shapes_by_path(abstract)
@@ -432,9 +438,14 @@ class TrainCheckpointer:
             f' ({type(error).__name__}:'
             f' {str(error).splitlines()[0][:200]}).'
         ) from None
+      self.unreadable.append(candidate)
       self._warn_unreadable(log, candidate, error)
 
     for candidate in reversed(candidates):
+      # Before the reads, not after: when one read fails, the other reads'
+      # callbacks can fire while the error is still propagating. Reading the
+      # metadata of a cut manifest fails that way too.
+      _silence_failed_restore_echoes(self.directory)
       try:
         metadata = self._manager.item_metadata(candidate)
         # Newer orbax wraps the tree; older versions return it.
@@ -457,9 +468,6 @@ class TrainCheckpointer:
             f' than this config builds ({problem}): it was written by a run'
             f' with {causes}.'
         )
-      # Before, not after, the restore: when one read fails, the other
-      # reads' callbacks can fire while the error is still propagating.
-      _silence_failed_restore_echoes(self.directory)
       if abstract is None:
         restore_into = _host_zeros(metadata)
       elif fields is None:
@@ -477,6 +485,53 @@ class TrainCheckpointer:
         tree = {f: tree[f] for f in fields}
       return jax.tree_util.tree_map(np.asarray, tree), candidate
     return None, None
+
+  def set_aside(self, steps: Sequence[int]) -> list[str]:
+    """Renames these steps' folders to `<step>.unreadable`, which orbax skips.
+
+    For a run that resumes from an older step than an unreadable one: the
+    manager counts the unreadable step as saved, so training would never
+    write it again, and `keep` would delete readable checkpoints before it.
+    Its files stay, renamed (`.unreadable.1`, ... if that name is taken).
+    One process of a multi-host run calls this; every process then calls
+    `reload`.
+
+    Args:
+      steps: steps of this manager (`unreadable` after `restore_latest`).
+
+    Returns:
+      One line per step saying where it went.
+
+    Raises:
+      ValueError: a folder could not be renamed (the message says what to
+        do); those before it are renamed.
+    """
+    lines = []
+    for step in steps:
+      source = epath.Path(self.directory) / str(step)
+      target = source.with_name(f'{step}.unreadable')
+      copies = 0
+      while target.exists():
+        copies += 1
+        target = source.with_name(f'{step}.unreadable.{copies}')
+      try:
+        source.rename(target)
+      except OSError as e:
+        raise ValueError(
+            f'Checkpoint {step} in {self.directory} is unreadable and could'
+            f' not be moved aside ({type(e).__name__}: {e}); move or delete'
+            f' {source}, then run again.'
+        ) from None
+      lines.append(
+          f'Moved the unreadable checkpoint {step} aside, to {target}: this'
+          ' run will save that step again.'
+      )
+    self.reload()
+    return lines
+
+  def reload(self) -> None:
+    """Reads the steps on disk again (after `set_aside` in any process)."""
+    self._manager.reload()
 
   def _warn_unreadable(self, log, step: int, error: Exception) -> None:
     log(

@@ -27,6 +27,7 @@ from etils import epath
 import haiku as hk
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import jmp
 import ml_collections
 import numpy as np
@@ -1136,6 +1137,45 @@ def restore_or_create(
   return state, step, checkpointer
 
 
+def _set_aside_unreadable(checkpointer, restored_step, is_chief) -> list[str]:
+  """Moves aside the unreadable checkpoints newer than the one resumed.
+
+  Orbax counts them as saved, so the run would never save those steps again
+  (and "Saved step N" would save nothing); `keep_checkpoints` would delete
+  readable ones first. With no readable checkpoint at all, the run stops:
+  starting afresh would delete them, and its metrics.jsonl, by and by.
+
+  Returns:
+    What was moved where, one line per step (the chief's; [] elsewhere).
+
+  Raises:
+    ValueError: every checkpoint is unreadable, or one could not be moved.
+  """
+  if not checkpointer.unreadable:
+    return []
+  steps = ', '.join(map(str, checkpointer.unreadable))
+  if restored_step is None:
+    checkpointer.close()
+    raise ValueError(
+        f'No checkpoint in {checkpointer.directory} can be read (steps'
+        f' {steps}), and starting afresh there would delete them; move that'
+        ' folder aside to train this run again from step 0, or give another'
+        ' --workdir.'
+    )
+  lines = []
+  if is_chief:
+    try:
+      lines = checkpointer.set_aside(checkpointer.unreadable)
+    except ValueError:
+      checkpointer.close()
+      raise
+  if jax.process_count() > 1:
+    # The other hosts must not list the renamed steps as saved either.
+    multihost_utils.sync_global_devices('nfnets: unreadable steps set aside')
+    checkpointer.reload()
+  return lines
+
+
 def prepare(config: ml_collections.ConfigDict):
   """Resolves the config against its dataset; returns (config, num_classes)."""
   num_train = data.num_examples(config.data, 'train')
@@ -1188,6 +1228,7 @@ def train_and_evaluate(
       advice='Resume it with the config it was trained with, or give this'
       ' run another --workdir.',
   )
+  set_aside = _set_aside_unreadable(checkpointer, restored_step, is_chief)
   initialized = ''
   if restored_step is None and config.train.init_checkpoint:
     # A new run only: one that resumes has its own, fine-tuned weights.
@@ -1205,6 +1246,8 @@ def train_and_evaluate(
     _save_config(config, workdir)
   start_step = int(state.step)
   logger = _Logger(workdir, start_step, is_chief)
+  for line in set_aside:
+    logger.print(line)
   if initialized:
     logger.print(initialized)
   if restored_step is not None:

@@ -207,6 +207,31 @@ def test_never_retrieved_reads_of_a_failed_restore_are_not_logged(
   ]
 
 
+def test_set_aside_keeps_the_files_under_a_name_orbax_skips(tmp_path):
+  checkpointer = checkpoint.TrainCheckpointer(str(tmp_path), keep=2)
+  tree = {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}
+  for step in (1, 2):
+    checkpointer.save(step, tree, wait=True)
+  folder = tmp_path / 'checkpoints'
+  (folder / '2.unreadable').mkdir()  # set aside by an earlier run
+  lines = checkpointer.set_aside([2])
+  assert lines == [
+      f'Moved the unreadable checkpoint 2 aside, to {folder}/2.unreadable.1:'
+      ' this run will save that step again.'
+  ]
+  assert checkpointer.all_steps() == [1]
+  assert (folder / '2.unreadable.1' / 'default').is_dir()
+  # Saved again, step 2 is a checkpoint again; keep=2 deletes neither copy.
+  checkpointer.save(2, tree, wait=True)
+  checkpointer.save(3, tree, wait=True)
+  assert checkpointer.all_steps() == [2, 3]
+  assert (folder / '2.unreadable.1').is_dir() and (
+      folder / '2.unreadable'
+  ).is_dir()
+  checkpointer.close()
+  assert checkpoint.TrainCheckpointer(str(tmp_path)).all_steps() == [2, 3]
+
+
 def test_restore_latest_of_a_given_step_and_its_errors(tmp_path):
   checkpointer = checkpoint.TrainCheckpointer(str(tmp_path), keep=3)
   trees = {s: {'w': np.full((2, 3), s, np.float32)} for s in (1, 2)}

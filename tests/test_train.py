@@ -371,6 +371,7 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path):
   largest = max(files, key=os.path.getsize)
   with open(largest, 'r+b') as f:
     f.truncate(os.path.getsize(largest) // 3)
+  cut_size = os.path.getsize(largest)
   # The same kill cut metrics.jsonl's last line short.
   with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
     f.write('{"step": 9, "train_lo')
@@ -383,6 +384,48 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path):
   assert steps == list(range(1, 13))  # every line JSON, no step twice
   # One warning, not a traceback per array from the failed restore's reads.
   assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+  # Step 8 was set aside, not counted as saved: the run wrote it again.
+  aside = os.path.join(workdir, 'checkpoints', '8.unreadable')
+  assert f'Moved the unreadable checkpoint 8 aside, to {aside}' in (
+      result.stdout
+  )
+  # Its files are kept there as they were.
+  assert os.path.getsize(largest.replace(latest, aside)) == cut_size
+  assert _saved_steps(workdir) == [4, 8, 12]
+  checkpointer = checkpoint.TrainCheckpointer(workdir, keep=5)
+  restored, step = checkpointer.restore_latest(None, step=8)
+  checkpointer.close()
+  assert step == 8 and restored['step'] == 8
+
+
+def test_a_workdir_with_no_readable_checkpoint_is_left_as_it_is(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config.get_config(8), workdir)
+  for path in glob.glob(
+      os.path.join(workdir, 'checkpoints', '*', '**', '_METADATA'),
+      recursive=True,
+  ):
+    with open(path, 'r+b') as f:
+      f.truncate(5)
+  before = {
+      p: open(p, 'rb').read()
+      for p in glob.glob(os.path.join(workdir, '**', '*'), recursive=True)
+      if os.path.isfile(p)
+  }
+  result = _run(workdir, 12, devices=1)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: No checkpoint in {workdir}/checkpoints can be read (steps 8,'
+      ' 4), and starting afresh there would delete them; move that folder'
+      ' aside to train this run again from step 0, or give another'
+      ' --workdir.'
+  )
+  after = {
+      p: open(p, 'rb').read()
+      for p in glob.glob(os.path.join(workdir, '**', '*'), recursive=True)
+      if os.path.isfile(p)
+  }
+  assert after == before  # metrics, config and checkpoints untouched
 
 
 def test_logger_keeps_the_restored_steps_and_drops_a_cut_line(tmp_path, capsys):
