@@ -1207,6 +1207,10 @@ def train_and_evaluate(
   _check_batch(config.train.batch_size, 'train.batch_size')
   _check_batch(config.eval.batch_size, 'eval.batch_size')
   config, num_classes = prepare(config)
+  # Here, not where they are used: after the workdir's config.json is
+  # replaced, a refused value would leave it holding that value.
+  data.check_config(config.data)
+  data.check_seed(config.seed)
   is_chief = jax.process_index() == 0
   try:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)

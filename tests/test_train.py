@@ -7,6 +7,7 @@ import inspect
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -1138,6 +1139,32 @@ def test_runner_computes_the_logged_norms_on_log_steps_only(
 def test_is_log_step():
   assert [s for s in range(1, 8) if train.is_log_step(s, 3, 7)] == [3, 6, 7]
   assert all(train.is_log_step(s, 1, 4) for s in range(1, 5))
+
+
+@pytest.mark.parametrize(
+    'field, value, message',
+    [
+        ('data.mixup_alpha', -1.0, 'data.mixup_alpha=-1.0 must be >= 0'),
+        ('data.device_prefetch', -1, 'data.device_prefetch=-1 must be an int'),
+        ('data.shuffle_buffer', 0, 'data.shuffle_buffer=0 must be an int'),
+        ('data.augment_on', 'gpu', "data.augment_on='gpu' must be one of"),
+        ('seed', -1, 'seed=-1 must be an int'),
+    ],
+)
+def test_a_refused_data_value_leaves_the_workdir_config_json(
+    tmp_path, field, value, message
+):
+  # The runner replaces config.json once it knows the config can run; these
+  # values used to be refused only by the input pipeline, after it.
+  train._save_config(resolve.resolve(tiny_config.get_config(2)), tmp_path)
+  before = (tmp_path / 'config.json').read_text()
+  config = tiny_config.get_config(2)
+  config.optimizer.base_lr = 0.7
+  section, _, name = field.rpartition('.')
+  setattr(config[section] if section else config, name, value)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert (tmp_path / 'config.json').read_text() == before
 
 
 def test_a_write_cut_short_leaves_the_old_config_json(tmp_path, monkeypatch):

@@ -106,6 +106,46 @@ def _check_int(name: str, value, low: int, high=None) -> int:
   return int(value)
 
 
+def check_seed(seed) -> int:
+  """The experiment's `seed`, checked: an int in [0, 2**63)."""
+  return _check_int('seed', seed, 0, 2**63)
+
+
+def check_config(cfg) -> None:
+  """Checks the data config's pipeline fields (`augment_on` resolved).
+
+  `create_dataset` calls it; the runner calls it first, before it writes
+  anything into the workdir.
+
+  Raises:
+    ValueError: a field's value, named with what it must be.
+  """
+  if cfg.eval_resize not in EVAL_RESIZE_METHODS:
+    raise ValueError(
+        f'data.eval_resize={cfg.eval_resize!r} must be one of'
+        f' {EVAL_RESIZE_METHODS}.'
+    )
+  if (
+      isinstance(cfg.mixup_alpha, bool)
+      or not isinstance(cfg.mixup_alpha, numbers.Real)
+      or not cfg.mixup_alpha >= 0
+  ):
+    raise ValueError(f'data.mixup_alpha={cfg.mixup_alpha} must be >= 0.')
+  _check_int('data.shuffle_buffer', cfg.shuffle_buffer, 1)
+  prefetch = cfg.prefetch
+  if (
+      isinstance(prefetch, bool)
+      or not isinstance(prefetch, int)
+      or prefetch < -1
+  ):
+    raise ValueError(
+        f'data.prefetch={prefetch!r} must be an int >= 0, or -1 (autotune).'
+    )
+  if 'device_prefetch' in cfg:  # The runner's; tests build configs without.
+    _check_int('data.device_prefetch', cfg.device_prefetch, 0)
+  augments_on_device(cfg)  # Validates cfg.augment_on.
+
+
 def augments_on_device(cfg) -> bool:
   """Whether train batches still need `device_augment.augment_batch`."""
   if cfg.augment_on not in AUGMENT_ON:
@@ -188,26 +228,9 @@ def create_dataset(
       global_batch_size, process_index, process_count, local_device_count
   )
   image_size = _check_int('image_size', image_size, 1)
-  seed = _check_int('seed', seed, 0, 2**63)
+  seed = check_seed(seed)
   start_step = _check_int('start_step', start_step, 0)
-  if cfg.eval_resize not in EVAL_RESIZE_METHODS:
-    raise ValueError(
-        f'data.eval_resize={cfg.eval_resize!r} must be one of'
-        f' {EVAL_RESIZE_METHODS}.'
-    )
-  if cfg.mixup_alpha < 0:
-    raise ValueError(f'data.mixup_alpha={cfg.mixup_alpha} must be >= 0.')
-  _check_int('data.shuffle_buffer', cfg.shuffle_buffer, 1)
-  prefetch = cfg.prefetch
-  if (
-      isinstance(prefetch, bool)
-      or not isinstance(prefetch, int)
-      or prefetch < -1
-  ):
-    raise ValueError(
-        f'data.prefetch={prefetch!r} must be an int >= 0, or -1 (autotune).'
-    )
-  augments_on_device(cfg)  # Validates cfg.augment_on.
+  check_config(cfg)
   if split == 'eval':
     start_step = 0
 
