@@ -64,7 +64,8 @@ class NonFiniteError(RuntimeError):
   their step; they are an error at the smallest scale, 1.
 
   Attributes:
-    step: the first step whose loss or gradients were non-finite.
+    step: the first step whose loss or gradients were non-finite, counted
+      from 1 as the log and metrics.jsonl count them.
     metric: 'train_loss' or 'grad_norm'.
   """
 
@@ -1301,8 +1302,9 @@ def train_and_evaluate(
       metric = _NONFINITE_METRICS[
           int(np.asarray(replicated.nonfinite_metric)[0])
       ]
+      # The state counts the steps taken before it; the log counts from 1.
       raise NonFiniteError(
-          bad_step, metric, config.train.compute_dtype == 'float16'
+          bad_step + 1, metric, config.train.compute_dtype == 'float16'
       )
 
   saved_steps = set(checkpointer.all_steps())

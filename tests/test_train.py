@@ -565,6 +565,9 @@ def test_absurd_learning_rate_stops_naming_the_step(tmp_path):
   assert result.returncode != 0
   error = [l for l in result.stderr.splitlines() if l.startswith('error:')]
   assert len(error) == 1 and 'at step' in error[0], result.stderr[-2000:]
+  # The step the log would have shown next (it logs every step here).
+  logged = [r['step'] for r in _metrics(workdir) if 'train_loss' in r]
+  assert f'at step {logged[-1] + 1}:' in error[0], (logged, error)
   checkpointer = checkpoint.TrainCheckpointer(workdir)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
