@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import sys
+import zipfile
 from typing import Any, Mapping, Optional, Sequence
 
 from etils import epath
@@ -38,8 +39,12 @@ _SAFE_GLOBALS = frozenset(
 )
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-  """The file asks to call something other than numpy array reconstruction."""
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+  """The file asks to call something other than numpy array reconstruction.
+
+  A ValueError too: like any other bad value a user gives, the command line
+  reports it in one line.
+  """
 
 
 class CheckpointMismatchError(ValueError):
@@ -79,12 +84,18 @@ def read_params_file(path: str) -> dict[str, dict[str, np.ndarray]]:
     data = f.read()
   if data[:2] == b'PK':
     # A real .npz archive with 'module_path/param_name' keys.
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-      tree = {}
-      for key in archive.files:
-        module, _, name = key.rpartition('/')
-        tree.setdefault(module, {})[name] = archive[key]
-      return tree
+    try:
+      with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        tree = {}
+        for key in archive.files:
+          module, _, name = key.rpartition('/')
+          tree.setdefault(module, {})[name] = archive[key]
+        return tree
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+      raise ValueError(
+          f'{path} is not a readable .npz parameter file '
+          f'(corrupt or truncated?): {type(e).__name__}: {e}'
+      ) from None
   try:
     tree = safe_load_pickle(data)
   except UnsafePickleError as e:

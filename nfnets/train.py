@@ -916,6 +916,23 @@ def expand_home(path: str) -> str:
   return path if '://' in path else os.path.expanduser(path)
 
 
+def check_workdir(workdir) -> str:
+  """The run's folder, `~` expanded; an empty one is refused.
+
+  An empty `--workdir=` would put the run's checkpoints and logs into the
+  current directory (a repository, say) and resume from whatever is there.
+
+  Raises:
+    ValueError: `workdir` is empty or blank.
+  """
+  if workdir is None or not os.fspath(workdir).strip():
+    raise ValueError(
+        f'The workdir is empty ({workdir!r}); give --workdir a folder path,'
+        ' e.g. --workdir=workdir/run1.'
+    )
+  return expand_home(workdir)
+
+
 def _count(number: int, noun: str) -> str:
   """'1 step', '2 steps'."""
   return f'{number} {noun}{"" if number == 1 else "s"}'
@@ -1204,7 +1221,7 @@ def train_and_evaluate(
       another bad config value (named in the message).
   """
   start_time = time.time()
-  workdir = expand_home(workdir)
+  workdir = check_workdir(workdir)
   _check_batch(config.train.batch_size, 'train.batch_size')
   _check_batch(config.eval.batch_size, 'eval.batch_size')
   config, num_classes = prepare(config)
@@ -1586,7 +1603,7 @@ def evaluate_checkpoint(
   another run of this project: its workdir or `checkpoints/` folder (its
   newest readable checkpoint), or one of its `checkpoints/<step>` folders.
   """
-  workdir = expand_home(workdir)
+  workdir = check_workdir(workdir)
   _check_batch(config.eval.batch_size, 'eval.batch_size')
   config, num_classes = prepare(config)
   forward = create_model(config, num_classes)

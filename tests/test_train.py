@@ -1170,6 +1170,52 @@ def test_a_refused_data_value_leaves_the_workdir_config_json(
   assert (tmp_path / 'config.json').read_text() == before
 
 
+@pytest.mark.parametrize('workdir', ['', '  '])
+def test_an_empty_workdir_is_refused_writing_nothing(
+    workdir, tmp_path, monkeypatch
+):
+  # '--workdir=' used to train into the current directory.
+  monkeypatch.chdir(tmp_path)
+  config = tiny_config.get_config(2)
+  with pytest.raises(ValueError, match='The workdir is empty'):
+    train.train_and_evaluate(config, workdir)
+  with pytest.raises(ValueError, match='give --workdir a folder path'):
+    train.evaluate_checkpoint(config, workdir)
+  assert not os.listdir(tmp_path)
+
+
+class _Exploit:
+
+  def __reduce__(self):
+    return (os.system, ('echo pwned',))
+
+
+def test_a_bad_parameter_file_is_one_line(tmp_path):
+  # A pickle that would run code, and a cut .npz: the user's files, so one
+  # line each, not a traceback.
+  evil = tmp_path / 'evil.pkl'
+  evil.write_bytes(pickle.dumps({'NFNet/~/linear': {'w': _Exploit()}}))
+  cut = tmp_path / 'cut.npz'
+  np.savez(cut, **{'NFNet/~/linear/w': np.zeros((64, 64), np.float32)})
+  cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+  for path, message in (
+      (evil, 'refusing to load posix.system'),
+      (cut, 'is not a readable .npz parameter file (corrupt or truncated?)'),
+  ):
+    result = _run(
+        str(tmp_path / 'run'),
+        2,
+        '--mode=eval',
+        f'--config.eval.checkpoint={path}',
+        devices=1,
+    )
+    assert result.returncode == 1
+    assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+    (line,) = [l for l in result.stderr.splitlines() if l.startswith('error')]
+    assert message in line and str(path) in line, line
+    assert 'pwned' not in result.stdout
+
+
 def test_a_write_cut_short_leaves_the_old_config_json(tmp_path, monkeypatch):
   config = resolve.resolve(tiny_config.get_config(2))
   train._save_config(config, str(tmp_path))
