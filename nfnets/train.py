@@ -1196,6 +1196,7 @@ def _set_aside_unreadable(checkpointer, restored_step, is_chief) -> list[str]:
 
 def prepare(config: ml_collections.ConfigDict):
   """Resolves the config against its dataset; returns (config, num_classes)."""
+  data.check_splits_have_examples(config.data)
   num_train = data.num_examples(config.data, 'train')
   config = resolve.resolve(config, num_train)
   return config, data.num_classes(config.data)

@@ -256,3 +256,34 @@ def test_one_class_or_an_empty_class_folder_is_an_error(tmp_path):
   (empty / 'c' / 'notes.txt').write_text('not an image')
   with pytest.raises(ValueError, match=r"Class folder '.*empty/c' holds no"):
     data.num_examples(testing.config(name=f'folder:{empty}'), 'train')
+
+
+def test_an_empty_split_is_refused_before_training(tmp_path):
+  # Both used to surface late: an empty eval split after all of training,
+  # no decodable train image as 'num_train_examples must be a positive int'.
+  import tiny_config  # pylint: disable=g-import-not-at-top
+  from nfnets import train  # pylint: disable=g-import-not-at-top
+
+  small = tmp_path / 'small'  # 5 per class: 5 // 10 = 0 go to eval
+  _write_images(str(small / 'a'), range(5))
+  _write_images(str(small / 'b'), range(5, 10))
+  config = tiny_config.get_config(2)
+  config.data.name = f'folder:{small}'
+  with pytest.raises(
+      ValueError, match=r'has no eval examples .*one in 10 of its images'
+  ):
+    train.prepare(config)
+
+  broken = tmp_path / 'broken'
+  _write_images(str(broken / 'val' / 'a'), range(2))
+  for name in ('a', 'b'):
+    (broken / 'train' / name).mkdir(parents=True)
+    (broken / 'train' / name / 'x.jpg').write_bytes(b'not a jpeg')
+  config.data.name = f'folder:{broken}'
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # the skipped files' warning
+    with pytest.raises(
+        ValueError,
+        match=r"folder:.*broken' has no train examples \(decodable",
+    ):
+      train.prepare(config)

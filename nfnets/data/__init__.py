@@ -146,6 +146,32 @@ def check_config(cfg) -> None:
   augments_on_device(cfg)  # Validates cfg.augment_on.
 
 
+def check_splits_have_examples(cfg) -> None:
+  """Checks that both splits hold examples: before training, not after it.
+
+  Raises:
+    ValueError: a split is empty (for an image folder, of decodable images).
+  """
+  for split in batching.SPLITS:
+    if num_examples(cfg, split) >= 1:
+      continue
+    why = ''
+    if _kind(cfg) == 'folder':
+      from nfnets.data import folder  # pylint: disable=g-import-not-at-top
+
+      why = ' (decodable .jpg, .jpeg or .png files)'
+      if split == 'eval':
+        why += (
+            '; in a folder with no train/ and val/ folders, each class gives'
+            f' one in {folder.EVAL_EVERY} of its images to eval, so a class'
+            ' needs that many or more'
+        )
+    raise ValueError(
+        f'data.name={cfg.name!r} has no {split} examples{why}; add some, or'
+        ' name another dataset.'
+    )
+
+
 def augments_on_device(cfg) -> bool:
   """Whether train batches still need `device_augment.augment_batch`."""
   if cfg.augment_on not in AUGMENT_ON:
