@@ -121,6 +121,17 @@ def main(argv):
     # One clear line, no traceback: these are the user's to fix.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt:
+    # Ctrl-C in the training loop saves and returns (a preemption); here it
+    # came before or after it: while starting, compiling or evaluating.
+    # Everything is written whole or not at all (config.json by rename,
+    # checkpoints by orbax's), so the same command resumes.
+    print(
+        'Interrupted (Ctrl-C) outside the training loop; run the same'
+        ' command to resume from the last checkpoint.',
+        file=sys.stderr,
+    )
+    sys.exit(130)
 
 
 if __name__ == '__main__':

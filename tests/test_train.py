@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import textwrap
 import sys
 import time
 
@@ -1214,6 +1215,38 @@ def test_a_bad_parameter_file_is_one_line(tmp_path):
     (line,) = [l for l in result.stderr.splitlines() if l.startswith('error')]
     assert message in line and str(path) in line, line
     assert 'pwned' not in result.stdout
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line(tmp_path):
+  # While the runner starts (imports, restores, compiles) a Ctrl-C used to
+  # end in a traceback of whatever it interrupted.
+  code = textwrap.dedent(f"""\
+      import os, runpy, signal, sys, time
+      from nfnets import train
+
+      def starting(config, workdir):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)
+
+      train.train_and_evaluate = starting
+      sys.argv = ['experiment.py', '--config={REPO}/tests/tiny_config.py:2',
+                  '--workdir={tmp_path}']
+      runpy.run_path('{REPO}/experiment.py', run_name='__main__')
+  """)
+  result = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
+  assert result.returncode == 130, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      'Interrupted (Ctrl-C) outside the training loop; run the same command'
+      ' to resume from the last checkpoint.'
+  )
 
 
 def test_a_write_cut_short_leaves_the_old_config_json(tmp_path, monkeypatch):
