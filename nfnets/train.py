@@ -800,6 +800,10 @@ def _json_line(record: dict[str, Any]) -> str:
   return json.dumps(strict, allow_nan=False) + '\n'
 
 
+# The keys of an evaluation record ('eval_top1', 'ema_eval_loss', ...).
+_EVAL_PREFIXES = ('eval_', 'ema_eval_')
+
+
 class _Logger:
   """metrics.jsonl, TensorBoard events and a stdout progress line.
 
@@ -807,7 +811,22 @@ class _Logger:
   file goes through epath.
   """
 
-  def __init__(self, workdir: str, resume_step: int, enabled: bool):
+  def __init__(
+      self,
+      workdir: str,
+      resume_step: int,
+      enabled: bool,
+      evaluates_again: bool = False,
+  ):
+    """Opens the run's logs, keeping its events up to `resume_step`.
+
+    Args:
+      workdir: the run's folder.
+      resume_step: the step of the restored checkpoint (0: a new run).
+      enabled: whether this process writes files (process 0).
+      evaluates_again: the run evaluates `resume_step` again (a finished
+        run relaunched): that step's evaluation records are dropped too.
+    """
     self.enabled = enabled
     self.path = epath.Path(workdir) / 'metrics.jsonl'
     self._tb = None
@@ -823,11 +842,14 @@ class _Logger:
             ' short when the job was killed).',
             flush=True,
         )
-      kept = [
-          _json_line(r)
-          for r in records
-          if r.get('step', resume_step + 1) <= resume_step
-      ]
+
+      def keep(record):
+        step = record.get('step', resume_step + 1)
+        if evaluates_again and step == resume_step:
+          return not any(k.startswith(_EVAL_PREFIXES) for k in record)
+        return step <= resume_step
+
+      kept = [_json_line(r) for r in records if keep(r)]
       _replace_text(self.path, ''.join(kept))
 
   def write(self, record: dict[str, Any]) -> None:
@@ -1268,7 +1290,12 @@ def train_and_evaluate(
   if is_chief:
     _save_config(config, workdir)
   start_step = int(state.step)
-  logger = _Logger(workdir, start_step, is_chief)
+  logger = _Logger(
+      workdir,
+      start_step,
+      is_chief,
+      evaluates_again=start_step >= config.steps.total,
+  )
   for line in set_aside:
     logger.print(line)
   if initialized:

@@ -180,6 +180,13 @@ def test_resuming_with_changed_values_says_which(tmp_path, capsys):
   assert line == 'Resumed from the checkpoint of step 6.'
   assert "step 6 is at or past this config's 6 steps: evaluating" in out
   assert 'Training' not in out
+  # Evaluated again, step 6's evaluation is in metrics.jsonl once: the new
+  # one. The first run's final evaluation, of step 4, stays.
+  records = [(r['step'], 'eval_top1' in r) for r in _metrics(tmp_path)]
+  train_steps = [(s, False) for s in range(1, 7)]
+  assert records == train_steps[:4] + [(4, True)] + train_steps[4:] + [
+      (6, True)
+  ]
 
 
 def test_a_workdir_under_a_quoted_tilde_goes_home(tmp_path, monkeypatch):
