@@ -134,6 +134,9 @@ def _agc_from_config(agc_cfg):
         "'auto' with nfnets.agc.clipping_for_batch_size(global_batch_size) "
         "before creating the optimizer."
     )
+  # Named as the config names them; AGC's own checks do not know the field.
+  _check_number("optimizer.agc.clipping", clipping, minimum=0, strict=True)
+  _check_number("optimizer.agc.eps", agc_cfg.eps, minimum=0, strict=False)
   return agc.adaptive_grad_clip(
       clipping, eps=agc_cfg.eps, exclude=agc_cfg.exclude
   )

@@ -263,6 +263,25 @@ def test_adam_moment_decays_outside_0_1_are_rejected(name, field, value):
     )
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("eps", -1e-3, r"optimizer\.agc\.eps must be >= 0, got -0\.001"),
+        ("eps", "1e-3", r"optimizer\.agc\.eps must be a number"),
+        ("clipping", 0.0, r"optimizer\.agc\.clipping must be > 0, got 0\.0"),
+        ("clipping", -0.01, r"optimizer\.agc\.clipping must be > 0"),
+    ],
+)
+def test_bad_agc_values_name_their_config_field(field, value, message):
+  with pytest.raises(ValueError, match=rf"^{message}"):
+    optim.create_optimizer(
+        make_config(agc={field: value}),
+        batch_size=256,
+        total_steps=10,
+        warmup_steps=1,
+    )
+
+
 def test_sgd_does_not_read_the_adam_fields():
   optim.create_optimizer(
       make_config(name="sgd", b1=1.0, b2=2.0),
