@@ -16,8 +16,14 @@ from configs import common
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  """The demo config; `arg` is unused (kept for a uniform interface)."""
-  del arg
+  """The demo config; it takes no argument (`configs/default.py:X` is refused)."""
+  if arg:
+    # Other config files take one ('nfnet.py:F0'); here it would be ignored.
+    raise ValueError(
+        f'configs/default.py takes no argument, got {arg!r}; drop the'
+        ' ":..." or pick a config file that takes one (e.g.'
+        ' configs/nfnet.py:F0,local).'
+    )
   config = common.get_config()
   # NF-ResNet-26 at a quarter of the standard width: 4 stages, 8 blocks,
   # stem 16 and stage widths 64/128/256/512 channels.

@@ -486,3 +486,13 @@ def test_programs_print_one_line_for_a_mistyped_override(program):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1, result.stderr
   assert "--config.optimizer.lr=0.1: optimizer has no field 'lr'" in lines[0]
+
+
+def test_the_demo_config_refuses_an_argument_it_would_ignore():
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  assert (
+      default.get_config().model.variant == default.get_config('').model.variant
+  )
+  with pytest.raises(ValueError, match=r"takes no argument, got 'F3'"):
+    default.get_config('F3')
