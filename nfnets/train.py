@@ -1253,6 +1253,9 @@ def train_and_evaluate(
   data.check_config(config.data)
   data.check_seed(config.seed)
   is_chief = jax.process_index() == 0
+  # Before the workdir is made: a refused optimizer value leaves no folder.
+  forward = create_model(config, num_classes)
+  optimizer, lr_fn = optimizer_and_schedule(config)
   try:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   except OSError as e:  # A file of that name, no permission, no such bucket.
@@ -1261,8 +1264,6 @@ def train_and_evaluate(
         ' a folder path you can write to.'
     ) from None
 
-  forward = create_model(config, num_classes)
-  optimizer, lr_fn = optimizer_and_schedule(config)
   kernel_layout = config.train.kernel_layout
   state, restored_step, checkpointer = restore_or_create(
       config,

@@ -1171,8 +1171,7 @@ def test_a_refused_data_value_leaves_the_workdir_config_json(
   before = (tmp_path / 'config.json').read_text()
   config = tiny_config.get_config(2)
   config.optimizer.base_lr = 0.7
-  section, _, name = field.rpartition('.')
-  setattr(config[section] if section else config, name, value)
+  config.update_from_flattened_dict({field: value})
   with pytest.raises(ValueError, match=re.escape(message)):
     train.train_and_evaluate(config, str(tmp_path))
   assert (tmp_path / 'config.json').read_text() == before
@@ -1254,6 +1253,18 @@ def test_ctrl_c_outside_the_training_loop_is_one_line(tmp_path):
       'Interrupted (Ctrl-C) outside the training loop; run the same command'
       ' to resume from the last checkpoint.'
   )
+
+
+@pytest.mark.parametrize(
+    'field, value',
+    [('optimizer.momentum', 2.0), ('optimizer.agc.eps', -1.0)],
+)
+def test_a_refused_optimizer_value_makes_no_workdir(tmp_path, field, value):
+  config = tiny_config.get_config(2)
+  config.update_from_flattened_dict({field: value})
+  with pytest.raises(ValueError, match=re.escape(field)):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
 
 
 def test_a_write_cut_short_leaves_the_old_config_json(tmp_path, monkeypatch):
