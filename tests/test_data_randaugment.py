@@ -38,23 +38,89 @@ def test_every_op_keeps_shape_and_dtype(name, magnitude):
   assert out.shape == _IMAGE.shape and out.dtype == np.uint8
 
 
+# The magnitude at which each operation is the identity, in the release's
+# mapping: the geometric ones and SolarizeAdd at 0, the enhance operations at
+# 5 (factor 1), Solarize from 10 on (threshold 256), Posterize at 20 (8 bits).
+_IDENTITY_AT = {
+    'Identity': 0,
+    'Rotate': 0,
+    'ShearX': 0,
+    'ShearY': 0,
+    'TranslateX': 0,
+    'TranslateY': 0,
+    'Cutout': 0,
+    'SolarizeAdd': 0,
+    'Color': 5,
+    'Contrast': 5,
+    'Brightness': 5,
+    'Sharpness': 5,
+    'Solarize': 10,
+    'Posterize': 20,
+}
+
+
+def test_every_magnitude_op_has_an_identity_magnitude():
+  assert sorted(_IDENTITY_AT) == _MAGNITUDE_OPS
+
+
 @pytest.mark.parametrize('name', _MAGNITUDE_OPS)
-def test_ops_are_identity_at_magnitude_zero(name):
+def test_ops_are_the_identity_where_the_release_mapping_says(name):
   for seed in ([1, 2], [3, 4]):  # Both signs of the signed operations.
     np.testing.assert_array_equal(
-        _op(name, 0, seed=tf.constant(seed, tf.int64)), _IMAGE
+        _op(name, _IDENTITY_AT[name], seed=tf.constant(seed, tf.int64)),
+        _IMAGE,
     )
 
 
 @pytest.mark.parametrize('name', sorted(set(_MAGNITUDE_OPS) - {'Identity'}))
-def test_ops_change_the_image_at_magnitude_ten(name):
+def test_ops_change_the_image_at_the_nfnet_magnitudes(name):
+  # NFNets use 5, 10 and 15; each operation acts at one of them at least.
   changed = [
       not np.array_equal(
-          _op(name, 10, seed=tf.constant([s, 0], tf.int64)), _IMAGE
+          _op(name, magnitude, seed=tf.constant([s, 0], tf.int64)), _IMAGE
       )
+      for magnitude in (5, 10, 15)
       for s in range(4)
   ]
   assert any(changed)
+
+
+def test_the_release_magnitude_mapping():
+  # autoaugment.py of the NFNets release: enhance 0.1 + 1.8 * level, with no
+  # random sign; Posterize int(4 * level) bits; Solarize int(256 * level);
+  # SolarizeAdd int(110 * level).
+  assert [randaugment.enhance_factor(m) for m in (0, 5, 10, 15)] == (
+      pytest.approx([0.1, 1.0, 1.9, 2.8])
+  )
+  assert [randaugment.posterize_bits(m) for m in (0, 5, 10, 15, 25)] == [
+      0,
+      2,
+      4,
+      6,
+      8,
+  ]
+  assert [randaugment.solarize_threshold(m) for m in (0, 5, 10, 15)] == [
+      0,
+      128,
+      256,
+      256,
+  ]
+  assert [randaugment.solarize_addition(m) for m in (0, 5, 10, 15)] == [
+      0,
+      55,
+      110,
+      165,
+  ]
+  np.testing.assert_array_equal(_op('Posterize', 0), np.zeros_like(_IMAGE))
+
+
+@pytest.mark.parametrize('name', ['Brightness', 'Contrast'])
+def test_enhance_at_magnitude_15_never_flattens_an_image(name):
+  # The 'increasing' scale (1 +- 0.9 * level, floored at 0) made every other
+  # draw at M = 15 a black (Brightness) or a single grey (Contrast) image.
+  for s in range(8):
+    out = _op(name, 15, seed=tf.constant([s, 0], tf.int64))
+    assert np.ptp(out) > 0, (name, s)
 
 
 def test_known_results():
@@ -82,9 +148,12 @@ def test_known_results():
   out = randaugment.cutout(image, 4, 5, 5).numpy()
   assert (out[3:7, 3:7] == 128).all()
   np.testing.assert_array_equal(out[:3], _IMAGE[:3])
-  # Magnitude conventions (module docstring): 10 = the standard maximum.
-  np.testing.assert_array_equal(_op('Solarize', 10), 255 - _IMAGE)
+  # The release's magnitude mapping (module docstring).
+  np.testing.assert_array_equal(
+      _op('Solarize', 5), np.where(_IMAGE >= 128, 255 - _IMAGE, _IMAGE)
+  )
   np.testing.assert_array_equal(_op('Posterize', 10), _IMAGE & 0b11110000)
+  np.testing.assert_array_equal(_op('Posterize', 5), _IMAGE & 0b11000000)
 
 
 def test_flip_mirrors_half_the_time():
@@ -151,9 +220,14 @@ def test_randaugment_is_deterministic_and_varied():
   assert len(outputs) > 4
   np.testing.assert_array_equal(run(0, num_layers=0), image.numpy())
   np.testing.assert_array_equal(
-      run(0, magnitude=0, ops=('Rotate', 'ShearX', 'Color', 'Solarize')),
+      run(0, magnitude=0, ops=('Rotate', 'ShearX', 'SolarizeAdd', 'Cutout')),
       image.numpy(),
   )
+  # Every layer applies the operation it draws (the release never skips
+  # one): a single op that always changes the image changes it every time.
+  for seed in range(8):
+    out = run(seed, num_layers=1, ops=('Invert',))
+    np.testing.assert_array_equal(out, 255 - image.numpy())
 
 
 def _encode(array, fmt):

@@ -19,9 +19,9 @@ reciprocal), the arithmetic is written so that it cannot (`_product`,
 `_unfused`, `_divide`).
 
 `randaugment` and `mix_batch` draw from the same distribution as the
-TensorFlow versions (operation uniform over `RANDAUGMENT_OPS`, probability of
-applying it uniform in `APPLY_PROBABILITY_RANGE`, random sign, the same
-magnitude -> argument mapping; the recipe of `nfnets.data.mixing`), but with
+TensorFlow versions (operation uniform over `RANDAUGMENT_OPS`, applied with
+`APPLY_PROBABILITY` (always), random sign, the same magnitude -> argument
+mapping; the recipe of `nfnets.data.mixing`), but with
 `jax.random`, so not with the same random draws: outputs are not bitwise the
 TensorFlow pipeline's for a given seed. One departure, with probability below
 2e-12 per layer and batch: images beyond the capacity of a sub-batch (for
@@ -48,7 +48,7 @@ exactly the identity for the examples whose operation is not in that stage:
 Exactly one operation (or none) is active per image and layer, so the
 composition is that operation. Colour and Sharpness read the same input side
 by side (one of them is the identity). Stages 2-5 run only on the images
-whose operation is one of theirs (a quarter on average; for batches of 64 or
+whose operation is one of theirs (half on average; for batches of 256 or
 more, a sub-batch of `_capacity` images, which holds them all but with
 probability below 1e-12 per layer), from the layer's input, since their
 lookup table is the identity. Images stay uint8 between stages, each
@@ -72,7 +72,7 @@ from nfnets.data import recipe
 
 MAX_LEVEL = recipe.MAX_LEVEL
 FILL_VALUE = recipe.FILL_VALUE
-APPLY_PROBABILITY_RANGE = recipe.APPLY_PROBABILITY_RANGE
+APPLY_PROBABILITY = recipe.APPLY_PROBABILITY
 RANDAUGMENT_OPS = recipe.RANDAUGMENT_OPS
 
 _OP_INDEX = {name: i for i, name in enumerate(RANDAUGMENT_OPS)}
@@ -273,9 +273,9 @@ def _capacity(batch: int, num_ops: int) -> int:
   """Images per layer a sub-batch for `num_ops` of the operations holds.
 
   Each image of a layer draws one of the 16 operations and applies it with
-  probability 0.5 on average (uniform in `APPLY_PROBABILITY_RANGE`),
-  independently of the others, so the number drawing one of `num_ops` given
-  operations is Binomial(batch, num_ops / 32). This returns the smallest k
+  probability `APPLY_PROBABILITY` (1), independently of the others, so the
+  number drawing one of `num_ops` given operations is Binomial(batch,
+  num_ops / 16). This returns the smallest k
   with P(count > k) <= 1e-12: stages that only those images need run on k
   images, not all of them.
 
@@ -286,7 +286,7 @@ def _capacity(batch: int, num_ops: int) -> int:
   Returns:
     The capacity, at most `batch`.
   """
-  q = num_ops * 0.5 * sum(APPLY_PROBABILITY_RANGE) / len(RANDAUGMENT_OPS)
+  q = num_ops * APPLY_PROBABILITY / len(RANDAUGMENT_OPS)
   log_pmf = [
       math.lgamma(batch + 1)
       - math.lgamma(j + 1)
@@ -319,9 +319,9 @@ def _equalize_histograms(images: jax.Array, active: jax.Array) -> jax.Array:
 
   The histogram is a scatter with one update per pixel and channel, whose
   cost is in the updates, not in the ones kept: an H100 spent 0.175 ms per
-  layer on 256 images at 192 px, ~97% of the updates dropped (8 images
-  equalise on average). So the first `_capacity(B, 1)` active images (34 of
-  256), in batch order, are gathered and counted; the others (probability
+  layer on 256 images at 192 px, ~97% of the updates dropped (then 8 images
+  equalised on average; 16 now that every layer applies its operation). So
+  the first `_capacity(B, 1)` active images (49 of 256), in batch order, are gathered and counted; the others (probability
   <= 1e-12 per layer that there are any) get an empty histogram, which
   `_equalize_lut` maps to the identity: they stay as they are for that
   layer.
@@ -744,7 +744,9 @@ def _scaled_level(scale: float, magnitude: float) -> np.float32:
 
 
 def _enhance_factor(sign: jax.Array, magnitude: float) -> jax.Array:
-  return jnp.maximum(1.0 + sign * _scaled_level(0.9, magnitude), 0.0)
+  """`randaugment.enhance_factor`, one per image (`sign` gives the shape)."""
+  factor = np.float32(0.1 + 1.8 * _level(magnitude))  # as TF's constant
+  return jnp.full(sign.shape, factor, jnp.float32)
 
 
 def _signed(sign: jax.Array, scale: float, magnitude: float) -> jax.Array:
@@ -755,16 +757,18 @@ def _translate_pixels(sign, magnitude: float, side: int) -> jax.Array:
   return sign * _scaled_level(0.45, magnitude) * jnp.float32(side)
 
 
+# As `randaugment.posterize_bits`, `solarize_threshold`, `solarize_addition`
+# (that module imports TensorFlow, which this one must not).
 def _posterize_bits(magnitude: float) -> int:
-  return min(max(8 - round(4 * _level(magnitude)), 1), 8)
+  return min(max(int(4 * _level(magnitude)), 0), 8)
 
 
 def _solarize_threshold(magnitude: float) -> int:
-  return min(max(round(256 * (1 - _level(magnitude))), 0), 256)
+  return min(max(int(256 * _level(magnitude)), 0), 256)
 
 
 def _solarize_addition(magnitude: float) -> int:
-  return min(max(round(110 * _level(magnitude)), 0), 255)
+  return min(max(int(110 * _level(magnitude)), 0), 255)
 
 
 def _cutout_size(magnitude: float, height: int, width: int) -> int:
@@ -784,18 +788,12 @@ def _draw(key: jax.Array, batch: int, height: int, width: int):
 
   Returns:
     `(op_index, apply, sign, cutout_centre)`: int32 `[B]` index into
-    `RANDAUGMENT_OPS`, bool `[B]` (applied with a probability itself drawn
-    from `APPLY_PROBABILITY_RANGE`), float32 `[B]` +-1, int32 `[B, 2]` (y, x).
+    `RANDAUGMENT_OPS`, bool `[B]` (with probability `APPLY_PROBABILITY`),
+    float32 `[B]` +-1, int32 `[B, 2]` (y, x).
   """
   keys = jax.random.split(key, 6)
   op_index = jax.random.randint(keys[0], [batch], 0, len(RANDAUGMENT_OPS))
-  probability = jax.random.uniform(
-      keys[1],
-      [batch],
-      minval=APPLY_PROBABILITY_RANGE[0],
-      maxval=APPLY_PROBABILITY_RANGE[1],
-  )
-  apply = jax.random.uniform(keys[2], [batch]) < probability
+  apply = jax.random.uniform(keys[2], [batch]) < APPLY_PROBABILITY
   sign = jnp.where(jax.random.uniform(keys[3], [batch]) < 0.5, -1.0, 1.0)
   centre = jnp.stack(
       [
@@ -886,11 +884,11 @@ def _layer(images, op_index, apply, sign, cutout_centre, magnitude: float):
   batch = images.shape[0]
   capacity = _capacity(batch, len(_PIXEL_OPS))
   if capacity > 0.75 * batch:
-    # Small batches (27 of 32, all of 16): too little left out to pay for
-    # the lookup tables' own pass, the gather and the scatter.
+    # Batches below 256 (58 of 64, all of 32): too little left out to pay
+    # for the lookup tables' own pass, the gather and the scatter.
     return _pixel_stages(looked_up, *arguments)
-  # Only the images whose operation is one of these need stages 2-5 (a
-  # quarter on average), and their lookup table is the identity: run the
+  # Only the images whose operation is one of these need stages 2-5 (half
+  # on average), and their lookup table is the identity: run the
   # stages on those, from the layer's input, and write them over the
   # looked-up batch. On more than `capacity` of them (probability <= 1e-12
   # per layer) the rest keep their input for this layer.
@@ -919,8 +917,8 @@ def randaugment(
   """Applies `num_layers` random operations of strength `magnitude`.
 
   Per image and layer, as `nfnets.data.randaugment.randaugment`: an operation
-  drawn uniformly from `RANDAUGMENT_OPS`, applied with a probability drawn
-  uniformly from `APPLY_PROBABILITY_RANGE`, with a random sign.
+  drawn uniformly from `RANDAUGMENT_OPS` and applied (`APPLY_PROBABILITY`),
+  with a random sign.
 
   Args:
     images: uint8 `[B, H, W, 3]`.

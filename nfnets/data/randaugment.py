@@ -1,31 +1,35 @@
 """RandAugment (Cubuk et al. 2020) in TensorFlow ops on uint8 RGB images.
 
 `randaugment(image, seed, num_layers=N, magnitude=M)` applies N operations in
-sequence; each is drawn uniformly from `RANDAUGMENT_OPS` and applied with a
-probability drawn uniformly from [0.2, 0.8], as in the AutoAugment/RandAugment
-code the NFNets release used. The 16 operations are those of that code:
-AutoContrast, Equalize, Invert, Rotate, Posterize, Solarize, Color, Contrast,
-Brightness, Sharpness, ShearX, ShearY, TranslateX, TranslateY, Cutout and
-SolarizeAdd (`Identity` is available by name too).
+sequence, each drawn uniformly from `RANDAUGMENT_OPS`, as the
+AutoAugment/RandAugment code the NFNets release used. That code also draws a
+probability in [0.2, 0.8] per operation but never uses it, so every layer
+applies its operation (`APPLY_PROBABILITY`). The 16 operations are those of
+that code: AutoContrast, Equalize, Invert, Rotate, Posterize, Solarize,
+Color, Contrast, Brightness, Sharpness, ShearX, ShearY, TranslateX,
+TranslateY, Cutout and SolarizeAdd (`Identity` is available by name too).
 
-Magnitude convention: the usual scale where M = 10 is each operation's
-standard maximum and larger M extrapolate (NFNets use 5, 10 and 15). With
-`level = M / 10`:
+Magnitudes map to arguments as in that code (M = 10 is the usual maximum;
+NFNets use 5, 10 and 15). With `level = M / 10`:
 
   Rotate       +-30 * level degrees            ShearX/Y   +-0.3 * level
   TranslateX/Y +-0.45 * level of the side      Cutout     square of side
-  Posterize    keep 8 - 4 * level bits (>= 1)               0.36 * level of
-  Solarize     invert pixels >= 256 * (1 - level)           the short side
-  SolarizeAdd  add 110 * level to pixels < 128
-  Color, Contrast, Brightness, Sharpness: enhance factor 1 +- 0.9 * level (>= 0)
+  Posterize    keep int(4 * level) bits                     0.36 * level of
+  Solarize     invert pixels >= int(256 * level)            the short side
+  SolarizeAdd  add int(110 * level) to pixels < 128
+  Color, Contrast, Brightness, Sharpness: enhance factor 0.1 + 1.8 * level
 
-The sign (+-) is drawn per application. Every operation with a magnitude is
-the identity at M = 0 and grows stronger with M. (The TPU AutoAugment code
-maps Posterize and Solarize the other way round: there M = 0 keeps 0 bits and
-solarizes every pixel, and M = 10 leaves Solarize the identity; over
-M in [0, 10] the ranges are the same.) AutoContrast, Equalize and Invert have
-no magnitude. Geometric operations use nearest-neighbour sampling and fill with
-grey (128), as PIL and the reference code do.
+The sign (+-) is drawn per application. The release gives translations and
+Cutout in pixels (100 and 2 x 40 at level 1, for 224-pixel images); here they
+are fractions of the side that give the same at 224 pixels, and scale with
+the image. So at M = 5 (F0) the enhance operations are the identity and
+Posterize keeps 2 bits; at M = 15 (F3-F7) Solarize is the identity, the
+enhance factor is 2.8 and Posterize keeps 6 bits. (An earlier version used
+the 'increasing' scale of later RandAugment code, 1 +- 0.9 * level, which at
+M = 15 turned one image in ten into a single flat colour.) AutoContrast,
+Equalize and Invert have no magnitude. Geometric operations use
+nearest-neighbour sampling and fill with grey (128), as PIL and the
+reference code do.
 """
 
 import functools
@@ -42,7 +46,7 @@ tf_cpu.hide_accelerators()
 
 MAX_LEVEL = recipe.MAX_LEVEL
 FILL_VALUE = recipe.FILL_VALUE
-APPLY_PROBABILITY_RANGE = recipe.APPLY_PROBABILITY_RANGE
+APPLY_PROBABILITY = recipe.APPLY_PROBABILITY
 RANDAUGMENT_OPS = recipe.RANDAUGMENT_OPS
 
 
@@ -304,9 +308,18 @@ def _level(magnitude: float) -> float:
   return magnitude / MAX_LEVEL
 
 
+def enhance_factor(magnitude: float) -> float:
+  """The release's enhance factor: 0.1 + 1.8 * level (1 at M = 5, no sign).
+
+  Never 0, which would make an image black (Brightness) or one grey
+  (Contrast) at the NFNets' M = 15.
+  """
+  return 0.1 + 1.8 * _level(magnitude)
+
+
 def _enhance(op: Callable, image, magnitude, seed):
-  factor = tf.maximum(1.0 + _sign(seed) * 0.9 * _level(magnitude), 0.0)
-  return op(image, factor)
+  del seed
+  return op(image, tf.constant(enhance_factor(magnitude), tf.float32))
 
 
 def _signed(op: Callable, scale: float, image, magnitude, seed):
@@ -318,21 +331,37 @@ def _translate(op: Callable, axis: int, image, magnitude, seed):
   return op(image, _sign(seed) * 0.45 * _level(magnitude) * side)
 
 
+def posterize_bits(magnitude: float) -> int:
+  """The release's bits kept: int(4 * level) (2 at M = 5, 6 at M = 15)."""
+  return min(max(int(4 * _level(magnitude)), 0), 8)
+
+
+def solarize_threshold(magnitude: float) -> int:
+  """The release's threshold: int(256 * level); from M = 10 on, no pixel."""
+  return min(max(int(256 * _level(magnitude)), 0), 256)
+
+
+def solarize_addition(magnitude: float) -> int:
+  """The release's addition to pixels below 128: int(110 * level)."""
+  return min(max(int(110 * _level(magnitude)), 0), 255)
+
+
 def _posterize(image, magnitude, seed):
   del seed
-  bits = min(max(8 - round(4 * _level(magnitude)), 1), 8)
+  bits = posterize_bits(magnitude)
+  if not bits:  # A shift by 8 is undefined for uint8; no bit kept is 0.
+    return tf.zeros_like(image)
   return posterize(image, bits)
 
 
 def _solarize(image, magnitude, seed):
   del seed
-  threshold = min(max(round(256 * (1 - _level(magnitude))), 0), 256)
-  return solarize(image, threshold)
+  return solarize(image, solarize_threshold(magnitude))
 
 
 def _solarize_add(image, magnitude, seed):
   del seed
-  return solarize_add(image, min(max(round(110 * _level(magnitude)), 0), 255))
+  return solarize_add(image, solarize_addition(magnitude))
 
 
 def _cutout(image, magnitude, seed):
@@ -441,14 +470,11 @@ def _layer(image, seed, magnitude, ops):
   Returns:
     The uint8 image, same shape.
   """
-  choice_seed, apply_seed, prob_seed, op_seed = augment.split_seed(seed, 4)
+  choice_seed, apply_seed, _, op_seed = augment.split_seed(seed, 4)
   op_index = tf.random.stateless_uniform(
       [], choice_seed, 0, len(ops), dtype=tf.int32
   )
-  probability = tf.random.stateless_uniform(
-      [], prob_seed, *APPLY_PROBABILITY_RANGE
-  )
-  apply = tf.random.stateless_uniform([], apply_seed) < probability
+  apply = tf.random.stateless_uniform([], apply_seed) < APPLY_PROBABILITY
   branches = [
       functools.partial(apply_op, name, image, magnitude, op_seed)
       for name in ops

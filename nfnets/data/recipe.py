@@ -11,8 +11,11 @@ the other must not.
 MAX_LEVEL = 10.0
 # Grey used where geometric operations and Cutout leave no image.
 FILL_VALUE = 128
-# Each layer's operation is applied with a probability drawn from this range.
-APPLY_PROBABILITY_RANGE = (0.2, 0.8)
+# The probability that a layer applies the operation it drew: always. The
+# release's code draws a probability in [0.2, 0.8] for each operation but
+# never uses it (none of its image operations takes one), so each of the N
+# layers applies one operation.
+APPLY_PROBABILITY = 1.0
 # The 16 operations of the AutoAugment/RandAugment code the NFNets release
 # used, in its order (a layer draws an index into this tuple).
 RANDAUGMENT_OPS = (
