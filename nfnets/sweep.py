@@ -58,6 +58,9 @@ from nfnets import jsonl
 
 DONE_FILE = 'DONE'
 FAILED_FILE = 'FAILED'
+# The config a finished run was planned with (base config and overrides):
+# a later invocation with another base config must not take it as done.
+RUN_CONFIG_FILE = 'sweep_config.json'
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_CSV = 'summary.csv'
 SUMMARY_MD = 'summary.md'
@@ -364,6 +367,58 @@ def _is_chief() -> bool:
   return jax.process_index() == 0
 
 
+def _config_text(config: ml_collections.ConfigDict) -> str:
+  return config.to_json_best_effort(sort_keys=True, indent=1) + '\n'
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if not isinstance(tree, Mapping):
+    return {prefix: tree}
+  flat = {}
+  for key, value in tree.items():
+    flat.update(_flatten(value, f'{prefix}.{key}' if prefix else str(key)))
+  return flat
+
+
+def check_done_runs(runs: Sequence[Run], limit: int = 3) -> None:
+  """Refuses finished runs planned with another config than now.
+
+  A run counts as done by its folder, which its overrides name; the base
+  config (`--config=...:arg`, `--config.x=y`) is not in the name. Runs
+  finished before this check existed (no `sweep_config.json`) pass.
+
+  Raises:
+    ValueError: a finished run's config differs; the message names the run
+      and up to `limit` differing fields.
+  """
+  for run in runs:
+    saved = run.workdir / RUN_CONFIG_FILE
+    if not (run.workdir / DONE_FILE).exists() or not saved.exists():
+      continue
+    text = saved.read_text()
+    if text == _config_text(run.config):
+      continue
+    try:
+      there = _flatten(json.loads(text))
+    except ValueError:
+      there = {}
+    here = _flatten(json.loads(_config_text(run.config)))
+    changed = [
+        f'{key}: {there.get(key, "unset")!r} there, {here.get(key, "unset")!r}'
+        ' here'
+        for key in sorted(set(there) | set(here))
+        if there.get(key, 'unset') != here.get(key, 'unset')
+    ]
+    more = len(changed) - limit
+    raise ValueError(
+        f'Run {run.name} in {run.workdir.parent} finished with another config'
+        f' ({"; ".join(changed[:limit]) or "unreadable"}'
+        + (f'; {more} more' if more > 0 else '')
+        + '): give this sweep another --workdir_root, or delete that folder'
+        ' to train the run again.'
+    )
+
+
 def _release_compiled_programs() -> None:
   """Drops JAX's compiled programs between runs (if JAX was imported).
 
@@ -410,11 +465,14 @@ def run_sweep(
     The summary as Markdown.
 
   Raises:
+    ValueError: an override or `average_best` is invalid, or a finished run
+      was planned with another config (`check_done_runs`); before any run.
     Preempted: `train_fn` returned `preempted: True` (a SIGTERM or Ctrl-C);
       that run is left unfinished and no later run starts.
   """
   runs = plan_runs(base_config, grid, sweep_dir)
   check_average_best(runs, average_best)
+  check_done_runs(runs)
   if train_fn is None:
     train_fn = _default_train_fn()
   for i, run in enumerate(runs, start=1):
@@ -445,6 +503,7 @@ def run_sweep(
       run.workdir.mkdir(parents=True, exist_ok=True)
       if not isinstance(final_metrics, Mapping):
         final_metrics = {}  # The trainer's metrics.jsonl still has them.
+      (run.workdir / RUN_CONFIG_FILE).write_text(_config_text(run.config))
       (run.workdir / DONE_FILE).write_text(
           json.dumps(dict(final_metrics), default=_jsonable) + '\n'
       )
@@ -768,6 +827,7 @@ def main(argv: Sequence[str]) -> None:
     grid = load_sweep(flag_values['config'].config_filename, sweep)
     runs = plan_runs(flag_values.config, grid, sweep_dir)
     check_average_best(runs, flag_values.average_best)
+    check_done_runs(runs)
   except (OSError, TypeError, ValueError) as e:
     # Mistakes in the command line or the sweep: one line, no traceback.
     sys.exit(f'nfnets.sweep: error: {e}')

@@ -429,6 +429,34 @@ def test_run_sweep_runs_skips_records_failures_and_summarizes(
   assert idle.calls == []
 
 
+def test_a_finished_run_of_another_base_config_is_not_taken_as_done(
+    config_path, tmp_path
+):
+  # Run folders are named by the overrides only: a second invocation with
+  # another --config.x=y (or :arg) used to skip the runs and summarise the
+  # first invocation's results as its own.
+  grid = sweep.load_sweep(config_path, 'tiny')
+  first = runpy.run_path(config_path)['get_config']()
+  first.lock()
+  sweep.run_sweep(first, grid, tmp_path, train_fn=FakeTrainer())
+  same = runpy.run_path(config_path)['get_config']()
+  idle = FakeTrainer()
+  sweep.run_sweep(same, grid, tmp_path, train_fn=idle)
+  assert idle.calls == []  # the same config: done, skipped
+  other = runpy.run_path(config_path)['get_config']('nf_resnet50')
+  other.optimizer.lr = 0.5
+  trainer = FakeTrainer()
+  with pytest.raises(ValueError) as e:
+    sweep.run_sweep(other, grid, tmp_path, train_fn=trainer)
+  assert trainer.calls == []
+  assert str(e.value) == (
+      f'Run {TINY_NAMES[0]} in {tmp_path} finished with another config'
+      " (model: 'nf_resnet26' there, 'nf_resnet50' here; optimizer.lr: 0.1"
+      ' there, 0.5 here): give this sweep another --workdir_root, or delete'
+      ' that folder to train the run again.'
+  )
+
+
 def test_run_sweep_checks_every_run_before_training(base_config, tmp_path):
   trainer = FakeTrainer()
   grid = [{'train.batch_size': 64}, {'train.batch_sise': 64}]
