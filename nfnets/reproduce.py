@@ -163,12 +163,30 @@ _positive_int = _int_at_least(1)
 _nonnegative_int = _int_at_least(0)
 
 
+def _once(values: list[Any], text: str) -> list[Any]:
+  """`values`, refused if one repeats: its run would reuse another's folder."""
+  seen = []
+  for value in values:
+    if value in seen:
+      shown = 'none' if value is None else value
+      raise argparse.ArgumentTypeError(
+          f'{shown} is given twice in {text!r}; give each value once'
+      )
+    seen.append(value)
+  return values
+
+
 def _int_list(text: str) -> list[int]:
-  """An argparse type: comma-separated integers >= 1."""
+  """An argparse type: comma-separated integers >= 1 (blocks per stage)."""
   values = [_positive_int(v.strip()) for v in text.split(',') if v.strip()]
   if not values:
     raise argparse.ArgumentTypeError(f'expected integers >= 1, got {text!r}')
   return values
+
+
+def _int_set(text: str) -> list[int]:
+  """An argparse type: `_int_list` of settings to run, each once."""
+  return _once(_int_list(text), text)
 
 
 def _name_list(text: str) -> list[str]:
@@ -178,7 +196,7 @@ def _name_list(text: str) -> list[str]:
       models.info(name)
     except ValueError as e:
       raise argparse.ArgumentTypeError(str(e)) from None
-  return names
+  return _once(names, text)
 
 
 def _choice_list(valid: Sequence[str]) -> Callable[[str], list[str]]:
@@ -191,7 +209,7 @@ def _choice_list(valid: Sequence[str]) -> Callable[[str], list[str]]:
       raise argparse.ArgumentTypeError(
           f'unknown {unknown} in {text!r}; valid: {list(valid)}'
       )
-    return items
+    return _once(items, text)
 
   return parse
 
@@ -209,10 +227,12 @@ def _clipping_list(text: str) -> list[Optional[float]]:
       raise argparse.ArgumentTypeError(
           f"expected numbers or 'none', got {item!r}"
       ) from None
-    if value <= 0:
-      raise argparse.ArgumentTypeError(f'lambda must be > 0, got {value}')
+    if not 0 < value < math.inf:  # NaN too
+      raise argparse.ArgumentTypeError(
+          f"lambda must be a number > 0 or 'none', got {item!r}"
+      )
     values.append(value)
-  return values
+  return _once(values, text)
 
 
 def _device_description() -> str:
@@ -1602,7 +1622,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = parsers['variance']
   p.add_argument(
       '--depths',
-      type=_int_list,
+      type=_int_set,
       default=[16, 100, 1000],
       help='stack depths (blocks)',
   )
@@ -1676,7 +1696,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
   p = parsers['agc']
-  p.add_argument('--batch_sizes', type=_int_list, default=[64, 256, 1024])
+  p.add_argument('--batch_sizes', type=_int_set, default=[64, 256, 1024])
   p.add_argument(
       '--clippings',
       type=_clipping_list,
@@ -1718,7 +1738,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = parsers['depth']
   p.add_argument(
       '--blocks',
-      type=_int_list,
+      type=_int_set,
       default=[16, 100],
       help='residual blocks (spread over 4 stages)',
   )

@@ -231,6 +231,21 @@ def test_bad_flag_values_are_errors(capsys):
     with pytest.raises(SystemExit):
       reproduce.main(['agc', f'--batch_sizes={value}'])
     assert f'>= 1, got {shown}' in capsys.readouterr().err
+  # A repeated value would reuse its twin's run folder and crash after all
+  # the training; NaN and infinity are no lambda.
+  for argv, message in (
+      (['agc', '--batch_sizes=64,64'], "64 is given twice in '64,64'"),
+      (['agc', '--clippings=none,off'], "none is given twice in 'none,off'"),
+      (['agc', '--clippings=0.04,0.040'], '0.04 is given twice'),
+      (['depth', '--networks=nf,nf'], "nf is given twice in 'nf,nf'"),
+      (['depth', '--blocks=4,4'], "4 is given twice in '4,4'"),
+      (['table3', '--models=nfnet_f0,nfnet_f0'], 'nfnet_f0 is given twice'),
+      (['agc', '--clippings=0.04,nan'], "got 'nan'"),
+      (['agc', '--clippings=inf'], "got 'inf'"),
+  ):
+    with pytest.raises(SystemExit):
+      reproduce.main(argv)
+    assert message in capsys.readouterr().err, argv
 
 
 @pytest.mark.skipif(not _HAS_RUNNER, reason=_NO_RUNNER)
