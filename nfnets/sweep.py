@@ -547,6 +547,8 @@ def _run_row(run: Run) -> dict[str, Any]:
   elif (run.workdir / FAILED_FILE).exists():
     status = 'failed'
     error = (run.workdir / FAILED_FILE).read_text().strip()
+  elif (run.workdir / METRICS_FILE).exists():
+    status = 'interrupted'  # started, neither finished nor failed: resumes
   else:
     status = 'not run'
   return {
@@ -700,8 +702,9 @@ def write_summary(
   """Writes summary.csv and summary.md for a sweep from its runs' workdirs.
 
   One row per run: its name, one column per override key (empty where a run
-  does not set the key), its status (`done`, `failed` or `not run`), its final
-  metrics (the last value of each metric in its metrics.jsonl, replaced by the
+  does not set the key), its status (`done`, `failed`, `interrupted`:
+  started and neither finished nor failed, or `not run`), its final metrics
+  (the last value of each metric in its metrics.jsonl, replaced by the
   metrics in DONE where the run finished) and the error of a failed run.
   summary.md shows the `metrics` that some run reports; summary.csv has every
   scalar metric, `metrics` first.
@@ -821,6 +824,12 @@ def main(argv: Sequence[str]) -> None:
   cli.quiet_library_logs()
   flag_values = flags.FLAGS
   sweep = flag_values.sweep.removeprefix(_SWEEP_PREFIX)
+  if not flag_values.workdir_root.strip():
+    # Else the runs would go into the current directory (a repository).
+    sys.exit(
+        'nfnets.sweep: error: --workdir_root is empty; give a folder path,'
+        ' e.g. --workdir_root=workdirs/sweeps.'
+    )
   # As the trainer does for a workdir: a quoted '~' is the home folder.
   sweep_dir = epath.Path(os.path.expanduser(flag_values.workdir_root)) / sweep
   try:

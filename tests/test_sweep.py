@@ -610,6 +610,33 @@ def test_summary_of_a_sweep_not_run_yet(base_config, tmp_path):
   ]
 
 
+def test_a_started_run_is_summarised_as_interrupted(base_config, tmp_path):
+  runs = sweep.plan_runs(
+      base_config, [{'optimizer.lr': 0.1}, {'optimizer.lr': 0.2}], tmp_path
+  )
+  runs[0].workdir.mkdir()
+  (runs[0].workdir / 'metrics.jsonl').write_text(
+      '{"step": 2, "train_loss": 2.3}\n'
+  )
+  sweep.write_summary(runs, tmp_path)
+  rows = _read_csv(tmp_path / 'summary.csv')
+  assert [(r['status'], r['step']) for r in rows] == [
+      ('interrupted', '2'),
+      ('not run', ''),
+  ]
+
+
+def test_an_empty_workdir_root_is_refused(config_path, tmp_path):
+  result = _sweep_cli(  # a dry run: should the check fail, nothing is written
+      f'--config={config_path}', '--sweep=lr', '--workdir_root=', '--dry_run'
+  )
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines() == [
+      'nfnets.sweep: error: --workdir_root is empty; give a folder path, e.g.'
+      ' --workdir_root=workdirs/sweeps.'
+  ]
+
+
 def test_a_preempted_run_stops_the_sweep_unfinished(base_config, tmp_path):
   # The trainer returns (not raises) on SIGTERM/Ctrl-C; that run must not
   # be marked done, and the signal stops the runs after it too.
