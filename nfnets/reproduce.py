@@ -1779,10 +1779,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   where = f'python -m nfnets.reproduce {args.command}'
   # Checked first: the files are written after the work, which can take
   # hours (agc, depth).
+  if '://' in args.results_dir:
+    # The files are written with open(): 'gs://b/x' would be a local path.
+    sys.exit(
+        f'{where}: error: --results_dir={args.results_dir} is a URL; give a'
+        ' local folder (copy the files to the bucket afterwards).'
+    )
   try:
     os.makedirs(args.results_dir, exist_ok=True)
-    if not os.access(args.results_dir, os.W_OK):
-      raise PermissionError('not writable')
+    # A file written and removed: os.access says yes to root everywhere.
+    with tempfile.TemporaryFile(dir=args.results_dir):
+      pass
   except OSError as e:
     sys.exit(
         f'{where}: error: --results_dir: cannot write to'

@@ -420,6 +420,22 @@ def test_an_unwritable_results_dir_fails_before_any_work(tmp_path, capsys):
   assert 'table3' not in capsys.readouterr().err  # no work was logged
 
 
+def test_a_url_or_a_folder_that_takes_no_file_fails_before_any_work(capsys):
+  # 'gs://b/x' was written to a local folder 'gs:'; /proc passed the
+  # os.access check (as root everything does) and failed after the work.
+  for results_dir, message in (
+      ('gs://bucket/x', 'is a URL; give a local folder'),
+      ('/proc', 'cannot write to /proc'),
+  ):
+    if results_dir == '/proc' and not os.path.isdir('/proc'):
+      continue
+    with pytest.raises(SystemExit) as e:
+      reproduce.main(['variance', f'--results_dir={results_dir}'])
+    assert message in str(e.value.code)
+    assert 'variance:' not in capsys.readouterr().err  # no work was logged
+  assert not os.path.exists('gs:')
+
+
 @pytest.mark.skipif(not _HAS_RUNNER, reason=_NO_RUNNER)
 def test_a_value_the_runner_refuses_is_one_line(tmp_path):
   result = subprocess.run(
