@@ -583,7 +583,10 @@ def main(argv=None):
   check_sizes(
       parser, args, ('batch', 'image_size', 'thesis_batch', 'thesis_image_size')
   )
-  for mode in [m for m in args.modes.split(',') if m]:
+  modes = [m for m in args.modes.split(',') if m]
+  if not modes:
+    parser.error(f'--modes={args.modes!r} names no mode: use some of {MODES}')
+  for mode in modes:
     if mode not in MODES:
       parser.error(f'unknown mode {mode!r}: use some of {MODES}')
   if args.model is not None:

@@ -49,6 +49,14 @@ def test_train_throughput_rejects_an_unknown_mode():
     train_throughput.main(['--modes=minimal,fast'])
 
 
+@pytest.mark.parametrize('modes', ['', ','])
+def test_train_throughput_refuses_modes_that_name_none(modes, capsys):
+  # It used to measure nothing and exit 0.
+  with pytest.raises(SystemExit):
+    train_throughput.main([f'--modes={modes}'])
+  assert 'names no mode' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     'main,flag',
     [
