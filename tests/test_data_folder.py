@@ -135,6 +135,22 @@ def test_structural_check(tmp_path):
   assert not folder.is_decodable(os.path.join(root, 'missing.png'))
 
 
+@pytest.mark.parametrize('fmt', ['jpeg', 'png'])
+def test_data_after_the_image_is_kept_and_a_cut_image_is_not(tmp_path, fmt):
+  # Phones append data after the end marker (motion photos): those images
+  # decode whole and used to be dropped as undecodable.
+  rng = np.random.default_rng(0)
+  path = tmp_path / f'photo.{fmt}'
+  Image.fromarray(rng.integers(0, 256, (64, 80, 3), np.uint8)).save(path)
+  whole = path.read_bytes()
+  trailer = tmp_path / f'trailer.{fmt}'
+  trailer.write_bytes(whole + bytes(4096))
+  assert folder.is_decodable(str(trailer))
+  cut = tmp_path / f'cut.{fmt}'
+  cut.write_bytes(whole[: len(whole) // 2])
+  assert not folder.is_decodable(str(cut))
+
+
 def test_two_process_shards_are_disjoint_and_cover(tmp_path):
   root = _make_folder(str(tmp_path))
   shards = []

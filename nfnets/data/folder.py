@@ -17,7 +17,8 @@ Undecodable files: before training, every listed file is checked for an
 image signature (JPEG, PNG, GIF, BMP) and, for JPEG and PNG, the end marker
 in its last KiB (which catches empty, truncated and non-image files; a file
 that is damaged inside yet structurally whole is decoded as best libjpeg
-can). The check reads 1 KiB and 16 bytes per file on 32 threads, and runs once
+can). A JPEG or PNG without the marker there is decoded whole, and kept if
+that works: phones append data after the image. The check reads 1 KiB and 16 bytes per file on 32 threads, and runs once
 per process and root. Failing files are left out of both splits before
 sharding, so the stream stays deterministic; one warning gives their count and
 the first path. With `cfg.strict=True` the first failing file raises
@@ -153,10 +154,27 @@ def is_decodable(path: str) -> bool:
   except (OSError, tf.errors.OpError):
     return False
   if head.startswith(b'\xff\xd8\xff'):  # JPEG start-of-image.
-    return b'\xff\xd9' in tail  # End-of-image marker.
+    # End-of-image marker; phones append data after it (motion photos).
+    return b'\xff\xd9' in tail or _decodes(path)
   if head.startswith(b'\x89PNG\r\n\x1a\n'):
-    return b'IEND' in tail
+    return b'IEND' in tail or _decodes(path)
   return head.startswith((b'GIF87a', b'GIF89a', b'BM'))
+
+
+def _decodes(path: str) -> bool:
+  """Whether TensorFlow decodes the whole file: for those the tail fails.
+
+  A JPEG or PNG whose end marker is not in its last KiB is truncated, or
+  carries data after the image (a motion photo's video, a vendor trailer);
+  decoding tells them apart. Such files are few, so the cost is too.
+  """
+  try:
+    tf.io.decode_image(
+        tf.io.read_file(path), channels=3, expand_animations=False
+    )
+  except (tf.errors.OpError, ValueError):
+    return False
+  return True
 
 
 def _check_files(paths: Sequence[str]) -> List[bool]:
