@@ -1160,6 +1160,8 @@ def test_is_log_step():
         ('data.shuffle_buffer', 0, 'data.shuffle_buffer=0 must be an int'),
         ('data.augment_on', 'gpu', "data.augment_on='gpu' must be one of"),
         ('seed', -1, 'seed=-1 must be an int'),
+        # JAX's keys keep 32 bits: 2**32 would draw as seed 0.
+        ('seed', 2**32, 'seed=4294967296 must be an int in [0, 4294967296)'),
     ],
 )
 def test_a_refused_data_value_leaves_the_workdir_config_json(

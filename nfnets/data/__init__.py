@@ -107,8 +107,12 @@ def _check_int(name: str, value, low: int, high=None) -> int:
 
 
 def check_seed(seed) -> int:
-  """The experiment's `seed`, checked: an int in [0, 2**63)."""
-  return _check_int('seed', seed, 0, 2**63)
+  """The experiment's `seed`, checked: an int in [0, 2**32).
+
+  JAX's keys (the model's initialisation, the on-device augmentation) take
+  its low 32 bits: seeds s and s + 2**32 would draw alike.
+  """
+  return _check_int('seed', seed, 0, 2**32)
 
 
 def check_config(cfg) -> None:
@@ -254,7 +258,7 @@ def create_dataset(
       global_batch_size, process_index, process_count, local_device_count
   )
   image_size = _check_int('image_size', image_size, 1)
-  seed = check_seed(seed)
+  seed = _check_int('seed', seed, 0, 2**63)  # the host pipeline's range
   start_step = _check_int('start_step', start_step, 0)
   check_config(cfg)
   if split == 'eval':
