@@ -1555,7 +1555,23 @@ SUBCOMMANDS: dict[
 
 
 def _clipping(text: str) -> Optional[float]:
-  (value,) = _clipping_list(text)
+  """An argparse type: one AGC lambda > 0, or 'none'."""
+  values = _clipping_list(text)
+  if len(values) != 1:
+    raise argparse.ArgumentTypeError(
+        f"expected one lambda or 'none', got {text!r}"
+    )
+  return values[0]
+
+
+def _positive_float(text: str) -> float:
+  """An argparse type: a finite number > 0 (a width multiplier)."""
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if not 0 < value < math.inf:
+    raise argparse.ArgumentTypeError(f'expected a number > 0, got {text!r}')
   return value
 
 
@@ -1610,7 +1626,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
       '--width',
-      type=float,
+      type=_positive_float,
       default=0.25,
       help='width multiplier (1: 16 stem, 64..512 channels)',
   )
@@ -1714,7 +1730,7 @@ def build_parser() -> argparse.ArgumentParser:
       default=None,
       help="blocks per stage (default: the model's)",
   )
-  p.add_argument('--width', type=float, default=0.25)
+  p.add_argument('--width', type=_positive_float, default=0.25)
   p.add_argument('--image_size', type=_positive_int, default=16)
   p.add_argument('--log_every', type=_positive_int, default=10)
   p.add_argument('--seed', type=int, default=0, help='the first seed')
@@ -1765,7 +1781,7 @@ def build_parser() -> argparse.ArgumentParser:
       default=None,
       help="AGC lambda, or 'none' (default: none)",
   )
-  p.add_argument('--width', type=float, default=0.25)
+  p.add_argument('--width', type=_positive_float, default=0.25)
   p.add_argument('--image_size', type=_positive_int, default=16)
   p.add_argument('--seed', type=int, default=0)
   return parser

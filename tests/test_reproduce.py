@@ -242,6 +242,9 @@ def test_bad_flag_values_are_errors(capsys):
       (['table3', '--models=nfnet_f0,nfnet_f0'], 'nfnet_f0 is given twice'),
       (['agc', '--clippings=0.04,nan'], "got 'nan'"),
       (['agc', '--clippings=inf'], "got 'inf'"),
+      (['spp', '--width=0'], "--width: expected a number > 0, got '0'"),
+      (['depth', '--width=nan'], "expected a number > 0, got 'nan'"),
+      (['depth', '--clipping=0.04,0.08'], "expected one lambda or 'none'"),
   ):
     with pytest.raises(SystemExit):
       reproduce.main(argv)
