@@ -744,8 +744,8 @@ def _scaled_level(scale: float, magnitude: float) -> np.float32:
 
 
 def _enhance_factor(sign: jax.Array, magnitude: float) -> jax.Array:
-  """`randaugment.enhance_factor`, one per image (`sign` gives the shape)."""
-  factor = np.float32(0.1 + 1.8 * _level(magnitude))  # as TF's constant
+  """`recipe.enhance_factor`, one per image (`sign` gives the shape)."""
+  factor = np.float32(recipe.enhance_factor(magnitude))  # as TF's constant
   return jnp.full(sign.shape, factor, jnp.float32)
 
 
@@ -755,20 +755,6 @@ def _signed(sign: jax.Array, scale: float, magnitude: float) -> jax.Array:
 
 def _translate_pixels(sign, magnitude: float, side: int) -> jax.Array:
   return sign * _scaled_level(0.45, magnitude) * jnp.float32(side)
-
-
-# As `randaugment.posterize_bits`, `solarize_threshold`, `solarize_addition`
-# (that module imports TensorFlow, which this one must not).
-def _posterize_bits(magnitude: float) -> int:
-  return min(max(int(4 * _level(magnitude)), 0), 8)
-
-
-def _solarize_threshold(magnitude: float) -> int:
-  return min(max(int(256 * _level(magnitude)), 0), 256)
-
-
-def _solarize_addition(magnitude: float) -> int:
-  return min(max(int(110 * _level(magnitude)), 0), 255)
 
 
 def _cutout_size(magnitude: float, height: int, width: int) -> int:
@@ -842,11 +828,11 @@ def _layer(images, op_index, apply, sign, cutout_centre, magnitude: float):
       'Equalize': _equalize_lut(histogram),
       'Invert': _invert_lut(),
       'Posterize': _posterize_lut(
-          constant(_posterize_bits(magnitude), jnp.int32)
+          constant(recipe.posterize_bits(magnitude), jnp.int32)
       ),
-      'Solarize': _solarize_lut(constant(_solarize_threshold(magnitude))),
+      'Solarize': _solarize_lut(constant(recipe.solarize_threshold(magnitude))),
       'SolarizeAdd': _solarize_add_lut(
-          constant(_solarize_addition(magnitude)), constant(128)
+          constant(recipe.solarize_addition(magnitude)), constant(128)
       ),
       'Contrast': _contrast_lut(_mean_luma(sums, height * width), factor),
       'Brightness': _brightness_lut(factor),

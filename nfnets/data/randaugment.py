@@ -48,6 +48,10 @@ MAX_LEVEL = recipe.MAX_LEVEL
 FILL_VALUE = recipe.FILL_VALUE
 APPLY_PROBABILITY = recipe.APPLY_PROBABILITY
 RANDAUGMENT_OPS = recipe.RANDAUGMENT_OPS
+enhance_factor = recipe.enhance_factor
+posterize_bits = recipe.posterize_bits
+solarize_threshold = recipe.solarize_threshold
+solarize_addition = recipe.solarize_addition
 
 
 # ---------------------------------------------------------------------------
@@ -308,15 +312,6 @@ def _level(magnitude: float) -> float:
   return magnitude / MAX_LEVEL
 
 
-def enhance_factor(magnitude: float) -> float:
-  """The release's enhance factor: 0.1 + 1.8 * level (1 at M = 5, no sign).
-
-  Never 0, which would make an image black (Brightness) or one grey
-  (Contrast) at the NFNets' M = 15.
-  """
-  return 0.1 + 1.8 * _level(magnitude)
-
-
 def _enhance(op: Callable, image, magnitude, seed):
   del seed
   return op(image, tf.constant(enhance_factor(magnitude), tf.float32))
@@ -329,21 +324,6 @@ def _signed(op: Callable, scale: float, image, magnitude, seed):
 def _translate(op: Callable, axis: int, image, magnitude, seed):
   side = tf.cast(tf.shape(image)[axis], tf.float32)
   return op(image, _sign(seed) * 0.45 * _level(magnitude) * side)
-
-
-def posterize_bits(magnitude: float) -> int:
-  """The release's bits kept: int(4 * level) (2 at M = 5, 6 at M = 15)."""
-  return min(max(int(4 * _level(magnitude)), 0), 8)
-
-
-def solarize_threshold(magnitude: float) -> int:
-  """The release's threshold: int(256 * level); from M = 10 on, no pixel."""
-  return min(max(int(256 * _level(magnitude)), 0), 256)
-
-
-def solarize_addition(magnitude: float) -> int:
-  """The release's addition to pixels below 128: int(110 * level)."""
-  return min(max(int(110 * _level(magnitude)), 0), 255)
 
 
 def _posterize(image, magnitude, seed):

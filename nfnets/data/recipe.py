@@ -36,3 +36,30 @@ RANDAUGMENT_OPS = (
     'Cutout',
     'SolarizeAdd',
 )
+
+
+# The release's magnitude -> argument mapping of the operations whose
+# argument is one number for every image (`level = M / MAX_LEVEL`); the host
+# and device versions both call these.
+def enhance_factor(magnitude: float) -> float:
+  """Color, Contrast, Brightness, Sharpness: 0.1 + 1.8 * level, no sign.
+
+  1 at M = 5, 2.8 at M = 15; never 0, which would make an image black
+  (Brightness) or one grey (Contrast).
+  """
+  return 0.1 + 1.8 * magnitude / MAX_LEVEL
+
+
+def posterize_bits(magnitude: float) -> int:
+  """Bits Posterize keeps: int(4 * level) (2 at M = 5, 6 at M = 15)."""
+  return min(max(int(4 * magnitude / MAX_LEVEL), 0), 8)
+
+
+def solarize_threshold(magnitude: float) -> int:
+  """Solarize inverts pixels >= int(256 * level): none from M = 10 on."""
+  return min(max(int(256 * magnitude / MAX_LEVEL), 0), 256)
+
+
+def solarize_addition(magnitude: float) -> int:
+  """SolarizeAdd adds int(110 * level) to the pixels below 128."""
+  return min(max(int(110 * magnitude / MAX_LEVEL), 0), 255)
