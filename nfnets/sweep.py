@@ -431,6 +431,12 @@ def _release_compiled_programs() -> None:
     jax.clear_caches()
 
 
+def _default_check_fn() -> Callable[[ml_collections.ConfigDict], None]:
+  from nfnets import train  # pylint: disable=g-import-not-at-top
+
+  return train.check_config
+
+
 def _default_train_fn() -> TrainFn:
   # Imported here so that --dry_run and --summary_only need no trainer.
   from nfnets import train  # pylint: disable=g-import-not-at-top
@@ -446,6 +452,7 @@ def run_sweep(
     train_fn: TrainFn | None = None,
     metrics: Sequence[str] = DEFAULT_METRICS,
     average_best: int = 0,
+    check_fn: Callable[[ml_collections.ConfigDict], None] | None = None,
 ) -> str:
   """Trains every unfinished run of a sweep, then writes the summary.
 
@@ -460,6 +467,10 @@ def run_sweep(
       `nfnets.train.train_and_evaluate`.
     metrics: metric columns of summary.md (see `write_summary`).
     average_best: seeds to average per setting (see `write_summary`).
+    check_fn: `check_fn(config)` raises on a config the trainer would
+      refuse; called for every unfinished run before the first trains.
+      Defaults to `nfnets.train.check_config` with the default trainer,
+      and to no check with another.
 
   Returns:
     The summary as Markdown.
@@ -475,6 +486,15 @@ def run_sweep(
   check_done_runs(runs)
   if train_fn is None:
     train_fn = _default_train_fn()
+    check_fn = check_fn or _default_check_fn()
+  for run in runs:
+    if check_fn is None or (run.workdir / DONE_FILE).exists():
+      continue
+    try:
+      check_fn(run.config)
+    except (TypeError, ValueError, FileNotFoundError) as e:
+      # Now, not when this run's turn comes, hours into the sweep.
+      raise ValueError(f'Run {run.name}: {e}') from None
   for i, run in enumerate(runs, start=1):
     progress = f'[{i}/{len(runs)}] {run.name}'
     if (run.workdir / DONE_FILE).exists():

@@ -962,6 +962,15 @@ def _count(number: int, noun: str) -> str:
 
 def _check_batch(global_batch: int, what: str) -> None:
   devices = jax.device_count()
+  if (
+      isinstance(global_batch, bool)
+      or not isinstance(global_batch, int)
+      or global_batch < 1
+  ):
+    raise ValueError(
+        f'{what}={global_batch!r} must be a positive int, a multiple of the'
+        f' device count {devices}.'
+    )
   if global_batch % devices:
     raise ValueError(
         f'{what}={global_batch} is not divisible by the device count '
@@ -1224,6 +1233,41 @@ def prepare(config: ml_collections.ConfigDict):
   return config, data.num_classes(config.data)
 
 
+def _build(config: ml_collections.ConfigDict):
+  """Checks and resolves `config`; builds its model and optimizer.
+
+  Everything the runner checks before it touches a workdir: a value it
+  refuses here leaves no folder and no config.json changed.
+
+  Returns:
+    `(resolved config, num_classes, forward, optimizer, lr_fn)`.
+
+  Raises:
+    ValueError: a bad config value, named in the message.
+  """
+  _check_batch(config.train.batch_size, 'train.batch_size')
+  _check_batch(config.eval.batch_size, 'eval.batch_size')
+  config, num_classes = prepare(config)
+  data.check_config(config.data)
+  data.check_seed(config.seed)
+  forward = create_model(config, num_classes)
+  optimizer, lr_fn = optimizer_and_schedule(config)
+  return config, num_classes, forward, optimizer, lr_fn
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises what `train_and_evaluate` would raise on `config` before work.
+
+  For callers that run many configs (`nfnets.sweep`): a bad value in the
+  last one is found before the first trains.
+
+  Raises:
+    ValueError: a bad config value, named in the message.
+    FileNotFoundError: the dataset is missing.
+  """
+  _build(config)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str
 ) -> dict[str, Any]:
@@ -1245,17 +1289,8 @@ def train_and_evaluate(
   """
   start_time = time.time()
   workdir = check_workdir(workdir)
-  _check_batch(config.train.batch_size, 'train.batch_size')
-  _check_batch(config.eval.batch_size, 'eval.batch_size')
-  config, num_classes = prepare(config)
-  # Here, not where they are used: after the workdir's config.json is
-  # replaced, a refused value would leave it holding that value.
-  data.check_config(config.data)
-  data.check_seed(config.seed)
+  config, num_classes, forward, optimizer, lr_fn = _build(config)
   is_chief = jax.process_index() == 0
-  # Before the workdir is made: a refused optimizer value leaves no folder.
-  forward = create_model(config, num_classes)
-  optimizer, lr_fn = optimizer_and_schedule(config)
   try:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   except OSError as e:  # A file of that name, no permission, no such bucket.

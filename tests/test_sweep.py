@@ -465,6 +465,31 @@ def test_run_sweep_checks_every_run_before_training(base_config, tmp_path):
   assert trainer.calls == []
 
 
+def test_every_run_is_checked_as_the_trainer_would_before_the_first(
+    tmp_path,
+):
+  # A value of the wrong type in the last run used to surface only when its
+  # turn came, as a TypeError in its FAILED file.
+  from nfnets import train  # pylint: disable=g-import-not-at-top
+
+  base = runpy.run_path(str(REPO_ROOT / 'configs' / 'nf_resnet.py'))[
+      'get_config'
+  ]('50,local')
+  base.lock()
+  grid = [{'train.batch_size': 32}, {'train.batch_size': 'x'}]
+  trainer = FakeTrainer()
+  with pytest.raises(ValueError) as e:
+    sweep.run_sweep(
+        base, grid, tmp_path, train_fn=trainer, check_fn=train.check_config
+    )
+  assert trainer.calls == []
+  assert str(e.value).startswith(
+      "Run batch_size=x: train.batch_size='x' must be a positive int"
+  )
+  # The default trainer brings its check.
+  assert sweep._default_check_fn() is train.check_config
+
+
 def test_run_sweep_accepts_a_trainer_that_returns_nothing(
     base_config, tmp_path
 ):
