@@ -8,7 +8,7 @@ the command line into one line that names the flag and the fix.
 
 import difflib
 import sys
-from typing import Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from absl import flags
 from absl import logging
@@ -183,3 +183,37 @@ def parse_flags(
       flag = given[-1] if given else '--config'
       sys.exit(f'{prefix}error: {flag}: {_lines(str(e))[-1]}')
   return remaining
+
+
+def flat_items(
+    tree: Mapping[str, Any], prefix: str = ''
+) -> Iterator[tuple[str, Any]]:
+  """`('a.b', value)` for every leaf of a nested dict (a config's JSON)."""
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      yield from flat_items(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def differing_fields(
+    old: Mapping[str, Any], new: Mapping[str, Any], missing: Any = None
+) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+  """The dotted fields whose values differ between two nested config dicts.
+
+  Args:
+    old: a config as a nested dict (e.g. a workdir's config.json).
+    new: another.
+    missing: the value of a field one side lacks, for the comparison.
+
+  Returns:
+    `(keys, old_flat, new_flat)`: the differing keys, sorted, and both
+    sides flattened for their values.
+  """
+  old_flat, new_flat = dict(flat_items(old)), dict(flat_items(new))
+  keys = sorted(
+      k
+      for k in old_flat.keys() | new_flat.keys()
+      if old_flat.get(k, missing) != new_flat.get(k, missing)
+  )
+  return keys, old_flat, new_flat

@@ -37,6 +37,7 @@ from nfnets import jsonl
 from nfnets import models
 from nfnets import nf_resnet
 from nfnets import signal_prop
+from nfnets import sweep
 
 # Table 3 of the NFNets paper (Brock et al. 2021): FLOPs (B multiply-adds at
 # test resolution), params (M), ImageNet top-1 / top-5 (%), and ms per
@@ -1173,10 +1174,12 @@ def _agc_cell(runs: Sequence[dict[str, Any]], wanted: int) -> dict[str, Any]:
   a seed that diverged is one of those left out, and a cell with fewer
   finished seeds than `wanted` has no value.
   """
-  finished = sorted(
-      (r for r in runs if not r['diverged']), key=lambda r: -r['eval_top1']
-  )
-  best = finished[:wanted] if len(finished) >= wanted else []
+  best = [
+      r
+      for _, r in sweep.best_seeds(
+          [(r['eval_top1'], r) for r in runs if not r['diverged']], wanted
+      )
+  ]
   top1 = sum(r['eval_top1'] for r in best) / len(best) if best else None
   diverged = [r for r in runs if r['diverged']]
   if len(runs) == 1:  # One seed: the run's own value and status.

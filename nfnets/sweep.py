@@ -371,15 +371,6 @@ def _config_text(config: ml_collections.ConfigDict) -> str:
   return config.to_json_best_effort(sort_keys=True, indent=1) + '\n'
 
 
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
-  if not isinstance(tree, Mapping):
-    return {prefix: tree}
-  flat = {}
-  for key, value in tree.items():
-    flat.update(_flatten(value, f'{prefix}.{key}' if prefix else str(key)))
-  return flat
-
-
 def check_done_runs(runs: Sequence[Run], limit: int = 3) -> None:
   """Refuses finished runs planned with another config than now.
 
@@ -399,15 +390,16 @@ def check_done_runs(runs: Sequence[Run], limit: int = 3) -> None:
     if text == _config_text(run.config):
       continue
     try:
-      there = _flatten(json.loads(text))
+      saved_tree = json.loads(text)
     except ValueError:
-      there = {}
-    here = _flatten(json.loads(_config_text(run.config)))
+      saved_tree = {}
+    keys, there, here = cli.differing_fields(
+        saved_tree, json.loads(_config_text(run.config)), missing='unset'
+    )
     changed = [
         f'{key}: {there.get(key, "unset")!r} there, {here.get(key, "unset")!r}'
         ' here'
-        for key in sorted(set(there) | set(here))
-        if there.get(key, 'unset') != here.get(key, 'unset')
+        for key in keys
     ]
     more = len(changed) - limit
     raise ValueError(
@@ -640,6 +632,17 @@ def _rank_value(row: Mapping[str, Any]) -> float | None:
   return float(value)
 
 
+def best_seeds(scored: Sequence[tuple[float, Any]], count: int) -> list:
+  """The `count` highest `(score, item)` pairs, highest first; [] if fewer.
+
+  The NFNets paper's AGC protocol averages the best 4 of 5 seeds: a seed
+  that failed (no score, so not in `scored`) is one of those left out, and
+  a setting with fewer scored seeds than `count` has no average.
+  """
+  ranked = sorted(scored, key=lambda pair: -pair[0])
+  return ranked[:count] if len(ranked) >= count else []
+
+
 def _seed_summary(
     runs: Sequence[Run],
     rows: Sequence[Mapping[str, Any]],
@@ -670,22 +673,15 @@ def _seed_summary(
   table = []
   for setting, group in _seed_groups(runs).items():
     values = dict(setting)
-    ranked = sorted(
-        (
-            (_rank_value(row_of[run.name]), run)
-            for run in group
-            if _rank_value(row_of[run.name]) is not None
-        ),
-        key=lambda pair: -pair[0],
-    )
+    values_of = [(_rank_value(row_of[run.name]), run) for run in group]
+    scored = [(v, run) for v, run in values_of if v is not None]
     statuses = [row_of[run.name]['status'] for run in group]
     wanted = average_best or len(group)
-    best = ranked[:wanted]
+    best = best_seeds(scored, wanted)
     note = ''
-    if len(ranked) < wanted:
-      best = []
+    if not best:
       note = (
-          f'{wanted} seeds to average, {len(ranked)} done with'
+          f'{wanted} seeds to average, {len(scored)} done with'
           f' {RANK_METRIC}'
       )
     mean = sum(v for v, _ in best) / len(best) if best else ''

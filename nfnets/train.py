@@ -35,6 +35,7 @@ import optax
 
 from nfnets import agc
 from nfnets import checkpoint
+from nfnets import cli
 from nfnets import data
 from nfnets import jsonl
 from nfnets import models
@@ -985,27 +986,20 @@ def _save_config(config, workdir):
   )
 
 
-def _flat_items(tree: Mapping[str, Any], prefix: str = ''):
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      yield from _flat_items(value, f'{prefix}{key}.')
-    else:
-      yield f'{prefix}{key}', value
-
-
 def _config_changes(workdir: str, config, limit: int = 3) -> str:
   """How the workdir's config.json differs from `config`, as a sentence."""
   try:
     text = (epath.Path(workdir) / 'config.json').read_text()
-    old = dict(_flat_items(json.loads(text)))
+    keys, old, new = cli.differing_fields(
+        json.loads(text), json.loads(config.to_json_best_effort())
+    )
   except (OSError, ValueError):
     return ''
-  new = dict(_flat_items(json.loads(config.to_json_best_effort())))
   # The fields that shape the state first, then the rest a user sets;
   # `steps.*` follows from them.
   order = ('model.', 'data.', 'optimizer.', 'train.', 'eval.')
   keys = sorted(
-      (k for k in old.keys() | new.keys() if old.get(k) != new.get(k)),
+      keys,
       key=lambda k: (
           next((i for i, o in enumerate(order) if k.startswith(o)), len(order)),
           k,
@@ -1219,9 +1213,11 @@ def _set_aside_unreadable(checkpointer, restored_step, is_chief) -> list[str]:
       checkpointer.close()
       raise
   if jax.process_count() > 1:
-    # The other hosts must not list the renamed steps as saved either.
+    # The other hosts must not list the renamed steps as saved either (the
+    # chief's set_aside reloaded its own).
     multihost_utils.sync_global_devices('nfnets: unreadable steps set aside')
-    checkpointer.reload()
+    if not is_chief:
+      checkpointer.reload()
   return lines
 
 
