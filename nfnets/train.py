@@ -1623,7 +1623,10 @@ def initialize_from(
     checkpointer = checkpoint.TrainCheckpointer(run[0])
     try:
       fields = ['params', 'model_state']
-      saved, step = checkpointer.restore_latest(None, step=run[1])
+      # Not its optimizer state or EMA: as much again, or twice as much.
+      saved, step = checkpointer.restore_latest(
+          None, step=run[1], fields=fields
+      )
     finally:
       checkpointer.close()
     if saved is None:

@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import pickle
+import tracemalloc
 
 import haiku as hk
 import jax
@@ -256,3 +257,26 @@ def test_restore_latest_of_a_given_step_and_its_errors(tmp_path):
   assert checkpointer.restore_latest(trees[1], log=warnings.append)[1] == 1
   assert len(warnings) == 1
   checkpointer.close()
+
+
+@pytest.mark.parametrize('with_target', [True, False])
+def test_restoring_some_fields_reads_no_other_array(tmp_path, with_target):
+  # Evaluation and fine-tuning want a run's parameters: its optimizer state
+  # (here 32 MB) must not be read into memory alongside them.
+  params = {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}
+  big = np.ones((2048, 4096), np.float32)
+  checkpointer = checkpoint.TrainCheckpointer(str(tmp_path))
+  checkpointer.save(1, {'params': params, 'opt_state': {'m': big}}, wait=True)
+  target = {'params': {'w': np.zeros((2, 3), np.float32)}}
+  tracemalloc.start()
+  try:
+    restored, step = checkpointer.restore_latest(
+        target if with_target else None, step=1, fields=['params']
+    )
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  checkpointer.close()
+  assert step == 1 and list(restored) == ['params']
+  np.testing.assert_array_equal(restored['params']['w'], params['w'])
+  assert peak < big.nbytes / 4, f'{peak / 2**20:.1f} MiB allocated'
