@@ -75,10 +75,11 @@ Examples:
 EOF
 }
 
-# Prints an error and the usage text on stderr, then exits with status 2.
+# Prints an error, and where the usage text is, on stderr; exits with status 2.
+# (Not the whole text: 50 lines would bury the one that says what is wrong.)
 usage_error() {
-  printf '%s: error: %s\n\n' "${PROG}" "$1" >&2
-  usage >&2
+  printf '%s: error: %s\n' "${PROG}" "$1" >&2
+  printf "Run '%s --help' for the usage text.\n" "${PROG}" >&2
   exit 2
 }
 
@@ -135,6 +136,7 @@ config=""
 workdir=""
 dry_run=0
 passthrough=()
+given=()  # The options given, but --dry-run and --help.
 
 while (($# > 0)); do
   arg="$1"
@@ -149,8 +151,14 @@ while (($# > 0)); do
       exit 0
       ;;
     --dry-run) dry_run=1 ;;
-    --spot) spot=1 ;;
-    --preemptible) preemptible=1 ;;
+    --spot)
+      spot=1
+      given+=("${arg}")
+      ;;
+    --preemptible)
+      preemptible=1
+      given+=("${arg}")
+      ;;
     --name | --zone | --project | --accelerator-type | --version | --config | \
       --workdir | --name=* | --zone=* | --project=* | --accelerator-type=* | \
       --version=* | --config=* | --workdir=*)
@@ -166,6 +174,7 @@ while (($# > 0)); do
         shift
       fi
       [[ -n "${value}" ]] || usage_error "${opt} needs a non-empty value"
+      given+=("${opt}")
       case "${opt}" in
         --name) name="${value}" ;;
         --zone) zone="${value}" ;;
@@ -198,6 +207,23 @@ esac
 [[ "${name}" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
   usage_error "--name '${name}' is not a valid TPU name (lowercase letters, \
 digits and hyphens, starting with a letter)"
+# And at most 63 of them, as every Google Cloud resource name (RFC 1035).
+((${#name} <= 63)) ||
+  usage_error "--name '${name}' is ${#name} characters long; TPU names have \
+at most 63"
+# An option the command does not read is refused, not ignored: 'run --spot'
+# would otherwise start the job on whatever VM the name has.
+case "${command}" in
+  create) applies="--accelerator-type --version --spot --preemptible" ;;
+  run) applies="--config --workdir" ;;
+  *) applies="" ;;
+esac
+for opt in ${given[@]+"${given[@]}"}; do
+  case " --name --zone --project ${applies} " in
+    *" ${opt} "*) ;;
+    *) usage_error "${opt} does not apply to ${command}" ;;
+  esac
+done
 if ((${#passthrough[@]} > 0)) && [[ "${command}" != run ]]; then
   usage_error "flags after '--' are for experiment.py and only apply to run"
 fi

@@ -381,7 +381,8 @@ def test_other_commands(repo, gcloud_dir, command, expected):
     assert "nfnets-jax" in _option(call, "command")
 
 
-# (c) Bad arguments: usage on stderr, non-zero exit, no gcloud call.
+# (c) Bad arguments: one line on stderr and a pointer to --help, exit 2, no
+# gcloud call.
 
 
 @pytest.mark.parametrize(
@@ -450,15 +451,39 @@ def test_other_commands(repo, gcloud_dir, command, expected):
         ),
         (("delete", *TPU, "--", "--config.x=1"), "only apply to run"),
         (("create", "run", *TPU), "unexpected argument 'run'"),
+        (
+            ("delete", "--name", "a" * 64, "--zone", "z"),
+            "is 64 characters long; TPU names have at most 63",
+        ),
+        (
+            (*RUN_ARGS[:7], "--spot", *RUN_ARGS[7:]),
+            "--spot does not apply to run",
+        ),
+        (
+            ("create", *TPU, "--accelerator-type=v4-8", "--workdir=gs://b"),
+            "--workdir does not apply to create",
+        ),
+        (("status", *TPU, "--config", "c.py"), "--config does not apply"),
+        (("logs", *TPU, "--version", "v"), "--version does not apply to logs"),
     ],
 )
-def test_bad_arguments_print_usage_and_fail(repo, gcloud_dir, args, message):
+def test_bad_arguments_fail_in_one_line_naming_the_problem(
+    repo, gcloud_dir, args, message
+):
   result = _launch(repo, gcloud_dir, *args)
-  assert result.returncode != 0
-  assert message in result.stderr
-  assert "Usage: launch_tpu.sh" in result.stderr
+  assert result.returncode == 2
+  error, hint = result.stderr.splitlines()
+  assert error.startswith("launch_tpu.sh: error: ") and message in error
+  assert hint == "Run 'launch_tpu.sh --help' for the usage text."
   assert result.stdout == ""
   assert _calls(gcloud_dir) == []
+
+
+def test_names_of_63_characters_and_shared_options_are_taken(repo, gcloud_dir):
+  tpu = ("--name", "a" * 63, "--zone", "z", "--project", "p")
+  for command in ("status", "logs", "stop", "delete"):
+    result = _launch(repo, gcloud_dir, command, *tpu, "--dry-run")
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
