@@ -143,17 +143,20 @@ def _pyplot():
   return plt
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-  """An argparse type: an integer >= `low`."""
+def _int_at_least(
+    low: int, below: Optional[int] = None
+) -> Callable[[str], int]:
+  """An argparse type: an integer >= `low` (and < `below`, if given)."""
+  wanted = f'>= {low}' if below is None else f'in [{low}, {below})'
 
   def parse(text: str) -> int:
     try:
       value = int(text)
     except ValueError:
       value = None
-    if value is None or value < low:
+    if value is None or value < low or (below is not None and value >= below):
       raise argparse.ArgumentTypeError(
-          f'expected an integer >= {low}, got {text!r}'
+          f'expected an integer {wanted}, got {text!r}'
       )
     return value
 
@@ -162,6 +165,9 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 _positive_int = _int_at_least(1)
 _nonnegative_int = _int_at_least(0)
+# The runner's seeds (data.check_seed): JAX's keys take their low 32 bits.
+_SEEDS_END = 2**32
+_seed = _int_at_least(0, _SEEDS_END)
 
 
 def _once(values: list[Any], text: str) -> list[Any]:
@@ -190,13 +196,17 @@ def _int_set(text: str) -> list[int]:
   return _once(_int_list(text), text)
 
 
+def _name(text: str) -> str:
+  """An argparse type: one model name."""
+  try:
+    models.info(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+  return text
+
+
 def _name_list(text: str) -> list[str]:
-  names = [n.strip() for n in text.split(',') if n.strip()]
-  for name in names:
-    try:
-      models.info(name)
-    except ValueError as e:
-      raise argparse.ArgumentTypeError(str(e)) from None
+  names = [_name(n.strip()) for n in text.split(',') if n.strip()]
   return _once(names, text)
 
 
@@ -1164,6 +1174,12 @@ def _check_seeds(args: argparse.Namespace) -> tuple[list[int], int]:
         f'--average_best={args.average_best} is more than'
         f' --num_seeds={args.num_seeds}; give at most {args.num_seeds}.'
     )
+  if args.seed + args.num_seeds > _SEEDS_END:
+    raise ValueError(
+        f'--seed={args.seed} with --num_seeds={args.num_seeds} runs seeds'
+        f' up to {args.seed + args.num_seeds - 1}; seeds must be below'
+        f' {_SEEDS_END}: give --seed <= {_SEEDS_END - args.num_seeds}.'
+    )
   return [args.seed + i for i in range(args.num_seeds)], wanted
 
 
@@ -1568,7 +1584,7 @@ def _clipping(text: str) -> Optional[float]:
 
 
 def _positive_float(text: str) -> float:
-  """An argparse type: a finite number > 0 (a width multiplier)."""
+  """An argparse type: a finite number > 0 (a width, epochs, a rate)."""
   try:
     value = float(text)
   except ValueError:
@@ -1636,7 +1652,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--image_size', type=_positive_int, default=128)
   p.add_argument('--batch_size', type=_positive_int, default=8)
   p.add_argument('--alpha', type=float, default=0.2)
-  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--seed', type=_seed, default=0)
 
   p = parsers['variance']
   p.add_argument(
@@ -1662,7 +1678,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument('--batch_size', type=_positive_int, default=8)
   p.add_argument('--alpha', type=float, default=0.2)
-  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--seed', type=_seed, default=0)
 
   p = parsers['latency']
   p.add_argument(
@@ -1723,10 +1739,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="AGC lambdas; 'none' = no AGC",
   )
   p.add_argument(
-      '--base_lr', type=float, default=0.1, help='learning rate per 256 images'
+      '--base_lr',
+      type=_positive_float,
+      default=0.1,
+      help='learning rate per 256 images',
   )
-  p.add_argument('--epochs', type=float, default=10)
-  p.add_argument('--model', default='nf_resnet26')
+  p.add_argument('--epochs', type=_positive_float, default=10)
+  p.add_argument('--model', type=_name, default='nf_resnet26')
   p.add_argument(
       '--depth',
       type=_int_list,
@@ -1736,7 +1755,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--width', type=_positive_float, default=0.25)
   p.add_argument('--image_size', type=_positive_int, default=16)
   p.add_argument('--log_every', type=_positive_int, default=10)
-  p.add_argument('--seed', type=int, default=0, help='the first seed')
+  p.add_argument('--seed', type=_seed, default=0, help='the first seed')
   # The NFNets paper's protocol for its AGC sweep: 5 seeds, best 4 averaged.
   p.add_argument(
       '--num_seeds',
@@ -1768,10 +1787,10 @@ def build_parser() -> argparse.ArgumentParser:
       help=f'comma-separated, of {",".join(DEPTH_NETWORKS)}',
   )
   p.add_argument('--batch_size', type=_positive_int, default=64)
-  p.add_argument('--epochs', type=float, default=5)
+  p.add_argument('--epochs', type=_positive_float, default=5)
   p.add_argument(
       '--base_lr',
-      type=float,
+      type=_positive_float,
       default=0.1,
       help=(
           "learning rate per 256 images (0.1: the paper's; the demo's 0.4 "
@@ -1786,7 +1805,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument('--width', type=_positive_float, default=0.25)
   p.add_argument('--image_size', type=_positive_int, default=16)
-  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--seed', type=_seed, default=0)
   return parser
 
 

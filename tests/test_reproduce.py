@@ -447,7 +447,7 @@ def test_a_value_the_runner_refuses_is_one_line(tmp_path):
           '-m',
           'nfnets.reproduce',
           'agc',
-          '--epochs=0',
+          '--batch_sizes=12',  # 8 devices (conftest.py)
           f'--results_dir={tmp_path}',
       ],
       cwd=_REPO,
@@ -459,9 +459,48 @@ def test_a_value_the_runner_refuses_is_one_line(tmp_path):
   assert result.returncode != 0
   assert 'Traceback' not in result.stderr, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1] == (
-      'python -m nfnets.reproduce agc: error: train.num_epochs must be a'
-      ' number > 0, got 0.0.'
+      'python -m nfnets.reproduce agc: error: train.batch_size=12 is not'
+      ' divisible by the device count 8; use a multiple of 8.'
   )
+
+
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['agc', '--epochs=0'], "--epochs: expected a number > 0, got '0'"),
+        (['depth', '--epochs=nan'], 'expected a number > 0'),
+        (['agc', '--base_lr=-0.1'], '--base_lr: expected a number > 0'),
+        (['depth', '--base_lr=inf'], 'expected a number > 0'),
+        (
+            ['agc', '--seed=-1'],
+            '--seed: expected an integer in [0, 4294967296)',
+        ),
+        (['depth', '--seed=4294967296'], 'in [0, 4294967296)'),
+        (['spp', '--seed=-3'], 'in [0, 4294967296)'),
+        (['variance', '--seed=x'], 'in [0, 4294967296)'),
+        (['agc', '--model=nfnet_f9'], "Unknown model name 'nfnet_f9'"),
+    ],
+)
+def test_flags_the_runner_would_refuse_are_refused_by_flag_name(
+    argv, message, capsys
+):
+  # Before, these reached the runner at the first run, which named its
+  # config field (train.num_epochs, seed), not the flag.
+  with pytest.raises(SystemExit):
+    reproduce.build_parser().parse_args(argv)
+  assert message in capsys.readouterr().err
+
+
+def test_agc_seeds_past_the_last_32_bit_seed_are_refused():
+  args = reproduce.build_parser().parse_args(
+      ['agc', f'--seed={2**32 - 5}', '--num_seeds=5']
+  )
+  assert reproduce._check_seeds(args)[0][-1] == 2**32 - 1
+  args = reproduce.build_parser().parse_args(
+      ['agc', f'--seed={2**32 - 4}', '--num_seeds=5']
+  )
+  with pytest.raises(ValueError, match=r'give --seed <= 4294967291\.'):
+    reproduce._check_seeds(args)
 
 
 @pytest.mark.parametrize(
