@@ -229,6 +229,16 @@ def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
   )
   assert evaluated['eval_count'] == 360
   assert evaluated['eval_top1'] == pytest.approx(result['eval_top1'])
+  # ... with a batch far beyond the split (was killed padding it on the
+  # host), capped at one batch of 360 over the 8 devices.
+  huge = tiny_config.get_config(5)
+  huge.eval.batch_size = 8 * 10**8
+  assert train.eval_batch_size(huge.eval.batch_size, 360) == 360
+  assert train.eval_batch_size(64, 360) == 64
+  assert train.eval_batch_size(8, 3) == 8  # never below one per device
+  assert train.evaluate_checkpoint(huge, str(tmp_path)) == pytest.approx(
+      evaluated
+  )
   # ... and so does the same params saved as a DeepMind-format pickle.
   _, flat = _final_params(str(tmp_path))
   tree = {}
