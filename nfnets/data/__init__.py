@@ -215,6 +215,25 @@ def num_classes(cfg) -> int:
   return tfds_source.num_classes(cfg)
 
 
+def class_names(cfg) -> tuple[str, ...]:
+  """The configured dataset's class names, by label.
+
+  The digits' are '0' to '9', an image folder's its class folders' names
+  and a TFDS dataset's its label feature's (ImageNet's: WordNet ids such
+  as 'n01440764', known without the data).
+  """
+  kind = _kind(cfg)
+  if kind == 'digits':
+    return tuple(str(label) for label in range(digits.NUM_CLASSES))
+  if kind == 'folder':
+    from nfnets.data import folder  # pylint: disable=g-import-not-at-top
+
+    return folder.class_names(cfg)
+  from nfnets.data import tfds_source  # pylint: disable=g-import-not-at-top
+
+  return tfds_source.class_names(cfg)
+
+
 def create_dataset(
     cfg,
     *,

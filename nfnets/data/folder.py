@@ -286,14 +286,18 @@ def num_examples(cfg, split: str) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _num_classes(root: str, train_split: str, eval_split: str) -> int:
+def _class_names(root: str, train_split: str, eval_split: str):
   train_dir, _ = _split_folders(root, train_split, eval_split)
-  return len(_subfolders(train_dir or root))
+  return tuple(_subfolders(train_dir or root))
+
+
+def class_names(cfg) -> Tuple[str, ...]:
+  # Lists the class folders only, as `index` does: no file is checked.
+  return _class_names(root_of(cfg), cfg.train_split, cfg.eval_split)
 
 
 def num_classes(cfg) -> int:
-  # Lists the class folders only: no need to check every file.
-  return _num_classes(root_of(cfg), cfg.train_split, cfg.eval_split)
+  return len(class_names(cfg))
 
 
 def create_dataset(

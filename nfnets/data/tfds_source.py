@@ -167,6 +167,11 @@ def num_classes(cfg) -> int:
   return ds_builder.info.features[_keys(ds_builder)[1]].num_classes
 
 
+def class_names(cfg) -> tuple[str, ...]:
+  ds_builder = builder(cfg)
+  return tuple(ds_builder.info.features[_keys(ds_builder)[1]].names)
+
+
 def create_dataset(
     cfg, *, split, layout, image_size, seed, start_step
 ) -> batching.Batches:

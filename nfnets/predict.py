@@ -1,0 +1,405 @@
+"""Classifies image files with a trained model: published weights or a run.
+
+    python -m nfnets.predict --checkpoint=F0_haiku.npz cat.jpg dog.png
+    python -m nfnets.predict --checkpoint=workdir/f0 --json photos/*.jpg
+
+`--checkpoint` is either a published DeepMind parameter file (`F0_haiku.npz`
+... `F6_haiku.npz`: the model is read from the name, or given by `--model`)
+or a run of this project (its workdir, `checkpoints/` folder or one
+`checkpoints/<step>` folder), whose `config.json` gives the model, the eval
+image size and crop, and the class names. A run's EMA weights are used where
+it kept them, as its reported EMA accuracy is theirs (`--weights=raw`: the
+trained weights). Only the weights are read, not the optimizer state.
+
+Each image is prepared as the evaluation prepares its images (decoded,
+resized and centre-cropped to the eval size, normalised) and classified in
+float32. One line per image gives its `--top` classes, most probable first:
+index, name (ImageNet's are WordNet ids, e.g. n02123045 for tabby cat) and
+probability; `--json` prints one JSON object per image instead.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+from typing import Any, Optional, Sequence
+
+from etils import epath
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nfnets import checkpoint
+from nfnets import models
+from nfnets.data import device_augment
+
+_PROG = 'python -m nfnets.predict'
+# The published files' names: F0_haiku.npz ... F6_haiku.npz.
+_PUBLISHED_NAME = re.compile(r'^F(\d)_haiku\.npz$', re.IGNORECASE)
+WEIGHTS = ('ema', 'raw')
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+  """A model and its weights, with how its images are prepared.
+
+  Attributes:
+    model: the registry name, e.g. 'nfnet_f0'.
+    overrides: constructor overrides the weights were trained with.
+    params: Haiku params, float32, HWIO kernels.
+    model_state: Haiku state (BatchNorm statistics; empty for NF models).
+    image_size: side of the square images it is given.
+    eval_resize: the eval crop, 'resize_crop' or 'crop_resize'.
+    class_names: one per output, by label.
+    source: what was loaded, for the reader.
+  """
+
+  model: str
+  overrides: dict[str, Any]
+  params: Any
+  model_state: Any
+  image_size: int
+  eval_resize: str
+  class_names: tuple[str, ...]
+  source: str
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+
+def _num_classes(model: str, params, overrides, where: str) -> int:
+  """The classifier's outputs, read from the weights' head."""
+  one, two = (
+      checkpoint.expected_param_shapes(model, n, **overrides) for n in (1, 2)
+  )
+  for module, names in one.items():
+    for name, shape in names.items():
+      if two[module][name] != shape and len(shape) == 2:
+        if module in params and name in params[module]:
+          return int(np.shape(params[module][name])[-1])
+        raise ValueError(
+            f'{where} has no {module}/{name}, the classifier of {model}.'
+        )
+  raise ValueError(f'{model} has no classifier weights to read.')
+
+
+def _names(data_cfg: dict, num_classes: int) -> tuple[str, ...]:
+  """The dataset's class names, or the labels' numbers if they are unknown."""
+  from nfnets import data  # pylint: disable=g-import-not-at-top
+
+  try:
+    names = data.class_names(ml_collections.ConfigDict(data_cfg))
+  except Exception:  # pylint: disable=broad-except
+    # A dataset not on this machine: the labels still say which class.
+    names = ()
+  if len(names) != num_classes:
+    names = tuple(str(label) for label in range(num_classes))
+  return names
+
+
+def _from_file(path: str, model: Optional[str]) -> Classifier:
+  """A published DeepMind parameter file."""
+  if model is None:
+    match = _PUBLISHED_NAME.match(os.path.basename(path))
+    if match is None:
+      raise ValueError(
+          f'--checkpoint={path}: the model cannot be told from the file'
+          ' name (F0_haiku.npz ... F6_haiku.npz); give --model, e.g.'
+          ' --model=nfnet_f0.'
+      )
+    model = f'nfnet_f{match.group(1)}'
+  info = models.info(model)
+  params = checkpoint.read_params_file(path)
+  num_classes = _num_classes(model, params, {}, path)
+  params = checkpoint.load_deepmind_params(path, model, num_classes)
+  model_state = _initial_state(model, num_classes)
+  if jax.tree_util.tree_leaves(model_state):
+    raise ValueError(
+        f'--model={model} keeps BatchNorm statistics, which a parameter'
+        ' file does not hold; give a run of this project instead.'
+    )
+  # ImageNet's, as the published weights were trained on it.
+  names = _names(dict(name='imagenet2012', data_dir=None), num_classes)
+  return Classifier(
+      model=model,
+      overrides={},
+      params=params,
+      model_state=model_state,
+      image_size=info.test_imsize,
+      eval_resize='resize_crop',
+      class_names=names,
+      source=f'{path} as {model}',
+  )
+
+
+def _initial_state(model: str, num_classes: int, **overrides):
+  forward = hk.transform_with_state(
+      lambda x: models.create(model, num_classes, **overrides)(
+          x, is_training=False
+      )
+  )
+  _, state = jax.eval_shape(
+      forward.init, jax.random.PRNGKey(0), jnp.zeros([1, 32, 32, 3])
+  )
+  return state
+
+
+def _from_run(
+    workdir: str, step: Optional[int], model: Optional[str], weights: str
+) -> Classifier:
+  """A run of this project, as its config.json describes it."""
+  config_path = epath.Path(workdir) / 'config.json'
+  try:
+    config = json.loads(config_path.read_text())
+    name = config['model']['name']
+    overrides = dict(config['model'].get('overrides') or {})
+    data_cfg = config['data']
+    image_size = int(data_cfg['eval_image_size'])
+    eval_resize = data_cfg['eval_resize']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise FileNotFoundError(
+        f"--checkpoint={workdir}: cannot read the run's config.json"
+        f' ({type(e).__name__}: {e}); it names the model and image size.'
+    ) from None
+  if data_cfg.get('name') == 'digits':
+    raise ValueError(
+        f'--checkpoint={workdir} was trained on the embedded 8x8 digits,'
+        ' which are arrays, not image files: its evaluation'
+        ' (--mode=eval) is the way to test it.'
+    )
+  if model is not None and model != name:
+    raise ValueError(
+        f'--model={model}, but the run at {workdir} trained {name}; leave'
+        ' --model out for a run.'
+    )
+  fields = ['params', 'model_state'] + (
+      ['ema_params'] if weights == 'ema' else []
+  )
+  checkpointer = checkpoint.TrainCheckpointer(workdir)
+  try:
+    saved, restored = checkpointer.restore_latest(
+        None, step=step, fields=fields
+    )
+  finally:
+    checkpointer.close()
+  if saved is None:
+    raise FileNotFoundError(
+        f'--checkpoint={workdir}: no readable checkpoint in'
+        f' {checkpointer.directory}.'
+    )
+  which = 'EMA' if saved.get('ema_params') else 'trained'
+  params = saved['ema_params'] if which == 'EMA' else saved['params']
+  where = f'checkpoint {restored} in {checkpointer.directory}'
+  num_classes = _num_classes(name, params, overrides, where)
+  checkpoint.check_params(
+      params,
+      checkpoint.expected_param_shapes(name, num_classes, **overrides),
+      where=where,
+  )
+  return Classifier(
+      model=name,
+      overrides=overrides,
+      params=params,
+      model_state=saved.get('model_state') or {},
+      image_size=image_size,
+      eval_resize=eval_resize,
+      class_names=_names(data_cfg, num_classes),
+      source=f'{where}: {name}, {which} weights',
+  )
+
+
+def load(
+    path: str, model: Optional[str] = None, weights: str = 'ema'
+) -> Classifier:
+  """The classifier of a published parameter file or of a run's checkpoint.
+
+  Args:
+    path: a parameter file (`F0_haiku.npz`), or a run's workdir,
+      `checkpoints/` or `checkpoints/<step>` folder.
+    model: the registry name; needed for a file whose name does not say it.
+    weights: 'ema' (a run's EMA weights where it kept them) or 'raw'.
+
+  Raises:
+    FileNotFoundError: nothing at `path`, or a run with no readable
+      checkpoint or config.json.
+    ValueError: an unknown model, or weights of another model.
+  """
+  from nfnets import train  # pylint: disable=g-import-not-at-top
+
+  if weights not in WEIGHTS:
+    raise ValueError(f'weights={weights!r} must be one of {WEIGHTS}.')
+  if model is not None:
+    models.info(model)  # An unknown name fails here, with close matches.
+  path = train.expand_home(path)
+  run = train._run_checkpoint(path, '--checkpoint')  # pylint: disable=protected-access
+  if run is not None:
+    return _from_run(run[0], run[1], model, weights)
+  if not epath.Path(path).exists():
+    raise FileNotFoundError(f'--checkpoint={path}: no such file or folder.')
+  return _from_file(path, model)
+
+
+def read_image(path: str, image_size: int, eval_resize: str) -> np.ndarray:
+  """An image file prepared as the evaluation does: uint8 `[S, S, 3]`.
+
+  Raises:
+    FileNotFoundError: no file at `path`.
+    ValueError: the file is not an image TensorFlow decodes.
+  """
+  # Imported here: TensorFlow is slow to import, and only this needs it.
+  from nfnets.data import augment  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  try:
+    encoded = epath.Path(path).read_bytes()
+  except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    raise FileNotFoundError(f'{path}: no such image file.') from None
+  try:
+    image = augment.eval_image(tf.constant(encoded), image_size, eval_resize)
+  except tf.errors.InvalidArgumentError:
+    raise ValueError(
+        f'{path} is not a JPEG, PNG, GIF or BMP image TensorFlow can decode.'
+    ) from None
+  return image.numpy()
+
+
+def classify(
+    classifier: Classifier,
+    paths: Sequence[str],
+    top: int = 5,
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
+  """The `top` classes of each image, most probable first.
+
+  Args:
+    classifier: from `load`.
+    paths: image files.
+    top: classes per image (at most the model's).
+    batch_size: images per forward pass.
+
+  Returns:
+    One dict per image: `image` (its path) and `top`, a list of `label`,
+    `name` and `probability`.
+  """
+  if top < 1 or batch_size < 1:
+    raise ValueError(f'top={top} and batch_size={batch_size} must be >= 1.')
+  top = min(top, classifier.num_classes)
+  forward = hk.transform_with_state(
+      lambda x: models.create(
+          classifier.model, classifier.num_classes, **classifier.overrides
+      )(x, is_training=False)
+  )
+
+  @jax.jit
+  def probabilities(images):
+    logits, _ = forward.apply(
+        classifier.params,
+        classifier.model_state,
+        None,
+        device_augment.normalize(images),  # as the evaluation's
+    )
+    return jax.nn.softmax(logits.astype(jnp.float32))
+
+  results = []
+  for start in range(0, len(paths), batch_size):
+    chunk = paths[start : start + batch_size]
+    images = np.stack(
+        [
+            read_image(p, classifier.image_size, classifier.eval_resize)
+            for p in chunk
+        ]
+    )
+    # Padded to a full batch: one compiled shape for every chunk.
+    padded = np.zeros((batch_size,) + images.shape[1:], images.dtype)
+    padded[: len(chunk)] = images
+    probs = np.asarray(probabilities(padded))[: len(chunk)]
+    for path, p in zip(chunk, probs):
+      best = np.argsort(-p, kind='stable')[:top]
+      results.append(
+          dict(
+              image=path,
+              top=[
+                  dict(
+                      label=int(label),
+                      name=classifier.class_names[label],
+                      probability=float(p[label]),
+                  )
+                  for label in best
+              ],
+          )
+      )
+  return results
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'expected an integer >= 1, got {text!r}')
+  return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog=_PROG, description=__doc__.split('\n\n')[0]
+  )
+  parser.add_argument('images', nargs='+', help='image files (JPEG, PNG, ...)')
+  parser.add_argument(
+      '--checkpoint',
+      required=True,
+      help="a published parameter file (F0_haiku.npz) or a run's workdir",
+  )
+  parser.add_argument(
+      '--model', help='registry name, for a file whose name does not say it'
+  )
+  parser.add_argument(
+      '--weights',
+      choices=WEIGHTS,
+      default='ema',
+      help="a run's EMA weights where it kept them (default), or raw",
+  )
+  parser.add_argument('--top', type=_positive_int, default=5)
+  parser.add_argument('--batch_size', type=_positive_int, default=16)
+  parser.add_argument(
+      '--json', action='store_true', help='one JSON object per image'
+  )
+  return parser
+
+
+def _line(result: dict[str, Any]) -> str:
+  classes = ', '.join(
+      f'{c["label"]} {c["name"]} {100 * c["probability"]:.1f}%'
+      for c in result['top']
+  )
+  return f'{result["image"]}: {classes}'
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Classifies the images; prints one line (or JSON object) per image."""
+  args = build_parser().parse_args(argv)
+  try:
+    # Checked first: loading F6's weights takes a while.
+    for path in args.images:
+      if not epath.Path(path).is_file():
+        raise FileNotFoundError(f'{path}: no such image file.')
+    classifier = load(args.checkpoint, args.model, args.weights)
+    print(
+        f'{classifier.source}; {classifier.image_size} px images.',
+        file=sys.stderr,
+    )
+    for result in classify(classifier, args.images, args.top, args.batch_size):
+      print(json.dumps(result) if args.json else _line(result), flush=True)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f'{_PROG}: error: {e}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,207 @@
+"""Classifying image files with published weights or a run's checkpoint."""
+
+import functools
+import json
+import os
+import pickle
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+import tiny_config
+from nfnets import models
+from nfnets import predict
+from nfnets import train
+from nfnets import data
+from nfnets.data import augment
+from nfnets.data import device_augment
+
+_CLASSES = ('cat', 'dog', 'emu')
+_COLOURS = ((200, 40, 40), (40, 200, 40), (40, 40, 200))
+
+
+def _write(path, label, i):
+  """A 12x10 image of class `label`'s colour, with a little noise."""
+  rng = np.random.default_rng(100 * label + i)
+  pixels = np.asarray(_COLOURS[label], np.float32) + rng.normal(
+      0, 30, (12, 10, 3)
+  )
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+  return path
+
+
+@functools.lru_cache(maxsize=1)
+def _run(root):
+  """A few steps on a 3-class image folder; (workdir, result, eval files)."""
+  evals = []
+  for label, name in enumerate(_CLASSES):
+    for i in range(8):
+      _write(os.path.join(root, 'data', 'train', name, f'{i}.png'), label, i)
+    for i in range(8, 11):
+      evals.append(
+          (
+              _write(
+                  os.path.join(root, 'data', 'val', name, f'{i}.png'), label, i
+              ),
+              name,
+          )
+      )
+  config = tiny_config.get_config(4)
+  config.data.name = f'folder:{root}/data'
+  config.data.randaugment_layers = 0
+  config.train.batch_size = 8
+  config.eval.batch_size = 8
+  config.eval.ema = True
+  workdir = os.path.join(root, 'run')
+  result = train.train_and_evaluate(config, workdir)
+  return workdir, result, tuple(evals)
+
+
+@pytest.fixture(name='run', scope='module')
+def fixture_run(tmp_path_factory):
+  return _run(str(tmp_path_factory.mktemp('predict')))
+
+
+@pytest.mark.parametrize('weights', ['ema', 'raw'])
+def test_predictions_of_a_run_are_its_evaluations(run, weights):
+  workdir, result, evals = run
+  classifier = predict.load(workdir, weights=weights)
+  assert classifier.class_names == _CLASSES
+  assert classifier.image_size == 16
+  assert ('EMA' in classifier.source) == (weights == 'ema')
+  results = predict.classify(classifier, [p for p, _ in evals], top=2)
+  assert [r['image'] for r in results] == [p for p, _ in evals]
+  correct = [
+      r['top'][0]['name'] == name for r, (_, name) in zip(results, evals)
+  ]
+  prefix = 'ema_eval' if weights == 'ema' else 'eval'
+  assert result[f'{prefix}_count'] == len(evals)
+  # The same images, preparation and weights as the run's evaluation: the
+  # same top-1 accuracy.
+  assert np.mean(correct) == pytest.approx(result[f'{prefix}_top1'])
+  # Image by image: the probabilities of the run's own eval pipeline's
+  # images (sorted by class, then path), under the same weights.
+  config = ml_collections.ConfigDict(
+      json.loads(open(os.path.join(workdir, 'config.json')).read())
+  )
+  batches = data.create_dataset(
+      config.data, split='eval', global_batch_size=72, image_size=16, seed=0
+  )
+  (batch,) = list(batches)
+  mask = batch['mask'].reshape(-1) > 0
+  images = batch['images'].reshape((-1, 16, 16, 3))[mask]
+  if images.dtype == np.uint8:  # normalised by the eval step, on the device
+    images = device_augment.normalize(images)
+  forward = train.create_model(config, len(_CLASSES))
+  logits, _ = forward.apply(
+      classifier.params, {}, None, images, is_training=False
+  )
+  order = sorted(range(len(evals)), key=lambda i: (evals[i][1], evals[i][0]))
+  by_label = np.zeros((len(evals), len(_CLASSES)))
+  every_class = predict.classify(classifier, [p for p, _ in evals], top=3)
+  for row, i in enumerate(order):
+    for c in every_class[i]['top']:
+      by_label[row, c['label']] = c['probability']
+  np.testing.assert_allclose(
+      by_label, jax.nn.softmax(logits), rtol=1e-4, atol=1e-6
+  )
+  for r in results:
+    probabilities = [c['probability'] for c in r['top']]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert [c['name'] for c in r['top']] == [
+        _CLASSES[c['label']] for c in r['top']
+    ]
+
+
+def test_the_command_line_prints_a_line_or_json_per_image(run, capsys):
+  workdir, _, evals = run
+  images = [evals[0][0], evals[-1][0]]
+  assert predict.main(['--checkpoint', workdir, '--top=3', *images]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert [l.split(':')[0] for l in lines] == images
+  assert all(l.count('%') == 3 for l in lines)
+  argv = ['--checkpoint', workdir, '--json', '--top=9', *images]
+  assert predict.main(argv) == 0
+  records = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+  assert [len(r['top']) for r in records] == [3, 3]  # all the classes
+  assert sum(c['probability'] for c in records[0]['top']) == pytest.approx(1)
+
+
+def _tiny_published(tmp_path, name):
+  """nfnet_tiny's initial weights, pickled as DeepMind's files are."""
+  forward = hk.transform_with_state(
+      lambda x: models.create('nfnet_tiny')(x, is_training=False)
+  )
+  params, _ = forward.init(jax.random.PRNGKey(0), jnp.zeros([1, 32, 32, 3]))
+  path = tmp_path / name
+  with open(path, 'wb') as f:
+    pickle.dump(jax.tree_util.tree_map(np.asarray, params), f)
+  return str(path), forward, params
+
+
+def test_published_weights_classify_into_imagenet_classes(tmp_path):
+  path, forward, params = _tiny_published(tmp_path, 'tiny_haiku.npz')
+  image = _write(str(tmp_path / 'a.png'), 0, 0)
+  classifier = predict.load(path, model='nfnet_tiny')
+  assert classifier.num_classes == 1000
+  assert classifier.class_names[0] == 'n01440764'  # TFDS imagenet2012's
+  (result,) = predict.classify(classifier, [image], top=5)
+  # Against the model applied to the image as the TF input pipeline
+  # normalises it.
+  prepared = augment.eval_image(
+      open(image, 'rb').read(), classifier.image_size, 'resize_crop'
+  )
+  logits, _ = forward.apply(
+      params, {}, None, augment.normalize(prepared[None]).numpy()
+  )
+  expected = jax.nn.softmax(logits[0])
+  best = np.argsort(-np.asarray(expected))[:5]
+  assert [c['label'] for c in result['top']] == list(best)
+  np.testing.assert_allclose(
+      [c['probability'] for c in result['top']],
+      np.asarray(expected)[best],
+      rtol=1e-4,
+  )
+
+
+def test_a_published_file_name_names_its_model(tmp_path):
+  path, _, _ = _tiny_published(tmp_path, 'F0_haiku.npz')
+  with pytest.raises(ValueError, match='F0_haiku.npz as nfnet_f0: NFNet/'):
+    predict.load(path)
+  other, _, _ = _tiny_published(tmp_path, 'weights.npz')
+  with pytest.raises(ValueError, match='give --model, e.g. --model=nfnet_f0'):
+    predict.load(other)
+
+
+def test_bad_input_is_one_line_naming_it(run, tmp_path):
+  workdir, _, evals = run
+  text = tmp_path / 'notes.png'
+  text.write_text('not an image')
+  cases = [
+      ([str(tmp_path / 'missing.jpg')], 'missing.jpg: no such image file.'),
+      ([str(text)], 'notes.png is not a JPEG, PNG, GIF or BMP image'),
+      (['--model=nfnet_f9', evals[0][0]], "Unknown model name 'nfnet_f9'"),
+      (['--model=nfnet_f0', evals[0][0]], 'trained nf_resnet26; leave'),
+  ]
+  for argv, message in cases:
+    with pytest.raises(SystemExit) as e:
+      predict.main(['--checkpoint', workdir, *argv])
+    assert str(e.value.code).startswith('python -m nfnets.predict: error: ')
+    assert message in str(e.value.code)
+    assert '\n' not in str(e.value.code)
+  with pytest.raises(SystemExit) as e:
+    predict.main(['--checkpoint', str(tmp_path / 'nothing'), evals[0][0]])
+  assert 'nothing: no such file or folder' in str(e.value.code)
+
+
+def test_a_digits_run_is_refused(tmp_path):
+  workdir = str(tmp_path / 'digits')
+  train.train_and_evaluate(tiny_config.get_config(1), workdir)
+  with pytest.raises(ValueError, match='embedded 8x8 digits'):
+    predict.load(workdir)
