@@ -6,11 +6,12 @@ the device time to the compiled program's HLO instructions (each kernel's
 `hlo_op`), which it maps back to their kind (cuDNN forward / backward-input
 / backward-filter convolution, GEMM, elementwise or reduction fusion, copy,
 collective) and to the JAX/Haiku op that made them (`op_name` metadata:
-module path and primitive). Prints, per traced step:
+module path and primitive). Prints, over the traced steps:
 
   * one `summary` line: the untraced step time (timed as in
-    train_throughput.py), the device's busy time (the union of its kernel
-    intervals) and the kernel time summed per kind;
+    train_throughput.py), and per traced step on average the device's busy
+    time (the union of its kernel intervals) and the kernel time summed per
+    kind;
   * `--top` lines for the costliest HLO instructions, with the bandwidth
     their operands and outputs imply (`gb_per_s`, an upper bound).
 

@@ -170,7 +170,7 @@ def parse_arg(arg, choices, default):
   return choice, set(tokens)
 
 
-# 'local' shrinks a recipe to seconds on a CPU; '90ep'/'360ep' pick the
+# 'local' shrinks a recipe to under a minute on a CPU; '90ep'/'360ep' pick the
 # NF-ResNet schedule length.
 KNOWN_FLAGS = frozenset({'local', '90ep', '360ep'})
 

@@ -13,7 +13,8 @@ Paper's ImageNet top-1 (Table 3): F0 83.6, F1 84.7, F2 85.1, F3 85.7,
 F4 85.9, F5 86.0, F6+SAM 86.5. Runtime: not measured here; Table 3's training
 step of F0 is 73.3 ms on TPUv3 at 32 images per core, i.e. about 2.3 days
 for the 112,602 steps on a v3-128 slice (4096 images per step), an estimate.
-`:F0,local` runs the same recipe shrunk to seconds on a CPU (embedded digits).
+`:F0,local` runs the same recipe shrunk to under a minute on a CPU
+(embedded digits; most of it compiling).
 
 Sweeps: `ablation` (the rows of Table 2), e.g.
     python -m nfnets.sweep --config=configs/nfnet.py:F0 --sweep=ablation --dry_run
