@@ -6,10 +6,11 @@
 `--checkpoint` is either a published DeepMind parameter file (`F0_haiku.npz`
 ... `F6_haiku.npz`: the model is read from the name, or given by `--model`)
 or a run of this project (its workdir, `checkpoints/` folder or one
-`checkpoints/<step>` folder), whose `config.json` gives the model, the eval
-image size and crop, and the class names. A run's EMA weights are used where
-it kept them, as its reported EMA accuracy is theirs (`--weights=raw`: the
-trained weights). Only the weights are read, not the optimizer state.
+`checkpoints/<step>` folder), whose `config.json` gives the model and the
+eval image size and crop. A run's EMA weights are used where
+it evaluated them (`eval.ema`), its trained weights otherwise (`--weights`
+picks); only those are read, not the optimizer state. A run's class names
+are those it trained with (its `classes.txt`).
 
 Each image is prepared as the evaluation prepares its images (decoded,
 resized and centre-cropped to the eval size, normalised) and classified in
@@ -40,7 +41,7 @@ from nfnets.data import device_augment
 _PROG = 'python -m nfnets.predict'
 # The published files' names: F0_haiku.npz ... F6_haiku.npz.
 _PUBLISHED_NAME = re.compile(r'^F(\d)_haiku\.npz$', re.IGNORECASE)
-WEIGHTS = ('ema', 'raw')
+WEIGHTS = ('auto', 'ema', 'raw')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Classifier:
     eval_resize: the eval crop, 'resize_crop' or 'crop_resize'.
     class_names: one per output, by label.
     source: what was loaded, for the reader.
+    note: what the reader should know of the class names ('' if nothing).
   """
 
   model: str
@@ -66,6 +68,7 @@ class Classifier:
   eval_resize: str
   class_names: tuple[str, ...]
   source: str
+  note: str = ''
 
   @property
   def num_classes(self) -> int:
@@ -88,18 +91,50 @@ def _num_classes(model: str, params, overrides, where: str) -> int:
   raise ValueError(f'{model} has no classifier weights to read.')
 
 
-def _names(data_cfg: dict, num_classes: int) -> tuple[str, ...]:
-  """The dataset's class names, or the labels' numbers if they are unknown."""
+def _dataset_names(data_cfg: dict) -> tuple[str, ...]:
+  """The dataset's class names as they are now; () if it cannot say."""
   from nfnets import data  # pylint: disable=g-import-not-at-top
 
-  try:
-    names = data.class_names(ml_collections.ConfigDict(data_cfg))
-  except Exception:  # pylint: disable=broad-except
-    # A dataset not on this machine: the labels still say which class.
-    names = ()
-  if len(names) != num_classes:
-    names = tuple(str(label) for label in range(num_classes))
-  return names
+  tries = [data_cfg]
+  if data_cfg.get('data_dir'):
+    # TFDS knows a catalogued dataset's names without its data (a bucket
+    # this machine cannot read, say).
+    tries.append({**data_cfg, 'data_dir': None})
+  for cfg in tries:
+    try:
+      return tuple(data.class_names(ml_collections.ConfigDict(cfg)))
+    except Exception:  # pylint: disable=broad-except
+      continue
+  return ()
+
+
+def _names(
+    workdir: Optional[str], data_cfg: dict, num_classes: int
+) -> tuple[tuple[str, ...], str]:
+  """`(names, note)`: the run's names, else the dataset's, else numbers."""
+  from nfnets import train  # pylint: disable=g-import-not-at-top
+
+  note = ''
+  if workdir is not None:
+    path = epath.Path(workdir) / train.CLASS_NAMES_FILE
+    if path.exists():
+      names = tuple(path.read_text().splitlines())
+      if len(names) == num_classes:
+        return names, ''
+      note = f'{path} has {len(names)} names for {num_classes} classes; '
+    else:
+      note = f'{path} is missing (a run from before it was written); '
+  names = _dataset_names(data_cfg)
+  if len(names) == num_classes:
+    if note:
+      note += (
+          f'class names read from data.name={data_cfg["name"]} as it is now.'
+      )
+    return names, note
+  return tuple(str(label) for label in range(num_classes)), (
+      f'{note}class names unknown (data.name={data_cfg["name"]} cannot be'
+      ' read here): labels are given as numbers.'
+  )
 
 
 def _from_file(path: str, model: Optional[str]) -> Classifier:
@@ -114,9 +149,15 @@ def _from_file(path: str, model: Optional[str]) -> Classifier:
       )
     model = f'nfnet_f{match.group(1)}'
   info = models.info(model)
+  # Read once (F6's: 1.75 GB), then checked as load_deepmind_params does.
   params = checkpoint.read_params_file(path)
   num_classes = _num_classes(model, params, {}, path)
-  params = checkpoint.load_deepmind_params(path, model, num_classes)
+  checkpoint.check_params(
+      params,
+      checkpoint.expected_param_shapes(model, num_classes),
+      where=f'{path} as {model}',
+  )
+  params = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), params)
   model_state = _initial_state(model, num_classes)
   if jax.tree_util.tree_leaves(model_state):
     raise ValueError(
@@ -124,7 +165,9 @@ def _from_file(path: str, model: Optional[str]) -> Classifier:
         ' file does not hold; give a run of this project instead.'
     )
   # ImageNet's, as the published weights were trained on it.
-  names = _names(dict(name='imagenet2012', data_dir=None), num_classes)
+  names, note = _names(
+      None, dict(name='imagenet2012', data_dir=None), num_classes
+  )
   return Classifier(
       model=model,
       overrides={},
@@ -134,6 +177,7 @@ def _from_file(path: str, model: Optional[str]) -> Classifier:
       eval_resize='resize_crop',
       class_names=names,
       source=f'{path} as {model}',
+      note=note,
   )
 
 
@@ -177,6 +221,9 @@ def _from_run(
         f'--model={model}, but the run at {workdir} trained {name}; leave'
         ' --model out for a run.'
     )
+  if weights == 'auto':
+    # The weights whose accuracy the run reported (its EMA's with eval.ema).
+    weights = 'ema' if (config.get('eval') or {}).get('ema') else 'raw'
   fields = ['params', 'model_state'] + (
       ['ema_params'] if weights == 'ema' else []
   )
@@ -192,15 +239,21 @@ def _from_run(
         f'--checkpoint={workdir}: no readable checkpoint in'
         f' {checkpointer.directory}.'
     )
-  which = 'EMA' if saved.get('ema_params') else 'trained'
-  params = saved['ema_params'] if which == 'EMA' else saved['params']
   where = f'checkpoint {restored} in {checkpointer.directory}'
+  if weights == 'ema' and not saved.get('ema_params'):
+    raise ValueError(
+        f'--weights=ema: {where} holds no EMA weights (the run had no'
+        ' optimizer.ema_decay); use --weights=raw.'
+    )
+  which = 'EMA' if weights == 'ema' else 'trained'
+  params = saved['ema_params'] if weights == 'ema' else saved['params']
   num_classes = _num_classes(name, params, overrides, where)
   checkpoint.check_params(
       params,
       checkpoint.expected_param_shapes(name, num_classes, **overrides),
       where=where,
   )
+  names, note = _names(workdir, data_cfg, num_classes)
   return Classifier(
       model=name,
       overrides=overrides,
@@ -208,13 +261,14 @@ def _from_run(
       model_state=saved.get('model_state') or {},
       image_size=image_size,
       eval_resize=eval_resize,
-      class_names=_names(data_cfg, num_classes),
+      class_names=names,
       source=f'{where}: {name}, {which} weights',
+      note=note,
   )
 
 
 def load(
-    path: str, model: Optional[str] = None, weights: str = 'ema'
+    path: str, model: Optional[str] = None, weights: str = 'auto'
 ) -> Classifier:
   """The classifier of a published parameter file or of a run's checkpoint.
 
@@ -222,7 +276,8 @@ def load(
     path: a parameter file (`F0_haiku.npz`), or a run's workdir,
       `checkpoints/` or `checkpoints/<step>` folder.
     model: the registry name; needed for a file whose name does not say it.
-    weights: 'ema' (a run's EMA weights where it kept them) or 'raw'.
+    weights: for a run: 'auto' (its EMA weights if it evaluated them,
+      `eval.ema`, else its trained ones), 'ema' or 'raw'.
 
   Raises:
     FileNotFoundError: nothing at `path`, or a run with no readable
@@ -241,7 +296,27 @@ def load(
     return _from_run(run[0], run[1], model, weights)
   if not epath.Path(path).exists():
     raise FileNotFoundError(f'--checkpoint={path}: no such file or folder.')
+  if weights != 'auto':
+    raise ValueError(
+        f'--weights={weights} applies to a run; a parameter file holds one'
+        ' set of weights.'
+    )
   return _from_file(path, model)
+
+
+def _expanded(path: str) -> str:
+  from nfnets import train  # pylint: disable=g-import-not-at-top
+
+  return train.expand_home(path)
+
+
+def check_image_path(path: str) -> None:
+  """Raises FileNotFoundError unless `path` (`~` expanded) is a file."""
+  found = epath.Path(_expanded(path))
+  if found.is_dir():
+    raise FileNotFoundError(f'{path} is a folder, not an image file.')
+  if not found.is_file():
+    raise FileNotFoundError(f'{path}: no such image file.')
 
 
 def read_image(path: str, image_size: int, eval_resize: str) -> np.ndarray:
@@ -255,10 +330,8 @@ def read_image(path: str, image_size: int, eval_resize: str) -> np.ndarray:
   from nfnets.data import augment  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  try:
-    encoded = epath.Path(path).read_bytes()
-  except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-    raise FileNotFoundError(f'{path}: no such image file.') from None
+  check_image_path(path)
+  encoded = epath.Path(_expanded(path)).read_bytes()
   try:
     image = augment.eval_image(tf.constant(encoded), image_size, eval_resize)
   except tf.errors.InvalidArgumentError:
@@ -295,16 +368,20 @@ def classify(
       )(x, is_training=False)
   )
 
+  # The weights are arguments: closed over, XLA would fold them into the
+  # program as constants (F0: 5x the compile time, 1 GB more memory).
   @jax.jit
-  def probabilities(images):
+  def probabilities(params, model_state, images):
     logits, _ = forward.apply(
-        classifier.params,
-        classifier.model_state,
+        params,
+        model_state,
         None,
         device_augment.normalize(images),  # as the evaluation's
     )
     return jax.nn.softmax(logits.astype(jnp.float32))
 
+  # No larger than the images: one image is one image's work.
+  batch_size = min(batch_size, len(paths))
   results = []
   for start in range(0, len(paths), batch_size):
     chunk = paths[start : start + batch_size]
@@ -314,10 +391,12 @@ def classify(
             for p in chunk
         ]
     )
-    # Padded to a full batch: one compiled shape for every chunk.
+    # The last chunk padded to a full batch: one compiled shape for all.
     padded = np.zeros((batch_size,) + images.shape[1:], images.dtype)
     padded[: len(chunk)] = images
-    probs = np.asarray(probabilities(padded))[: len(chunk)]
+    probs = np.asarray(
+        probabilities(classifier.params, classifier.model_state, padded)
+    )[: len(chunk)]
     for path, p in zip(chunk, probs):
       best = np.argsort(-p, kind='stable')[:top]
       results.append(
@@ -362,8 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument(
       '--weights',
       choices=WEIGHTS,
-      default='ema',
-      help="a run's EMA weights where it kept them (default), or raw",
+      default='auto',
+      help=(
+          "a run's weights: auto (its EMA weights if it evaluated them,"
+          ' else its trained ones), ema or raw'
+      ),
   )
   parser.add_argument('--top', type=_positive_int, default=5)
   parser.add_argument('--batch_size', type=_positive_int, default=16)
@@ -387,13 +469,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     # Checked first: loading F6's weights takes a while.
     for path in args.images:
-      if not epath.Path(path).is_file():
-        raise FileNotFoundError(f'{path}: no such image file.')
+      check_image_path(path)
     classifier = load(args.checkpoint, args.model, args.weights)
     print(
         f'{classifier.source}; {classifier.image_size} px images.',
         file=sys.stderr,
     )
+    if classifier.note:
+      print(f'Note: {classifier.note}', file=sys.stderr)
     for result in classify(classifier, args.images, args.top, args.batch_size):
       print(json.dumps(result) if args.json else _line(result), flush=True)
   except (ValueError, FileNotFoundError) as e:

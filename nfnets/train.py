@@ -979,10 +979,20 @@ def _check_batch(global_batch: int, what: str) -> None:
     )
 
 
+# The run's class names, one per line by label, beside its config.json.
+CLASS_NAMES_FILE = 'classes.txt'
+
+
 def _save_config(config, workdir):
   # The file a resumed run compares its config with (`_config_changes`).
   _replace_text(
       epath.Path(workdir) / 'config.json', config.to_json_best_effort(indent=2)
+  )
+  # The names the labels had when it trained: an image folder renamed or
+  # moved later would name them otherwise (`nfnets.predict` reads them).
+  _replace_text(
+      epath.Path(workdir) / CLASS_NAMES_FILE,
+      ''.join(f'{name}\n' for name in data.class_names(config.data)),
   )
 
 

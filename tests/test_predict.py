@@ -20,6 +20,7 @@ from nfnets import train
 from nfnets import data
 from nfnets.data import augment
 from nfnets.data import device_augment
+from nfnets.data import folder
 
 _CLASSES = ('cat', 'dog', 'emu')
 _COLOURS = ((200, 40, 40), (40, 200, 40), (40, 40, 200))
@@ -68,11 +69,12 @@ def fixture_run(tmp_path_factory):
   return _run(str(tmp_path_factory.mktemp('predict')))
 
 
-@pytest.mark.parametrize('weights', ['ema', 'raw'])
+@pytest.mark.parametrize('weights', ['auto', 'ema', 'raw'])
 def test_predictions_of_a_run_are_its_evaluations(run, weights):
   workdir, result, evals = run
   classifier = predict.load(workdir, weights=weights)
-  assert classifier.class_names == _CLASSES
+  weights = 'ema' if weights == 'auto' else weights  # the run's eval.ema
+  assert classifier.class_names == _CLASSES and not classifier.note
   assert classifier.image_size == 16
   assert ('EMA' in classifier.source) == (weights == 'ema')
   results = predict.classify(classifier, [p for p, _ in evals], top=2)
@@ -117,6 +119,54 @@ def test_predictions_of_a_run_are_its_evaluations(run, weights):
     assert [c['name'] for c in r['top']] == [
         _CLASSES[c['label']] for c in r['top']
     ]
+
+
+def test_class_names_are_the_runs_own(run):
+  workdir, _, _ = run
+  root = os.path.dirname(workdir)
+  # A class folder renamed since: the labels keep the names they trained
+  # with ('cat' would otherwise read 'dog', and 'emu' 'zebra').
+  os.rename(f'{root}/data/train/cat', f'{root}/data/train/zebra')
+  try:
+    assert predict.load(workdir).class_names == _CLASSES
+  finally:
+    os.rename(f'{root}/data/train/zebra', f'{root}/data/train/cat')
+  # A run without the file (written since): the dataset's, with a note.
+  names = os.path.join(workdir, 'classes.txt')
+  os.rename(names, names + '.away')
+  try:
+    classifier = predict.load(workdir)
+    assert classifier.class_names == _CLASSES
+    assert 'classes.txt is missing' in classifier.note
+    assert 'as it is now' in classifier.note
+    os.rename(f'{root}/data', f'{root}/moved')
+    # This process listed the folder while training: forget it, as a new
+    # process would not know it.
+    folder._class_names.cache_clear()  # pylint: disable=protected-access
+    try:
+      classifier = predict.load(workdir)
+    finally:
+      os.rename(f'{root}/moved', f'{root}/data')
+    assert classifier.class_names == ('0', '1', '2')
+    assert 'labels are given as numbers' in classifier.note
+  finally:
+    os.rename(names + '.away', names)
+
+
+def test_weights_default_to_those_the_run_evaluated(run):
+  workdir, _, _ = run
+  path = os.path.join(workdir, 'config.json')
+  before = open(path).read()
+  config = json.loads(before)
+  config['eval']['ema'] = False
+  try:
+    with open(path, 'w') as f:
+      json.dump(config, f)
+    assert 'trained weights' in predict.load(workdir).source
+    assert 'EMA weights' in predict.load(workdir, weights='ema').source
+  finally:
+    with open(path, 'w') as f:
+      f.write(before)
 
 
 def test_the_command_line_prints_a_line_or_json_per_image(run, capsys):
@@ -177,6 +227,8 @@ def test_a_published_file_name_names_its_model(tmp_path):
   other, _, _ = _tiny_published(tmp_path, 'weights.npz')
   with pytest.raises(ValueError, match='give --model, e.g. --model=nfnet_f0'):
     predict.load(other)
+  with pytest.raises(ValueError, match='--weights=raw applies to a run'):
+    predict.load(other, model='nfnet_tiny', weights='raw')
 
 
 def test_bad_input_is_one_line_naming_it(run, tmp_path):
@@ -185,6 +237,7 @@ def test_bad_input_is_one_line_naming_it(run, tmp_path):
   text.write_text('not an image')
   cases = [
       ([str(tmp_path / 'missing.jpg')], 'missing.jpg: no such image file.'),
+      ([str(tmp_path)], 'is a folder, not an image file.'),
       ([str(text)], 'notes.png is not a JPEG, PNG, GIF or BMP image'),
       (['--model=nfnet_f9', evals[0][0]], "Unknown model name 'nfnet_f9'"),
       (['--model=nfnet_f0', evals[0][0]], 'trained nf_resnet26; leave'),
@@ -198,6 +251,14 @@ def test_bad_input_is_one_line_naming_it(run, tmp_path):
   with pytest.raises(SystemExit) as e:
     predict.main(['--checkpoint', str(tmp_path / 'nothing'), evals[0][0]])
   assert 'nothing: no such file or folder' in str(e.value.code)
+
+
+def test_image_paths_may_start_with_home(run, tmp_path, monkeypatch):
+  workdir, _, evals = run
+  monkeypatch.setenv('HOME', os.path.dirname(evals[0][0]))
+  image = '~/' + os.path.basename(evals[0][0])
+  (result,) = predict.classify(predict.load(workdir), [image])
+  assert result['image'] == image
 
 
 def test_a_digits_run_is_refused(tmp_path):
