@@ -7,12 +7,15 @@ read with a restricted unpickler that admits only dicts, numpy arrays and
 scalars, and refuses anything else before it runs.
 """
 
+import http.client
 import inspect
 import io
 import logging
 import os
 import pickle
+import shutil
 import sys
+import urllib.request
 import zipfile
 from typing import Any, Mapping, Optional, Sequence
 
@@ -66,6 +69,73 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def safe_load_pickle(data: bytes) -> Any:
   """Unpickles `data`, admitting only dicts, numpy arrays and scalars."""
   return _RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+# The published NFNet weights, as the NFNets release's README links them.
+PUBLISHED_URL = 'https://storage.googleapis.com/dm-nfnets/{name}_haiku.npz'
+PUBLISHED_NAMES = ('F0', 'F1', 'F2', 'F3', 'F4', 'F5', 'F6')
+
+
+def cache_dir() -> str:
+  """Where downloaded weights are kept: $NFNETS_JAX_CACHE, else a user cache.
+
+  The default is `$XDG_CACHE_HOME/nfnets-jax` (`~/.cache/nfnets-jax`).
+  """
+  if os.environ.get('NFNETS_JAX_CACHE'):
+    return os.path.expanduser(os.environ['NFNETS_JAX_CACHE'])
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join('~', '.cache')
+  return os.path.join(os.path.expanduser(base), 'nfnets-jax')
+
+
+def published_file(source: str, log=None) -> str:
+  """`source`, or the local copy of the published weights it names.
+
+  A `source` that exists is returned as it is. 'F0' ... 'F6' (any case)
+  name the published NFNet weights: the first use downloads
+  `F<k>_haiku.npz` into `cache_dir()`, through a temporary file renamed
+  when whole, so that an interrupted download leaves nothing to mistake
+  for the file. Loading it checks it (`load_deepmind_params`).
+
+  Args:
+    source: a path, or a published name.
+    log: a function of one string, told of a download (default: stderr).
+
+  Raises:
+    FileNotFoundError: the download failed; the message gives the URL, to
+      fetch the file by hand.
+  """
+  name = source.upper()
+  if name not in PUBLISHED_NAMES or epath.Path(source).exists():
+    return source
+  path = os.path.join(cache_dir(), f'{name}_haiku.npz')
+  if os.path.exists(path):
+    return path
+  url = PUBLISHED_URL.format(name=name)
+  log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+  log(f'Downloading the published {name} weights from {url} to {path}.')
+  partial = f'{path}.part{os.getpid()}'
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with urllib.request.urlopen(url, timeout=60) as response:
+      with open(partial, 'wb') as f:
+        shutil.copyfileobj(response, f, 1 << 20)
+        size = f.tell()
+      # http.client ends a read cut short by a closed connection quietly.
+      expected = response.headers.get('Content-Length')
+      if expected is not None and size != int(expected):
+        raise ValueError(f'the transfer stopped at {size} of {expected} bytes')
+    os.replace(partial, path)
+  # URLError and HTTPError are OSErrors; a connection closed early raises
+  # http.client.IncompleteRead.
+  except (OSError, ValueError, http.client.HTTPException) as e:
+    if os.path.exists(partial):
+      os.remove(partial)
+    reason = getattr(e, 'reason', None) or e
+    raise FileNotFoundError(
+        f'Could not download {url} to {path} ({reason}); download it by'
+        f' hand and give its path instead of {source!r}.'
+    ) from None
+  return path
 
 
 def read_params_file(path: str) -> dict[str, dict[str, np.ndarray]]:

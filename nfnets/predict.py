@@ -1,10 +1,12 @@
 """Classifies image files with a trained model: published weights or a run.
 
+    python -m nfnets.predict --checkpoint=F0 cat.jpg dog.png
     python -m nfnets.predict --checkpoint=F0_haiku.npz cat.jpg dog.png
     python -m nfnets.predict --checkpoint=workdir/f0 --json photos/*.jpg
 
 `--checkpoint` is either a published DeepMind parameter file (`F0_haiku.npz`
-... `F6_haiku.npz`: the model is read from the name, or given by `--model`)
+... `F6_haiku.npz`: the model is read from the name, or given by `--model`;
+`F0` ... `F6` download it once, into `checkpoint.cache_dir()`)
 or a run of this project (its workdir, `checkpoints/` folder or one
 `checkpoints/<step>` folder), whose `config.json` gives the model and the
 eval image size and crop. A run's EMA weights are used where
@@ -273,8 +275,8 @@ def load(
   """The classifier of a published parameter file or of a run's checkpoint.
 
   Args:
-    path: a parameter file (`F0_haiku.npz`), or a run's workdir,
-      `checkpoints/` or `checkpoints/<step>` folder.
+    path: a parameter file (`F0_haiku.npz`; 'F0' to download it), or a
+      run's workdir, `checkpoints/` or `checkpoints/<step>` folder.
     model: the registry name; needed for a file whose name does not say it.
     weights: for a run: 'auto' (its EMA weights if it evaluated them,
       `eval.ema`, else its trained ones), 'ema' or 'raw'.
@@ -290,7 +292,8 @@ def load(
     raise ValueError(f'weights={weights!r} must be one of {WEIGHTS}.')
   if model is not None:
     models.info(model)  # An unknown name fails here, with close matches.
-  path = train.expand_home(path)
+  # 'F0' ... 'F6': the published weights, downloaded on first use.
+  path = checkpoint.published_file(train.expand_home(path))
   run = train._run_checkpoint(path, '--checkpoint')  # pylint: disable=protected-access
   if run is not None:
     return _from_run(run[0], run[1], model, weights)
@@ -433,7 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument(
       '--checkpoint',
       required=True,
-      help="a published parameter file (F0_haiku.npz) or a run's workdir",
+      help=(
+          'a published parameter file (F0_haiku.npz; F0 ... F6 download'
+          " it once) or a run's workdir"
+      ),
   )
   parser.add_argument(
       '--model', help='registry name, for a file whose name does not say it'

@@ -1640,7 +1640,8 @@ def initialize_from(
   Returns:
     `(state, message)`: the new state, and a line that says what was loaded.
   """
-  source = expand_home(config.train.init_checkpoint)
+  # 'F0' ... 'F6': the published weights, downloaded on first use.
+  source = checkpoint.published_file(expand_home(config.train.init_checkpoint))
   exclude = config.train.init_exclude
   run = _run_checkpoint(source, 'train.init_checkpoint')
   if run is None:
@@ -1689,7 +1690,8 @@ def evaluate_checkpoint(
   """Evaluates the workdir's latest checkpoint, or `config.eval.checkpoint`.
 
   `config.eval.checkpoint` may name a published DeepMind parameter file
-  (e.g. `F0_haiku.npz`), loaded with `checkpoint.load_deepmind_params`, or
+  (e.g. `F0_haiku.npz`, or 'F0' to download it: `checkpoint.published_file`),
+  loaded with `checkpoint.load_deepmind_params`, or
   another run of this project: its workdir or `checkpoints/` folder (its
   newest readable checkpoint), or one of its `checkpoints/<step>` folders.
   """
@@ -1699,14 +1701,14 @@ def evaluate_checkpoint(
   forward = create_model(config, num_classes)
   run = None
   if config.eval.checkpoint:
-    run = _run_checkpoint(
-        expand_home(config.eval.checkpoint), 'eval.checkpoint'
-    )
+    # 'F0' ... 'F6': the published weights, downloaded on first use.
+    source = checkpoint.published_file(expand_home(config.eval.checkpoint))
+    run = _run_checkpoint(source, 'eval.checkpoint')
     if run is not None:
       workdir = run[0]
   if config.eval.checkpoint and run is None:
     params = checkpoint.load_deepmind_params(
-        expand_home(config.eval.checkpoint),
+        source,
         config.model.name,
         num_classes,
         **dict(config.model.overrides),

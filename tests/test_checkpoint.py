@@ -4,7 +4,9 @@ import asyncio
 import functools
 import logging
 import os
+import http.server
 import pickle
+import threading
 import tracemalloc
 
 import haiku as hk
@@ -280,3 +282,75 @@ def test_restoring_some_fields_reads_no_other_array(tmp_path, with_target):
   assert step == 1 and list(restored) == ['params']
   np.testing.assert_array_equal(restored['params']['w'], params['w'])
   assert peak < big.nbytes / 4, f'{peak / 2**20:.1f} MiB allocated'
+
+
+class _Server:
+  """A local HTTP server of `folder`, counting the requests it answers.
+
+  `cut` names a file sent with a Content-Length it never delivers: a
+  connection closed mid-transfer.
+  """
+
+  def __init__(self, folder, cut=None):
+    requests = self.requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+
+      def __init__(self, *args, **kwargs):
+        super().__init__(*args, directory=str(folder), **kwargs)
+
+      def do_GET(self):  # pylint: disable=invalid-name
+        requests.append(self.path)
+        if cut and self.path.endswith(cut):
+          self.send_response(200)
+          self.send_header('Content-Length', '100000')
+          self.end_headers()
+          self.wfile.write(b'\x80\x04' + b'x' * 100)
+          return
+        super().do_GET()
+
+      def log_message(self, *args):  # quiet
+        pass
+
+    self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    self.url = f'http://127.0.0.1:{self.server.server_port}'
+    threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+  def close(self):
+    self.server.shutdown()
+    self.server.server_close()
+
+
+def test_published_names_download_once_into_the_cache(tmp_path, monkeypatch):
+  served = tmp_path / 'bucket'
+  served.mkdir()
+  with open(served / 'F0_haiku.npz', 'wb') as f:
+    pickle.dump(_tiny_params(), f)
+  server = _Server(served, cut='F2_haiku.npz')
+  monkeypatch.setattr(
+      checkpoint, 'PUBLISHED_URL', server.url + '/{name}_haiku.npz'
+  )
+  monkeypatch.setenv('NFNETS_JAX_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.chdir(tmp_path)
+  logs = []
+  try:
+    path = checkpoint.published_file('f0', log=logs.append)
+    assert path == str(tmp_path / 'cache' / 'F0_haiku.npz')
+    assert (served / 'F0_haiku.npz').read_bytes() == open(path, 'rb').read()
+    assert checkpoint.published_file('F0', log=logs.append) == path
+    assert server.requests == ['/F0_haiku.npz'] and len(logs) == 1
+    params = checkpoint.load_deepmind_params(path, 'nfnet_tiny')
+    assert params.keys() == _tiny_params().keys()
+    # Missing, or cut off mid-transfer: an error with the URL, no file.
+    with pytest.raises(FileNotFoundError, match='F1_haiku.npz .*by hand'):
+      checkpoint.published_file('F1', log=logs.append)
+    with pytest.raises(FileNotFoundError, match='F2_haiku.npz .*by hand'):
+      checkpoint.published_file('F2', log=logs.append)
+    assert os.listdir(tmp_path / 'cache') == ['F0_haiku.npz']
+  finally:
+    server.close()
+  # A file or folder of that name, and any other name, are paths.
+  (tmp_path / 'F3').mkdir()
+  assert checkpoint.published_file('F3') == 'F3'
+  assert checkpoint.published_file('F7') == 'F7'
+  assert checkpoint.published_file('runs/F0') == 'runs/F0'

@@ -266,3 +266,21 @@ def test_a_digits_run_is_refused(tmp_path):
   train.train_and_evaluate(tiny_config.get_config(1), workdir)
   with pytest.raises(ValueError, match='embedded 8x8 digits'):
     predict.load(workdir)
+
+
+def test_published_names_resolve_wherever_a_file_is_asked_for(
+    tmp_path, monkeypatch
+):
+  # Cached already (checkpoint.published_file downloads into this folder).
+  cached, _, _ = _tiny_published(tmp_path, 'F0_haiku.npz')
+  monkeypatch.setenv('NFNETS_JAX_CACHE', str(tmp_path))
+  with pytest.raises(ValueError, match=f'{cached} as nfnet_f0: NFNet/'):
+    predict.load('F0')
+  config = tiny_config.get_config(1)
+  config.eval.checkpoint = 'f0'
+  with pytest.raises(ValueError, match=f'{cached} as nf_resnet26: '):
+    train.evaluate_checkpoint(config, str(tmp_path / 'run'))
+  config = tiny_config.get_config(1)
+  config.train.init_checkpoint = 'F0'
+  with pytest.raises(ValueError, match=f'train.init_checkpoint \\({cached}\\)'):
+    train.train_and_evaluate(config, str(tmp_path / 'tuned'))
