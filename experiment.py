@@ -91,7 +91,7 @@ def _print_summary(result, workdir):
   print(line + f' on {result["eval_count"]} images.')
   print(
       f'Workdir: {workdir} (metrics.jsonl, tensorboard/, checkpoints/, '
-      'curves.png, config.json, classes.txt)'
+      'curves.png, config.json, classes.json)'
   )
 
 

@@ -15,6 +15,8 @@ import os
 import pickle
 import shutil
 import sys
+import tempfile
+import time
 import urllib.request
 import zipfile
 from typing import Any, Mapping, Optional, Sequence
@@ -87,54 +89,96 @@ def cache_dir() -> str:
   return os.path.join(os.path.expanduser(base), 'nfnets-jax')
 
 
+def names_published(source: str) -> bool:
+  """Whether `source` names published weights ('F0' ... 'F6', no such path)."""
+  return source.upper() in PUBLISHED_NAMES and not epath.Path(source).exists()
+
+
+# A partial download older than this is a dead process's: a live one writes
+# every few seconds.
+_STALE_PARTIAL_S = 3600
+
+
+def _remove_stale_partials(folder: str, name: str) -> None:
+  for entry in os.scandir(folder):
+    if entry.name.startswith(f'{name}.') and entry.name.endswith('.part'):
+      try:
+        if time.time() - entry.stat().st_mtime > _STALE_PARTIAL_S:
+          os.remove(entry.path)
+      except OSError:  # Removed by another process meanwhile.
+        pass
+
+
 def published_file(source: str, log=None) -> str:
   """`source`, or the local copy of the published weights it names.
 
   A `source` that exists is returned as it is. 'F0' ... 'F6' (any case)
   name the published NFNet weights: the first use downloads
-  `F<k>_haiku.npz` into `cache_dir()`, through a temporary file renamed
-  when whole, so that an interrupted download leaves nothing to mistake
-  for the file. Loading it checks it (`load_deepmind_params`).
+  `F<k>_haiku.npz` into `cache_dir()`, through a temporary file of its own
+  (processes on hosts that share the folder do not collide) renamed when
+  whole, so that an interrupted download leaves nothing to mistake for the
+  file. Each process that needs the file and finds none downloads it.
+  Loading it checks it (`load_deepmind_params`).
 
   Args:
     source: a path, or a published name.
     log: a function of one string, told of a download (default: stderr).
 
   Raises:
-    FileNotFoundError: the download failed; the message gives the URL, to
-      fetch the file by hand.
+    FileNotFoundError: the download failed, or the cache folder cannot be
+      written; the message says which, and gives the URL.
   """
-  name = source.upper()
-  if name not in PUBLISHED_NAMES or epath.Path(source).exists():
+  if not names_published(source):
     return source
-  path = os.path.join(cache_dir(), f'{name}_haiku.npz')
-  if os.path.exists(path):
+  name = source.upper()
+  folder = cache_dir()
+  filename = f'{name}_haiku.npz'
+  path = os.path.join(folder, filename)
+  if os.path.isfile(path):
     return path
   url = PUBLISHED_URL.format(name=name)
+  try:
+    os.makedirs(folder, exist_ok=True)
+    _remove_stale_partials(folder, filename)
+    handle, partial = tempfile.mkstemp(
+        dir=folder, prefix=f'{filename}.', suffix='.part'
+    )
+  except OSError as e:
+    raise FileNotFoundError(
+        f'The weights cache {folder} cannot be written ({e}); set'
+        ' NFNETS_JAX_CACHE to a folder you can write, or download'
+        f' {url} by hand and give its path instead of {source!r}.'
+    ) from None
   log = log or (lambda line: print(line, file=sys.stderr, flush=True))
   log(f'Downloading the published {name} weights from {url} to {path}.')
-  partial = f'{path}.part{os.getpid()}'
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with urllib.request.urlopen(url, timeout=60) as response:
-      with open(partial, 'wb') as f:
+    with os.fdopen(handle, 'wb') as f:
+      with urllib.request.urlopen(url, timeout=60) as response:
         shutil.copyfileobj(response, f, 1 << 20)
         size = f.tell()
-      # http.client ends a read cut short by a closed connection quietly.
-      expected = response.headers.get('Content-Length')
+        # http.client ends a read cut short by a closed connection quietly.
+        expected = response.headers.get('Content-Length')
       if expected is not None and size != int(expected):
         raise ValueError(f'the transfer stopped at {size} of {expected} bytes')
+    with open(partial, 'rb') as f:
+      head = f.read(2)
+    # The published files are pickles (protocol 2+); a proxy's or portal's
+    # page is not.
+    if head[:1] != b'\x80' and head != b'PK':
+      raise ValueError(f'what came back is not a parameter file ({head!r}...)')
     os.replace(partial, path)
   # URLError and HTTPError are OSErrors; a connection closed early raises
   # http.client.IncompleteRead.
   except (OSError, ValueError, http.client.HTTPException) as e:
-    if os.path.exists(partial):
-      os.remove(partial)
     reason = getattr(e, 'reason', None) or e
     raise FileNotFoundError(
         f'Could not download {url} to {path} ({reason}); download it by'
         f' hand and give its path instead of {source!r}.'
     ) from None
+  finally:
+    # Whatever stopped it, Ctrl-C too, leaves no partial file behind.
+    if os.path.exists(partial):
+      os.remove(partial)
   return path
 
 

@@ -12,7 +12,7 @@ or a run of this project (its workdir, `checkpoints/` folder or one
 eval image size and crop. A run's EMA weights are used where
 it evaluated them (`eval.ema`), its trained weights otherwise (`--weights`
 picks); only those are read, not the optimizer state. A run's class names
-are those it trained with (its `classes.txt`).
+are those it trained with (its `classes.json`).
 
 Each image is prepared as the evaluation prepares its images (decoded,
 resized and centre-cropped to the eval size, normalised) and classified in
@@ -44,6 +44,10 @@ _PROG = 'python -m nfnets.predict'
 # The published files' names: F0_haiku.npz ... F6_haiku.npz.
 _PUBLISHED_NAME = re.compile(r'^F(\d)_haiku\.npz$', re.IGNORECASE)
 WEIGHTS = ('auto', 'ema', 'raw')
+_ONE_SET = (
+    '--weights={weights} applies to a run; a parameter file holds one set of'
+    ' weights.'
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +123,13 @@ def _names(
   note = ''
   if workdir is not None:
     path = epath.Path(workdir) / train.CLASS_NAMES_FILE
-    if path.exists():
-      names = tuple(path.read_text().splitlines())
-      if len(names) == num_classes:
-        return names, ''
+    names = train.read_class_names(workdir)
+    if names is not None and len(names) == num_classes:
+      return tuple(names), ''
+    if names is not None:
       note = f'{path} has {len(names)} names for {num_classes} classes; '
+    elif path.exists():
+      note = f'{path} is not a JSON list of names; '
     else:
       note = f'{path} is missing (a run from before it was written); '
   names = _dataset_names(data_cfg)
@@ -292,18 +298,18 @@ def load(
     raise ValueError(f'weights={weights!r} must be one of {WEIGHTS}.')
   if model is not None:
     models.info(model)  # An unknown name fails here, with close matches.
+  path = train.expand_home(path)
+  if weights != 'auto' and checkpoint.names_published(path):
+    raise ValueError(_ONE_SET.format(weights=weights))
   # 'F0' ... 'F6': the published weights, downloaded on first use.
-  path = checkpoint.published_file(train.expand_home(path))
+  path = checkpoint.published_file(path)
   run = train._run_checkpoint(path, '--checkpoint')  # pylint: disable=protected-access
   if run is not None:
     return _from_run(run[0], run[1], model, weights)
   if not epath.Path(path).exists():
     raise FileNotFoundError(f'--checkpoint={path}: no such file or folder.')
   if weights != 'auto':
-    raise ValueError(
-        f'--weights={weights} applies to a run; a parameter file holds one'
-        ' set of weights.'
-    )
+    raise ValueError(_ONE_SET.format(weights=weights))
   return _from_file(path, model)
 
 

@@ -979,8 +979,48 @@ def _check_batch(global_batch: int, what: str) -> None:
     )
 
 
-# The run's class names, one per line by label, beside its config.json.
-CLASS_NAMES_FILE = 'classes.txt'
+# The run's class names, a JSON list by label, beside its config.json.
+CLASS_NAMES_FILE = 'classes.json'
+
+
+def read_class_names(workdir: str) -> Optional[list[str]]:
+  """The class names a run trained with; None if it has no readable file."""
+  try:
+    names = json.loads((epath.Path(workdir) / CLASS_NAMES_FILE).read_text())
+  except (OSError, ValueError):
+    return None
+  if isinstance(names, list) and all(isinstance(n, str) for n in names):
+    return names
+  return None
+
+
+def _check_class_names(config, workdir, restored_step) -> list[str]:
+  """The dataset's class names, refused if they are not the resumed run's.
+
+  A class folder renamed, added or removed since the run started shifts the
+  labels of every class after it: resumed, the run would train and evaluate
+  on other labels than its checkpoint learnt, with nothing to show for it.
+  A new run (nothing restored) takes the names as they are.
+
+  Raises:
+    ValueError: the workdir's class names differ from the dataset's.
+  """
+  names = list(data.class_names(config.data))
+  saved = None if restored_step is None else read_class_names(workdir)
+  if saved is not None and saved != names:
+    first = next(
+        (i for i, (a, b) in enumerate(zip(saved, names)) if a != b),
+        min(len(saved), len(names)),
+    )
+    shown = lambda n: repr(n[first]) if first < len(n) else 'none'
+    raise ValueError(
+        f'data.name={config.data.name}: its classes are not those of the'
+        f' run in {workdir} ({CLASS_NAMES_FILE}: {len(saved)} classes,'
+        f' label {first} {shown(saved)}; the data now: {len(names)},'
+        f' label {first} {shown(names)}). Restore the data as the run had'
+        ' it, or start a new workdir.'
+    )
+  return names
 
 
 def _save_config(config, workdir):
@@ -988,12 +1028,15 @@ def _save_config(config, workdir):
   _replace_text(
       epath.Path(workdir) / 'config.json', config.to_json_best_effort(indent=2)
   )
-  # The names the labels had when it trained: an image folder renamed or
-  # moved later would name them otherwise (`nfnets.predict` reads them).
-  _replace_text(
-      epath.Path(workdir) / CLASS_NAMES_FILE,
-      ''.join(f'{name}\n' for name in data.class_names(config.data)),
-  )
+
+
+def _save_class_names(workdir, class_names, new_run: bool):
+  # The names the labels had when it trained (`nfnets.predict` reads them):
+  # a resumed run keeps its file (`_check_class_names` holds it to them),
+  # or writes it if it started before the file was.
+  path = epath.Path(workdir) / CLASS_NAMES_FILE
+  if new_run or not path.exists():
+    _replace_text(path, json.dumps(class_names, indent=0) + '\n')
 
 
 def _config_changes(workdir: str, config, limit: int = 3) -> str:
@@ -1332,6 +1375,8 @@ def train_and_evaluate(
       advice='Resume it with the config it was trained with, or give this'
       ' run another --workdir.',
   )
+  # Before anything is moved or written.
+  class_names = _check_class_names(config, workdir, restored_step)
   set_aside = _set_aside_unreadable(checkpointer, restored_step, is_chief)
   initialized = ''
   if restored_step is None and config.train.init_checkpoint:
@@ -1348,6 +1393,7 @@ def train_and_evaluate(
   # config.json as it was.
   if is_chief:
     _save_config(config, workdir)
+    _save_class_names(workdir, class_names, restored_step is None)
   start_step = int(state.step)
   logger = _Logger(
       workdir,

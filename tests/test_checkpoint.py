@@ -2,12 +2,16 @@
 
 import asyncio
 import functools
+import http.server
+import io
 import logging
 import os
-import http.server
+import pathlib
 import pickle
 import threading
+import time
 import tracemalloc
+import urllib.request
 
 import haiku as hk
 import jax
@@ -312,7 +316,18 @@ class _Server:
       def log_message(self, *args):  # quiet
         pass
 
-    self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+      def finish(self):
+        try:
+          super().finish()
+        except OSError:  # The client hung up: it was meant to, in tests.
+          pass
+
+    class Server(http.server.ThreadingHTTPServer):
+
+      def handle_error(self, request, client_address):
+        pass  # As above.
+
+    self.server = Server(('127.0.0.1', 0), Handler)
     self.url = f'http://127.0.0.1:{self.server.server_port}'
     threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -336,7 +351,9 @@ def test_published_names_download_once_into_the_cache(tmp_path, monkeypatch):
   try:
     path = checkpoint.published_file('f0', log=logs.append)
     assert path == str(tmp_path / 'cache' / 'F0_haiku.npz')
-    assert (served / 'F0_haiku.npz').read_bytes() == open(path, 'rb').read()
+    assert (served / 'F0_haiku.npz').read_bytes() == (
+        pathlib.Path(path).read_bytes()
+    )
     assert checkpoint.published_file('F0', log=logs.append) == path
     assert server.requests == ['/F0_haiku.npz'] and len(logs) == 1
     params = checkpoint.load_deepmind_params(path, 'nfnet_tiny')
@@ -346,6 +363,24 @@ def test_published_names_download_once_into_the_cache(tmp_path, monkeypatch):
       checkpoint.published_file('F1', log=logs.append)
     with pytest.raises(FileNotFoundError, match='F2_haiku.npz .*by hand'):
       checkpoint.published_file('F2', log=logs.append)
+    # A page of a proxy or portal, served whole in place of the file.
+    (served / 'F4_haiku.npz').write_text('<html>Sign in</html>')
+    with pytest.raises(FileNotFoundError, match='not a parameter file'):
+      checkpoint.published_file('F4', log=logs.append)
+
+    # Ctrl-C mid-transfer.
+    class Interrupted(io.BytesIO):
+
+      headers = {}
+
+      def read(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(
+        urllib.request, 'urlopen', lambda *a, **k: Interrupted()
+    )
+    with pytest.raises(KeyboardInterrupt):
+      checkpoint.published_file('F5', log=logs.append)
     assert os.listdir(tmp_path / 'cache') == ['F0_haiku.npz']
   finally:
     server.close()
@@ -354,3 +389,25 @@ def test_published_names_download_once_into_the_cache(tmp_path, monkeypatch):
   assert checkpoint.published_file('F3') == 'F3'
   assert checkpoint.published_file('F7') == 'F7'
   assert checkpoint.published_file('runs/F0') == 'runs/F0'
+
+
+def test_stale_partial_downloads_are_removed_and_live_ones_kept(
+    tmp_path, monkeypatch
+):
+  monkeypatch.setenv('NFNETS_JAX_CACHE', str(tmp_path))
+  monkeypatch.setattr(checkpoint, 'PUBLISHED_URL', 'http://127.0.0.1:9/{name}')
+  stale = tmp_path / 'F0_haiku.npz.x1.part'
+  live = tmp_path / 'F0_haiku.npz.x2.part'
+  stale.write_bytes(b'killed'), live.write_bytes(b'downloading')
+  two_hours_ago = time.time() - 7200
+  os.utime(stale, (two_hours_ago, two_hours_ago))
+  with pytest.raises(FileNotFoundError, match='Could not download'):
+    checkpoint.published_file('F0', log=lambda _: None)
+  assert sorted(os.listdir(tmp_path)) == [live.name]
+
+
+def test_an_unwritable_cache_is_named(tmp_path, monkeypatch):
+  (tmp_path / 'file').write_text('')
+  monkeypatch.setenv('NFNETS_JAX_CACHE', str(tmp_path / 'file'))
+  with pytest.raises(FileNotFoundError, match='set NFNETS_JAX_CACHE'):
+    checkpoint.published_file('F0', log=lambda _: None)

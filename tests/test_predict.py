@@ -14,10 +14,11 @@ from PIL import Image
 import pytest
 
 import tiny_config
+from nfnets import checkpoint
+from nfnets import data
 from nfnets import models
 from nfnets import predict
 from nfnets import train
-from nfnets import data
 from nfnets.data import augment
 from nfnets.data import device_augment
 from nfnets.data import folder
@@ -38,6 +39,16 @@ def _write(path, label, i):
 
 
 @functools.lru_cache(maxsize=1)
+def _folder_config(root):
+  config = tiny_config.get_config(4)
+  config.data.name = f'folder:{root}/data'
+  config.data.randaugment_layers = 0
+  config.train.batch_size = 8
+  config.eval.batch_size = 8
+  config.eval.ema = True
+  return config
+
+
 def _run(root):
   """A few steps on a 3-class image folder; (workdir, result, eval files)."""
   evals = []
@@ -53,14 +64,8 @@ def _run(root):
               name,
           )
       )
-  config = tiny_config.get_config(4)
-  config.data.name = f'folder:{root}/data'
-  config.data.randaugment_layers = 0
-  config.train.batch_size = 8
-  config.eval.batch_size = 8
-  config.eval.ema = True
   workdir = os.path.join(root, 'run')
-  result = train.train_and_evaluate(config, workdir)
+  result = train.train_and_evaluate(_folder_config(root), workdir)
   return workdir, result, tuple(evals)
 
 
@@ -131,13 +136,31 @@ def test_class_names_are_the_runs_own(run):
     assert predict.load(workdir).class_names == _CLASSES
   finally:
     os.rename(f'{root}/data/train/zebra', f'{root}/data/train/cat')
+  # Resumed on the renamed folder, the run would train and evaluate on
+  # shifted labels: refused, its files as they were.
+  files = {
+      n: open(os.path.join(workdir, n)).read()
+      for n in os.listdir(workdir)
+      if n.endswith('.json')
+  }
+  os.rename(f'{root}/data/train/cat', f'{root}/data/train/zebra')
+  folder._class_names.cache_clear()  # pylint: disable=protected-access
+  try:
+    with pytest.raises(
+        ValueError, match=r"label 0 'cat'; the data now: 3, label 0 'dog'"
+    ):
+      train.train_and_evaluate(_folder_config(root), workdir)
+  finally:
+    os.rename(f'{root}/data/train/zebra', f'{root}/data/train/cat')
+    folder._class_names.cache_clear()  # pylint: disable=protected-access
+  assert files == {n: open(os.path.join(workdir, n)).read() for n in files}
   # A run without the file (written since): the dataset's, with a note.
-  names = os.path.join(workdir, 'classes.txt')
+  names = os.path.join(workdir, 'classes.json')
   os.rename(names, names + '.away')
   try:
     classifier = predict.load(workdir)
     assert classifier.class_names == _CLASSES
-    assert 'classes.txt is missing' in classifier.note
+    assert 'classes.json is missing' in classifier.note
     assert 'as it is now' in classifier.note
     os.rename(f'{root}/data', f'{root}/moved')
     # This process listed the folder while training: forget it, as a new
@@ -276,6 +299,11 @@ def test_published_names_resolve_wherever_a_file_is_asked_for(
   monkeypatch.setenv('NFNETS_JAX_CACHE', str(tmp_path))
   with pytest.raises(ValueError, match=f'{cached} as nfnet_f0: NFNet/'):
     predict.load('F0')
+  # --weights does not apply to published weights: refused before any
+  # download (F1 is not cached; its URL would refuse the connection).
+  monkeypatch.setattr(checkpoint, 'PUBLISHED_URL', 'http://127.0.0.1:9/{name}')
+  with pytest.raises(ValueError, match='--weights=raw applies to a run'):
+    predict.load('F1', weights='raw')
   config = tiny_config.get_config(1)
   config.eval.checkpoint = 'f0'
   with pytest.raises(ValueError, match=f'{cached} as nf_resnet26: '):
