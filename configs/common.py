@@ -59,6 +59,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Stops earlier than num_epochs when set (for smoke runs); None: no cap.
   config.train.max_steps = unset(int)
   config.train.label_smoothing = 0.1
+  # Gradient accumulation: each device's share of a step's batch runs in
+  # this many parts, one after the other, and their gradients are averaged
+  # before AGC and the update. The same optimizer step over the whole
+  # global batch (batch_size, and AGC's lambda for it) with one part's
+  # activation memory: batch 4096 on fewer devices. BatchNorm baselines
+  # normalise each part alone.
+  # (A field added since runs were first saved: see nfnets.cli.ADDED_FIELDS.)
+  config.train.microbatches = 1
   # Forward/backward dtype; params, optimizer state and grads stay float32.
   config.train.compute_dtype = 'bfloat16'
   # float16's 5-bit exponent flushes small gradients to zero, so its loss is

@@ -185,6 +185,14 @@ def parse_flags(
   return remaining
 
 
+# Config fields added since runs were first saved, with the value that a run
+# saved without one trained under (each the field's default in
+# configs/common.py): `differing_fields` reads an older run's config.json as
+# if it held them, so that resuming it, or a sweep that finished it, does not
+# count them as changed.
+ADDED_FIELDS = {'train.microbatches': 1}
+
+
 def flat_items(
     tree: Mapping[str, Any], prefix: str = ''
 ) -> Iterator[tuple[str, Any]]:
@@ -203,14 +211,16 @@ def differing_fields(
 
   Args:
     old: a config as a nested dict (e.g. a workdir's config.json).
-    new: another.
+    new: another. On either side a field added to the project since
+      (`ADDED_FIELDS`) and missing counts as the value it stands for.
     missing: the value of a field one side lacks, for the comparison.
 
   Returns:
     `(keys, old_flat, new_flat)`: the differing keys, sorted, and both
     sides flattened for their values.
   """
-  old_flat, new_flat = dict(flat_items(old)), dict(flat_items(new))
+  old_flat = {**ADDED_FIELDS, **dict(flat_items(old))}
+  new_flat = {**ADDED_FIELDS, **dict(flat_items(new))}
   keys = sorted(
       k
       for k in old_flat.keys() | new_flat.keys()

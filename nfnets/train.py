@@ -198,6 +198,7 @@ def step_kwargs(
           if config.train.loss_scale == 'dynamic'
           else None
       ),
+      microbatches=config.train.microbatches,
   )
   unknown = sorted(set(overrides) - set(kwargs))
   if unknown:
@@ -382,6 +383,7 @@ def train_step(
     agc_exclude: Any,
     with_metrics: bool = True,
     loss_scale_period: Optional[int] = None,
+    microbatches: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on one device's share of the batch; run under pmap.
 
@@ -409,6 +411,12 @@ def train_step(
       moves, so the optimizer's own count, which the schedule reads, falls
       behind by one) and halves the scale; this many finite steps in a row
       double it. None: no scaling.
+    microbatches: this device's batch is split into this many parts, run
+      one after the other, whose gradients are averaged before the
+      all-reduce, AGC and the update: the same step over the whole batch
+      with one part's activation memory (gradient accumulation). Each part
+      draws its own dropout and stochastic depth, and a BatchNorm model
+      normalises each part alone and updates its averages once per part.
 
   Returns:
     `(new_state, metrics)`, metrics averaged over the devices.
@@ -431,27 +439,76 @@ def train_step(
   rng = jax.random.fold_in(
       jax.random.fold_in(state.rng, step), jax.lax.axis_index(AXIS_NAME)
   )
-  images = batch['images'].astype(compute_dtype)
+  inputs = {k: batch[k] for k in ('images', 'labels', 'labels2', 'mix_ratio')}
 
-  def loss_fn(params):
+  def loss_fn(params, model_state, rng, inputs):
     logits, model_state = forward.apply(
-        params, state.model_state, rng, images, is_training=True
+        params,
+        model_state,
+        rng,
+        inputs['images'].astype(compute_dtype),
+        is_training=True,
     )
     logits = logits.astype(jnp.float32)
-    ratio = batch['mix_ratio']
+    ratio = inputs['mix_ratio']
     losses = ratio * cross_entropy(
-        logits, batch['labels'], num_classes, label_smoothing
+        logits, inputs['labels'], num_classes, label_smoothing
     ) + (1.0 - ratio) * cross_entropy(
-        logits, batch['labels2'], num_classes, label_smoothing
+        logits, inputs['labels2'], num_classes, label_smoothing
     )
     loss = jnp.mean(losses)
     scaled = loss if scaler is None else scaler.scale(loss)
-    return scaled, (loss, logits, model_state)
+    correct = jnp.sum(jnp.argmax(logits, -1) == inputs['labels'])
+    return scaled, (loss, correct, model_state)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, (loss, logits, model_state)), grads = grad_fn(state.params)
-  # Float32 before the cross-device mean (params are float32 already).
-  grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
+  # Float32 before the sum over parts and the cross-device mean (params are
+  # float32 already).
+  to_f32 = lambda tree: jax.tree_util.tree_map(
+      lambda g: g.astype(jnp.float32), tree
+  )
+  if microbatches == 1:
+    (_, (loss, correct, model_state)), grads = grad_fn(
+        state.params, state.model_state, rng, inputs
+    )
+    grads = to_f32(grads)
+  else:
+    if batch['labels'].shape[0] % microbatches:
+      raise ValueError(
+          f'train_step: the per-device batch {batch["labels"].shape[0]} is'
+          f' not divisible by microbatches={microbatches}.'
+      )
+    parts = jax.tree_util.tree_map(
+        lambda x: x.reshape((microbatches, -1) + x.shape[1:]), inputs
+    )
+
+    def accumulate(carry, part):
+      grads_sum, loss_sum, correct_sum, model_state = carry
+      index, part_inputs = part
+      (_, (loss, correct, model_state)), grads = grad_fn(
+          state.params,
+          model_state,
+          jax.random.fold_in(rng, index),
+          part_inputs,
+      )
+      grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, to_f32(grads))
+      return (
+          grads_sum,
+          loss_sum + loss,
+          correct_sum + correct,
+          model_state,
+      ), None
+
+    zeros = jax.tree_util.tree_map(
+        lambda p: jnp.zeros(p.shape, jnp.float32), state.params
+    )
+    start = (zeros, jnp.float32(0), jnp.int32(0), state.model_state)
+    (grads, loss, correct, model_state), _ = jax.lax.scan(
+        accumulate, start, (jnp.arange(microbatches), parts)
+    )
+    # Equal parts: the mean of their means is the batch's mean.
+    grads = jax.tree_util.tree_map(lambda g: g / microbatches, grads)
+    loss = loss / microbatches
   if scaler is not None:
     grads = scaler.unscale(grads)
   grads = jax.lax.pmean(grads, AXIS_NAME)
@@ -511,7 +568,7 @@ def train_step(
       ),
   )
 
-  top1 = jnp.mean(jnp.argmax(logits, -1) == batch['labels'])
+  top1 = correct / batch['labels'].shape[0]
   metrics = dict(
       train_loss=loss,
       train_top1=jax.lax.pmean(top1, AXIS_NAME),
@@ -1023,6 +1080,26 @@ def _check_class_names(config, workdir, restored_step) -> list[str]:
   return names
 
 
+def _check_microbatches(global_batch: int, microbatches) -> None:
+  if (
+      isinstance(microbatches, bool)
+      or not isinstance(microbatches, int)
+      or microbatches < 1
+  ):
+    raise ValueError(
+        f'train.microbatches={microbatches!r} must be an int >= 1 (1: no'
+        ' gradient accumulation).'
+    )
+  per_device = global_batch // jax.device_count()
+  if per_device % microbatches:
+    raise ValueError(
+        f'train.microbatches={microbatches} does not divide the'
+        f' {per_device} images per device (train.batch_size={global_batch}'
+        f' over {jax.device_count()} devices); use a divisor of'
+        f' {per_device}.'
+    )
+
+
 def _save_config(config, workdir):
   # The file a resumed run compares its config with (`_config_changes`).
   _replace_text(
@@ -1313,6 +1390,7 @@ def _build(config: ml_collections.ConfigDict):
   """
   _check_batch(config.train.batch_size, 'train.batch_size')
   _check_batch(config.eval.batch_size, 'eval.batch_size')
+  _check_microbatches(config.train.batch_size, config.train.microbatches)
   config, num_classes = prepare(config)
   data.check_config(config.data)
   data.check_seed(config.seed)

@@ -1,6 +1,7 @@
 """The runner: data parallelism, resume, preemption, guards, evaluation."""
 
 import contextlib
+import copy
 import functools
 import glob
 import inspect
@@ -20,7 +21,9 @@ import jax
 import numpy as np
 import pytest
 
+from configs import common
 from nfnets import checkpoint
+from nfnets import cli
 from nfnets import optim
 from nfnets import resolve
 from nfnets import train
@@ -1295,3 +1298,78 @@ def test_a_write_cut_short_leaves_the_old_config_json(tmp_path, monkeypatch):
   with pytest.raises(OSError, match='No space'):
     train._save_config(config, str(tmp_path))
   assert (tmp_path / 'config.json').read_text() == before
+
+
+def _two_steps_of(config, per_device=4):
+  """The state and metrics after two pmapped `train_step`s of `config`."""
+  kwargs, state, num_classes = _step_setup(config)
+  n = jax.local_device_count()
+  rng = np.random.default_rng(0)
+  batch = {
+      'images': rng.standard_normal((n, per_device, 16, 16, 3), np.float32),
+      'labels': rng.integers(0, num_classes, (n, per_device), np.int32),
+      'labels2': rng.integers(0, num_classes, (n, per_device), np.int32),
+      'mix_ratio': rng.uniform(0.5, 1.0, (n, per_device)).astype(np.float32),
+  }
+  step = jax.pmap(
+      functools.partial(train.train_step, **kwargs), axis_name=train.AXIS_NAME
+  )
+  replicated = train.replicate(state)
+  for _ in range(2):
+    replicated, metrics = step(replicated, batch)
+  return train.unreplicate(replicated), train.unreplicate(metrics)
+
+
+def test_microbatches_take_the_same_step_over_the_whole_batch():
+  results = {}
+  for parts in (1, 2, 4):
+    config = tiny_config.get_config(3)
+    # No random draws, which each part makes for itself.
+    config.model.drop_rate = 0.0
+    config.model.stochdepth_rate = 0.0
+    config.optimizer.warmup_epochs = 0  # so that both steps move
+    config.train.batch_size = 4 * jax.device_count()
+    config.train.microbatches = parts
+    results[parts] = _two_steps_of(config)
+  whole, whole_metrics = results[1]
+  start = _step_setup(tiny_config.get_config(3))[1]
+  moved = _max_difference(whole.params, start.params)
+  assert moved > 1e-4
+  for parts in (2, 4):
+    state, metrics = results[parts]
+    assert int(state.step) == 2
+    # Sums in another order: float32 rounding apart, a thousandth of the
+    # distance the two steps moved the weights.
+    assert _max_difference(state.params, whole.params) < 1e-3 * moved
+    assert _max_difference(state.opt_state, whole.opt_state) < 1e-5
+    assert metrics['train_top1'] == whole_metrics['train_top1']
+    for key in ('train_loss', 'grad_norm', 'param_norm', 'update_norm'):
+      np.testing.assert_allclose(metrics[key], whole_metrics[key], rtol=1e-5)
+
+
+def test_microbatches_that_do_not_divide_the_device_batch_are_refused():
+  for parts, message in (
+      (3, r'microbatches=3 does not divide the 2 images per device'),
+      (0, r'microbatches=0 must be an int >= 1'),
+      (True, r'microbatches=True must be an int >= 1'),
+  ):
+    config = tiny_config.get_config(3)
+    config.train.batch_size = 2 * jax.device_count()
+    config.train.microbatches = parts
+    with pytest.raises(ValueError, match=message):
+      train.check_config(config)
+
+
+def test_fields_added_since_a_run_was_saved_count_as_their_old_value():
+  config = resolve.resolve(tiny_config.get_config(3))
+  new = json.loads(config.to_json_best_effort())
+  old = copy.deepcopy(new)
+  for key, value in cli.ADDED_FIELDS.items():
+    section, name = key.split('.')
+    # Each is the default in configs/common.py: a run saved before it
+    # existed trained as that value does.
+    assert common.get_config()[section][name] == value
+    del old[section][name]
+  assert cli.differing_fields(old, new)[0] == []
+  new['train']['microbatches'] = 2
+  assert cli.differing_fields(old, new)[0] == ['train.microbatches']
