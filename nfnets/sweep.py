@@ -396,6 +396,10 @@ def check_done_runs(runs: Sequence[Run], limit: int = 3) -> None:
     keys, there, here = cli.differing_fields(
         saved_tree, json.loads(_config_text(run.config)), missing='unset'
     )
+    if saved_tree and not keys:
+      # The same values written otherwise, or saved before a field was
+      # added (`cli.ADDED_FIELDS`): the run is this config's.
+      continue
     changed = [
         f'{key}: {there.get(key, "unset")!r} there, {here.get(key, "unset")!r}'
         ' here'

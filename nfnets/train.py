@@ -412,8 +412,9 @@ def train_step(
       behind by one) and halves the scale; this many finite steps in a row
       double it. None: no scaling.
     microbatches: this device's batch is split into this many parts, run
-      one after the other, whose gradients are averaged before the
-      all-reduce, AGC and the update: the same step over the whole batch
+      one after the other, whose gradients (of each part's share of the
+      batch's mean loss) are summed before the all-reduce, AGC and the
+      update: the same step over the whole batch
       with one part's activation memory (gradient accumulation). Each part
       draws its own dropout and stochastic depth, and a BatchNorm model
       normalises each part alone and updates its averages once per part.
@@ -457,7 +458,11 @@ def train_step(
         logits, inputs['labels2'], num_classes, label_smoothing
     )
     loss = jnp.mean(losses)
-    scaled = loss if scaler is None else scaler.scale(loss)
+    # A part's share of the batch's mean, before the loss scale: its
+    # gradients are the size the whole batch's would be, so that a float16
+    # scale overflows no sooner than without parts.
+    share = loss / microbatches if microbatches > 1 else loss
+    scaled = share if scaler is None else scaler.scale(share)
     correct = jnp.sum(jnp.argmax(logits, -1) == inputs['labels'])
     return scaled, (loss, correct, model_state)
 
@@ -506,8 +511,7 @@ def train_step(
     (grads, loss, correct, model_state), _ = jax.lax.scan(
         accumulate, start, (jnp.arange(microbatches), parts)
     )
-    # Equal parts: the mean of their means is the batch's mean.
-    grads = jax.tree_util.tree_map(lambda g: g / microbatches, grads)
+    # Equal parts: the sum of their shares is the batch's mean.
     loss = loss / microbatches
   if scaler is not None:
     grads = scaler.unscale(grads)

@@ -680,3 +680,23 @@ def test_a_preempted_run_stops_the_sweep_unfinished(base_config, tmp_path):
   sweep.run_sweep(base_config, grid, tmp_path, train_fn=preempted_once)
   assert calls[1:] == [str(tmp_path / 'lr=0.1'), str(tmp_path / 'lr=0.3')]
   assert (tmp_path / 'lr=0.1' / 'DONE').exists()
+
+
+def test_runs_finished_before_a_field_was_added_are_still_done(
+    config_path, tmp_path
+):
+  grid = sweep.load_sweep(config_path, 'tiny')
+  before = runpy.run_path(config_path)['get_config']()  # no microbatches
+  before.lock()
+  sweep.run_sweep(before, grid, tmp_path, train_fn=FakeTrainer())
+  for parts, done in ((1, True), (2, False)):
+    after = runpy.run_path(config_path)['get_config']()
+    after.train.microbatches = parts  # a field added since (cli.ADDED_FIELDS)
+    after.lock()
+    idle = FakeTrainer()
+    if done:  # what the runs trained under: the same config
+      sweep.run_sweep(after, grid, tmp_path, train_fn=idle)
+    else:
+      with pytest.raises(ValueError, match='train.microbatches: 1 there, 2'):
+        sweep.run_sweep(after, grid, tmp_path, train_fn=idle)
+    assert idle.calls == []

@@ -1347,6 +1347,28 @@ def test_microbatches_take_the_same_step_over_the_whole_batch():
       np.testing.assert_allclose(metrics[key], whole_metrics[key], rtol=1e-5)
 
 
+def test_microbatches_keep_a_float16_loss_scale_as_the_whole_batch_does():
+  # Each part's loss is its share of the batch's mean: its float16
+  # gradients overflow at the same scale as the whole batch's, so no part
+  # count skips a step that one batch takes (2**15 skipped with 2 and 4).
+  scales, params = {}, {}
+  for parts in (1, 2, 4):
+    config = tiny_config.get_config(3)
+    config.model.drop_rate = 0.0
+    config.model.stochdepth_rate = 0.0
+    config.optimizer.warmup_epochs = 0
+    config.train.compute_dtype = 'float16'
+    config.train.loss_scale_init = 2.0**15
+    config.train.batch_size = 4 * jax.device_count()
+    config.train.microbatches = parts
+    state, _ = _two_steps_of(config)
+    scales[parts] = float(state.loss_scale['scale'])
+    params[parts] = state.params
+  assert scales == {1: 2.0**15, 2: 2.0**15, 4: 2.0**15}
+  for parts in (2, 4):
+    assert _max_difference(params[parts], params[1]) < 2e-3
+
+
 def test_microbatches_that_do_not_divide_the_device_batch_are_refused():
   for parts, message in (
       (3, r'microbatches=3 does not divide the 2 images per device'),
