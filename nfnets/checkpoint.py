@@ -302,8 +302,18 @@ def load_deepmind_params(
       message names the first one and both shapes), or the file is corrupt.
   """
   expected = expected_param_shapes(model_name, num_classes, **overrides)
-  params = read_params_file(path)
-  check_params(params, expected, where=f'{path} as {model_name}')
+  return checked_params(
+      read_params_file(path), expected, where=f'{path} as {model_name}'
+  )
+
+
+def checked_params(
+    params: Mapping[str, Mapping[str, Any]],
+    expected: Mapping[str, Mapping[str, tuple]],
+    where: str,
+) -> dict[str, dict[str, np.ndarray]]:
+  """`params` as float32 numpy, once `check_params` has found them whole."""
+  check_params(params, expected, where=where)
   return {
       m: {p: np.asarray(v, dtype=np.float32) for p, v in d.items()}
       for m, d in params.items()

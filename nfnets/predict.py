@@ -157,15 +157,15 @@ def _from_file(path: str, model: Optional[str]) -> Classifier:
       )
     model = f'nfnet_f{match.group(1)}'
   info = models.info(model)
-  # Read once (F6's: 1.75 GB), then checked as load_deepmind_params does.
+  # Read once (F6's: 1.75 GB), then checked as load_deepmind_params does,
+  # for the classes its classifier has.
   params = checkpoint.read_params_file(path)
   num_classes = _num_classes(model, params, {}, path)
-  checkpoint.check_params(
+  params = checkpoint.checked_params(
       params,
       checkpoint.expected_param_shapes(model, num_classes),
       where=f'{path} as {model}',
   )
-  params = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), params)
   model_state = _initial_state(model, num_classes)
   if jax.tree_util.tree_leaves(model_state):
     raise ValueError(

@@ -1022,13 +1022,13 @@ def _count(number: int, noun: str) -> str:
   return f'{number} {noun}{"" if number == 1 else "s"}'
 
 
+def _is_positive_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _check_batch(global_batch: int, what: str) -> None:
   devices = jax.device_count()
-  if (
-      isinstance(global_batch, bool)
-      or not isinstance(global_batch, int)
-      or global_batch < 1
-  ):
+  if not _is_positive_int(global_batch):
     raise ValueError(
         f'{what}={global_batch!r} must be a positive int, a multiple of the'
         f' device count {devices}.'
@@ -1085,11 +1085,7 @@ def _check_class_names(config, workdir, restored_step) -> list[str]:
 
 
 def _check_microbatches(global_batch: int, microbatches) -> None:
-  if (
-      isinstance(microbatches, bool)
-      or not isinstance(microbatches, int)
-      or microbatches < 1
-  ):
+  if not _is_positive_int(microbatches):
     raise ValueError(
         f'train.microbatches={microbatches!r} must be an int >= 1 (1: no'
         ' gradient accumulation).'
