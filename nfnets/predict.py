@@ -37,7 +37,9 @@ import ml_collections
 import numpy as np
 
 from nfnets import checkpoint
+from nfnets import data
 from nfnets import models
+from nfnets import train
 from nfnets.data import device_augment
 
 _PROG = 'python -m nfnets.predict'
@@ -99,8 +101,6 @@ def _num_classes(model: str, params, overrides, where: str) -> int:
 
 def _dataset_names(data_cfg: dict) -> tuple[str, ...]:
   """The dataset's class names as they are now; () if it cannot say."""
-  from nfnets import data  # pylint: disable=g-import-not-at-top
-
   tries = [data_cfg]
   if data_cfg.get('data_dir'):
     # TFDS knows a catalogued dataset's names without its data (a bucket
@@ -118,8 +118,6 @@ def _names(
     workdir: Optional[str], data_cfg: dict, num_classes: int
 ) -> tuple[tuple[str, ...], str]:
   """`(names, note)`: the run's names, else the dataset's, else numbers."""
-  from nfnets import train  # pylint: disable=g-import-not-at-top
-
   note = ''
   if workdir is not None:
     path = epath.Path(workdir) / train.CLASS_NAMES_FILE
@@ -292,8 +290,6 @@ def load(
       checkpoint or config.json.
     ValueError: an unknown model, or weights of another model.
   """
-  from nfnets import train  # pylint: disable=g-import-not-at-top
-
   if weights not in WEIGHTS:
     raise ValueError(f'weights={weights!r} must be one of {WEIGHTS}.')
   if model is not None:
@@ -313,15 +309,9 @@ def load(
   return _from_file(path, model)
 
 
-def _expanded(path: str) -> str:
-  from nfnets import train  # pylint: disable=g-import-not-at-top
-
-  return train.expand_home(path)
-
-
 def check_image_path(path: str) -> None:
   """Raises FileNotFoundError unless `path` (`~` expanded) is a file."""
-  found = epath.Path(_expanded(path))
+  found = epath.Path(train.expand_home(path))
   if found.is_dir():
     raise FileNotFoundError(f'{path} is a folder, not an image file.')
   if not found.is_file():
@@ -340,7 +330,7 @@ def read_image(path: str, image_size: int, eval_resize: str) -> np.ndarray:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   check_image_path(path)
-  encoded = epath.Path(_expanded(path)).read_bytes()
+  encoded = epath.Path(train.expand_home(path)).read_bytes()
   try:
     image = augment.eval_image(tf.constant(encoded), image_size, eval_resize)
   except tf.errors.InvalidArgumentError:
