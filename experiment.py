@@ -36,8 +36,9 @@ _MODE = flags.DEFINE_enum(
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address',
     None,
-    'host:port of process 0, for multi-process runs outside TPU pods (where '
-    'JAX finds its peers by itself).',
+    'host:port of process 0 for a multi-process run, with --num_processes '
+    'and --process_id; or auto: JAX finds the cluster (Cloud TPU pods, '
+    'SLURM, Open MPI, Kubernetes), as launch_tpu.sh asks.',
 )
 _NUM_PROCESSES = flags.DEFINE_integer(
     'num_processes', None, 'Processes in a multi-process run.'
@@ -52,19 +53,58 @@ flags.mark_flags_as_required(['config', 'workdir'])
     ['coordinator_address', 'num_processes', 'process_id']
 )
 def _check_processes(values) -> bool:
-  """Multi-process flags: all three or none, and a process id in range."""
+  """Multi-process flags: all three or none, and a process id in range.
+
+  With --coordinator_address=auto the cluster gives the other two; given,
+  they override it (both together).
+  """
   given = [name for name, value in values.items() if value is not None]
-  if given and len(given) < 3:
+  needed = 1 if values['coordinator_address'] == 'auto' else 3
+  if (given and len(given) < needed) or len(given) == 2:
     raise flags.ValidationError(
         '--coordinator_address, --num_processes and --process_id go '
         f'together; only {", ".join("--" + n for n in sorted(given))} given.'
     )
-  if given and not 0 <= values['process_id'] < values['num_processes']:
+  if (
+      len(given) == 3
+      and not 0 <= values['process_id'] < values['num_processes']
+  ):
     raise flags.ValidationError(
         f'--process_id={values["process_id"]} must be in [0, '
         f'--num_processes={values["num_processes"]}).'
     )
   return True
+
+
+def _initialize_processes(jax) -> None:
+  """Joins the other processes of the run (jax.distributed), if asked.
+
+  Besides the collectives, this starts JAX's preemption service, which the
+  training loop needs on several processes: it makes every process stop at
+  the same step when any of them is signalled.
+
+  Raises:
+    ValueError: `auto` found no cluster, or JAX refused the flags.
+  """
+  address = _COORDINATOR.value
+  if not address:
+    return
+  try:
+    jax.distributed.initialize(
+        coordinator_address=None if address == 'auto' else address,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
+  except ValueError as e:
+    where = (
+        'found no cluster (Cloud TPU, SLURM, Open MPI, Kubernetes)'
+        if address == 'auto'
+        else 'was refused'
+    )
+    raise ValueError(
+        f'--coordinator_address={address} {where}: {e} Give host:port of'
+        ' process 0 with --num_processes and --process_id.'
+    ) from None
 
 
 def _print_summary(result, workdir):
@@ -102,12 +142,12 @@ def main(argv):
   cli.quiet_library_logs()
   import jax  # pylint: disable=g-import-not-at-top
 
-  if _COORDINATOR.value:
-    jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
-    )
+  try:
+    # Before anything asks JAX for its devices.
+    _initialize_processes(jax)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   from nfnets import train  # pylint: disable=g-import-not-at-top
 
   try:

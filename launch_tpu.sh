@@ -27,15 +27,18 @@ Commands:
   create   Create the TPU VM:  gcloud compute tpus tpu-vm create.
   run      Copy this working tree to every worker, install jax[tpu] and
            requirements.txt there, then start
-             python3 experiment.py --config=CONFIG --workdir=WORKDIR [FLAGS]
+             python3 experiment.py --config=CONFIG --workdir=WORKDIR \\
+                 --coordinator_address=auto [FLAGS]
            on all workers in the background (nohup; each worker logs to
-           ~/${REMOTE_LOG}). The trainer resumes from the newest checkpoint
-           in WORKDIR. After a preemption, 'delete' and 'create' the VM
-           again (Spot and preemptible VMs cannot be restarted), then the
-           same 'run' command resumes the job.
+           ~/${REMOTE_LOG}); 'auto' joins the workers into one run. The
+           trainer resumes from the newest checkpoint in WORKDIR. After a
+           preemption, 'delete' and 'create' the VM again (Spot and
+           preemptible VMs cannot be restarted), then the same 'run'
+           command resumes the job.
   status   Describe the TPU VM (state, health, workers' addresses).
   logs     Print the last ${LOG_LINES} lines of every worker's log.
-  stop     Stop the job on every worker; the TPU VM keeps running.
+  stop     Stop the job on every worker (SIGTERM: the workers agree on a
+           step, save it and exit); the TPU VM keeps running.
   delete   Delete the TPU VM (no prompt).
 
 Options (--opt VALUE and --opt=VALUE both work):
@@ -340,10 +343,20 @@ EOF
   run_cmd "${tpu_vm[@]}" ssh "${name}" "${common[@]}" --worker=all \
     "--command=${setup}"
 
+  # The workers join one run through jax.distributed (JAX finds the pod's
+  # hosts), whose preemption service makes them all stop at the same step on
+  # SIGTERM ('stop', a preemption); without it they would hang. Flags after
+  # '--' may name another coordinator.
+  local processes=(--coordinator_address=auto)
+  local flag
+  for flag in ${passthrough[@]+"${passthrough[@]}"}; do
+    [[ "${flag}" != --coordinator_address* ]] || processes=()
+  done
   local experiment
   # ${a[@]+"${a[@]}"}: an empty array trips `set -u` in bash 3 (macOS).
   printf -v experiment '%q ' python3 experiment.py "--config=${config}" \
-    "--workdir=${workdir}" ${passthrough[@]+"${passthrough[@]}"}
+    "--workdir=${workdir}" ${processes[@]+"${processes[@]}"} \
+    ${passthrough[@]+"${passthrough[@]}"}
   # stdin, stdout and stderr all redirected: ssh returns at once and the job
   # outlives the session.
   local launch

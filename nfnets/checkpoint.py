@@ -463,6 +463,25 @@ def _reshaped(path: str, saved: dict, wanted: dict) -> str:
   )
 
 
+def _manager_class(ocp):
+  """Orbax's CheckpointManager, leaving JAX's preemption service alone.
+
+  Orbax asks the service about each step it saves, only to log it, and from
+  a thread of its own. The training loop asks it once a step and relies on
+  the service seeing its count alone (`train._Preemption`): a call with
+  another number in between can make a process miss the step every process
+  agreed to stop at, and the job hangs.
+  """
+
+  class Manager(ocp.CheckpointManager):
+
+    def reached_preemption(self, step: int) -> bool:
+      del step
+      return False
+
+  return Manager
+
+
 class TrainCheckpointer:
   """Orbax checkpoints of the training state in `<workdir>/checkpoints`.
 
@@ -491,7 +510,7 @@ class TrainCheckpointer:
     self.directory = os.path.join(workdir, 'checkpoints')
     # The steps the last `restore_latest` could not read.
     self.unreadable: list[int] = []
-    self._manager = ocp.CheckpointManager(
+    self._manager = _manager_class(ocp)(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         # Named so that `item_metadata` can read a step's shapes unrestored.

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import functools
 import inspect
+import itertools
 import json
 import math
 import os
@@ -962,15 +963,65 @@ def _format_seconds(seconds: float) -> str:
   return f'{seconds // 60}m{seconds % 60:02d}s'
 
 
+# Calls this process made to JAX's preemption service, over all its runs (a
+# sweep trains several in one process): every process makes the same calls,
+# so the counts name the same moment on each.
+_preemption_calls = itertools.count()
+
+
+def _distributed_initialized() -> bool:
+  is_initialized = getattr(jax.distributed, 'is_initialized', None)
+  if is_initialized is not None:
+    return is_initialized()
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+  return distributed.global_state.client is not None  # older JAX
+
+
 class _Preemption:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+  """SIGTERM/SIGINT: the loop saves its step and exits; checked every step.
+
+  One process: a Python handler sets a flag that `reached` reads. Several:
+  every process must stop at the same step, or one waits in the
+  checkpoint's barrier while the others wait in the next step's all-reduce,
+  and the job hangs (signals reach the hosts at different steps, as with
+  `launch_tpu.sh stop`). There JAX's preemption service (jax.distributed)
+  agrees on the step: its own handler catches SIGTERM on any process, and
+  `reached` turns true on all of them at the same call. Ctrl-C is passed on
+  to it as SIGTERM.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = {}
+    self._shared = jax.process_count() > 1
+    if not self._shared:
+      return
+    if not _distributed_initialized():
+      raise ValueError(
+          f'This run has {jax.process_count()} processes but'
+          ' jax.distributed is not initialized, so a preemption of one host'
+          ' would hang the others: start experiment.py with'
+          ' --coordinator_address=auto (a Cloud TPU pod, SLURM, Open MPI) or'
+          ' host:port with --num_processes and --process_id, or call'
+          ' jax.distributed.initialize() first.'
+      )
+    if not getattr(jax.config, 'jax_enable_preemption_service', True):
+      raise ValueError(
+          "This run has several processes and JAX's preemption service is"
+          ' off, so a preemption of one host would hang the others: set'
+          ' jax_enable_preemption_service to True.'
+      )
+    # Tells the service where this process stands: a notice from now on
+    # (restoring, compiling) stops every process after the first step.
+    self.reached()
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # Several processes: SIGTERM stays with JAX's handler.
+    signals = (
+        (signal.SIGINT,) if self._shared else (signal.SIGTERM, signal.SIGINT)
+    )
+    for sig in signals:
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: leave signals alone
@@ -979,11 +1030,26 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del frame
+    if self._shared:
+      print(
+          f'Received signal {signum}: passing it on to every process.',
+          flush=True,
+      )
+      os.kill(os.getpid(), signal.SIGTERM)
+      return
     self.requested = True
     print(
         f'Received signal {signum}: saving a checkpoint and exiting.',
         flush=True,
     )
+
+  def reached(self) -> bool:
+    """Whether to save and stop now; called once a step by every process."""
+    if self._shared:
+      return multihost_utils.reached_preemption_sync_point(
+          next(_preemption_calls)
+      )
+    return self.requested
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -1432,6 +1498,9 @@ def train_and_evaluate(
       another bad config value (named in the message).
   """
   start_time = time.time()
+  # First: on several processes it checks that they can agree on when to
+  # stop, and it starts listening.
+  preemption = _Preemption()
   workdir = check_workdir(workdir)
   config, num_classes, forward, optimizer, lr_fn = _build(config)
   is_chief = jax.process_index() == 0
@@ -1592,7 +1661,7 @@ def train_and_evaluate(
   window_start, window_step = time.time(), step
   eval_every = config.steps.eval_every
   try:
-    with _Preemption() as preemption:
+    with preemption:
       while step < total:
         batch = next(train_ds)
         if augment_on_device is not None:
@@ -1627,10 +1696,16 @@ def train_and_evaluate(
           last_eval = run_eval(replicated, step)
         if step % config.train.checkpoint_every_steps == 0 and step < total:
           save(replicated, step)
-        if preemption.requested:
+        if preemption.reached():
           save(replicated, step, wait=True)
           preempted = True
           logger.print(f'Saved step {step}; exiting so the job can resume.')
+          if not is_chief:  # whose log says nothing else
+            print(
+                f'Process {jax.process_index()}: saved step {step} with the'
+                ' others; exiting.',
+                flush=True,
+            )
           break
     if not preempted:
       check_finite(replicated)

@@ -304,10 +304,21 @@ def test_run_launch_command_starts_experiment_with_exact_args(
   assert json.loads(argv_file.read_text()) == [
       "--config=configs/nfnet.py:F0",
       "--workdir=gs://bucket/nfnet_f0",
+      # One run over the pod's hosts, with JAX's preemption service.
+      "--coordinator_address=auto",
       *PASSTHROUGH,
   ]
   assert (home / "nfnets-jax.pid").read_text().strip().isdigit()
   assert "starts:" in (home / "nfnets-jax.log").read_text()
+
+
+def test_run_leaves_a_given_coordinator_to_the_user(repo, gcloud_dir):
+  given = ["--coordinator_address=10.0.0.2:1234", "--num_processes=2"]
+  result = _launch(repo, gcloud_dir, *RUN_ARGS[:-1], *given, "--process_id=0")
+  assert result.returncode == 0, result.stderr
+  launch_cmd = _option(_calls(gcloud_dir)[-1], "command")
+  assert "--coordinator_address=10.0.0.2:1234" in launch_cmd
+  assert "auto" not in launch_cmd
 
 
 def test_run_packs_working_tree_without_venv_or_workdirs(repo, gcloud_dir):

@@ -609,21 +609,18 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one_with_all_devices(tmp_path):
-  single = str(tmp_path / 'single')
-  result = _run(single, 5)
-  assert result.returncode == 0, result.stderr[-3000:]
-  multi = str(tmp_path / 'multi')
+def _start_processes(workdir, steps, count=2):
+  """Launches one run as `count` processes of 8 / `count` devices each."""
   port = _free_port()
   procs = []
-  for rank in range(2):
+  for rank in range(count):
     cmd, env = _cli(
-        multi,
-        5,
+        workdir,
+        steps,
         f'--coordinator_address=127.0.0.1:{port}',
-        '--num_processes=2',
+        f'--num_processes={count}',
         f'--process_id={rank}',
-        devices=4,
+        devices=8 // count,
     )
     procs.append(
         subprocess.Popen(
@@ -635,9 +632,31 @@ def test_two_processes_train_like_one_with_all_devices(tmp_path):
             text=True,
         )
     )
-  for proc in procs:
-    out, err = proc.communicate(timeout=600)
+  return procs
+
+
+def _finish(procs, timeout=600):
+  """Each process's (stdout, stderr), once all exited 0; kills hung ones."""
+  outs = []
+  try:
+    for proc in procs:
+      outs.append(proc.communicate(timeout=timeout))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+  for proc, (_, err) in zip(procs, outs):
     assert proc.returncode == 0, err[-3000:]
+  return outs
+
+
+def test_two_processes_train_like_one_with_all_devices(tmp_path):
+  single = str(tmp_path / 'single')
+  result = _run(single, 5)
+  assert result.returncode == 0, result.stderr[-3000:]
+  multi = str(tmp_path / 'multi')
+  _finish(_start_processes(multi, 5))
   _, params_1 = _final_params(single)
   step, params_2 = _final_params(multi)
   assert step == 5
@@ -645,6 +664,70 @@ def test_two_processes_train_like_one_with_all_devices(tmp_path):
     np.testing.assert_allclose(
         params_1[key], params_2[key], rtol=1e-5, atol=1e-6, err_msg=key
     )
+
+
+def _signal_one_process(workdir, signum, rank):
+  """Signals process `rank` of a 2-process run at step 15; (stopped, outs)."""
+  procs = _start_processes(workdir, 40)
+  _wait_for_step(workdir, 15, procs[0])
+  procs[rank].send_signal(signum)
+  # Before the fix the processes stopped at their own steps and waited for
+  # each other forever (one in the checkpoint's barrier, one in the step's
+  # all-reduce): the timeout fails the test.
+  outs = _finish(procs, timeout=180)
+  (stopped,) = re.findall(r'Preempted at step (\d+)', outs[0][0])
+  stopped = int(stopped)
+  assert 15 <= stopped < 40
+  assert f'Process 1: saved step {stopped} with the others' in outs[1][0]
+  assert _saved_steps(workdir)[-1] == stopped
+  return stopped, outs
+
+
+def test_sigterm_to_one_process_stops_all_at_one_step_then_resumes(tmp_path):
+  workdir = str(tmp_path)
+  stopped, _ = _signal_one_process(workdir, signal.SIGTERM, rank=1)
+  (out, _), _ = _finish(_start_processes(workdir, 40))
+  assert f'Resumed from the checkpoint of step {stopped}' in out
+  records = _metrics(workdir)
+  steps = [r['step'] for r in records if 'train_loss' in r]
+  assert steps == list(range(1, 41))  # continuous, no duplicates
+  assert records[-1]['step'] == 40 and records[-1]['eval_count'] == 360
+
+
+def test_ctrl_c_on_one_process_stops_all_at_one_step(tmp_path):
+  _, ((out, _), _) = _signal_one_process(str(tmp_path), signal.SIGINT, rank=0)
+  assert 'Received signal 2: passing it on to every process.' in out
+
+
+def test_coordinator_auto_outside_a_cluster_is_a_one_line_error(tmp_path):
+  cmd, env = _cli(str(tmp_path / 'run'), 2, '--coordinator_address=auto')
+  # No cluster for JAX to find, whatever machine runs the tests.
+  cluster = ('SLURM_', 'OMPI_', 'KUBERNETES_', 'TPU_', 'MEGASCALE_')
+  env = {k: v for k, v in env.items() if not k.startswith(cluster)}
+  result = subprocess.run(
+      cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+  )
+  assert result.returncode == 1
+  (line,) = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert '--coordinator_address=auto found no cluster' in line
+  assert not (tmp_path / 'run').exists()
+
+
+def test_coordinator_auto_takes_both_process_flags_or_neither(tmp_path):
+  result = _run(
+      str(tmp_path), 2, '--coordinator_address=auto', '--num_processes=2'
+  )
+  assert result.returncode != 0
+  assert 'go together' in result.stderr and 'process_id' in result.stderr
+
+
+def test_several_processes_without_jax_distributed_are_refused(monkeypatch):
+  # Nothing could make them stop at one step on a preemption.
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(ValueError, match='--coordinator_address=auto') as e:
+    train.train_and_evaluate(tiny_config.get_config(2), '/nonexistent/run')
+  assert 'jax.distributed is not initialized' in str(e.value)
+  assert '\n' not in str(e.value)
 
 
 def _uint8_batch(seed, devices=8, per_device=4, size=16):
