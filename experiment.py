@@ -33,78 +33,9 @@ _MODE = flags.DEFINE_enum(
     'train (evaluating periodically and at the end; train_eval is the same), '
     "or eval: the workdir's latest checkpoint or --config.eval.checkpoint.",
 )
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address',
-    None,
-    'host:port of process 0 for a multi-process run, with --num_processes '
-    'and --process_id; or auto: JAX finds the cluster (Cloud TPU pods, '
-    'SLURM, Open MPI, Kubernetes), as launch_tpu.sh asks.',
-)
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', None, 'Processes in a multi-process run.'
-)
-_PROCESS_ID = flags.DEFINE_integer(
-    'process_id', None, 'This process, in [0, num_processes).'
-)
+cli.define_process_flags()
+flags.adopt_module_key_flags(cli)  # listed by --helpshort too
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-@flags.multi_flags_validator(
-    ['coordinator_address', 'num_processes', 'process_id']
-)
-def _check_processes(values) -> bool:
-  """Multi-process flags: all three or none, and a process id in range.
-
-  With --coordinator_address=auto the cluster gives the other two; given,
-  they override it (both together).
-  """
-  given = [name for name, value in values.items() if value is not None]
-  needed = 1 if values['coordinator_address'] == 'auto' else 3
-  if (given and len(given) < needed) or len(given) == 2:
-    raise flags.ValidationError(
-        '--coordinator_address, --num_processes and --process_id go '
-        f'together; only {", ".join("--" + n for n in sorted(given))} given.'
-    )
-  if (
-      len(given) == 3
-      and not 0 <= values['process_id'] < values['num_processes']
-  ):
-    raise flags.ValidationError(
-        f'--process_id={values["process_id"]} must be in [0, '
-        f'--num_processes={values["num_processes"]}).'
-    )
-  return True
-
-
-def _initialize_processes(jax) -> None:
-  """Joins the other processes of the run (jax.distributed), if asked.
-
-  Besides the collectives, this starts JAX's preemption service, which the
-  training loop needs on several processes: it makes every process stop at
-  the same step when any of them is signalled.
-
-  Raises:
-    ValueError: `auto` found no cluster, or JAX refused the flags.
-  """
-  address = _COORDINATOR.value
-  if not address:
-    return
-  try:
-    jax.distributed.initialize(
-        coordinator_address=None if address == 'auto' else address,
-        num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
-    )
-  except ValueError as e:
-    where = (
-        'found no cluster (Cloud TPU, SLURM, Open MPI, Kubernetes)'
-        if address == 'auto'
-        else 'was refused'
-    )
-    raise ValueError(
-        f'--coordinator_address={address} {where}: {e} Give host:port of'
-        ' process 0 with --num_processes and --process_id.'
-    ) from None
 
 
 def _print_summary(result, workdir):
@@ -144,7 +75,7 @@ def main(argv):
 
   try:
     # Before anything asks JAX for its devices.
-    _initialize_processes(jax)
+    cli.initialize_processes()
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -1,5 +1,8 @@
 """Command-line parsing shared by `experiment.py` and `nfnets.sweep`.
 
+Both take the same multi-process flags (`define_process_flags`,
+`initialize_processes`).
+
 absl reports a mistyped override (`--config.train.batchsize=8`) with the
 traceback of the config library that found it, and a config file that fails
 to load with the traceback of the file. `parse_flags` turns every mistake in
@@ -26,6 +29,84 @@ def quiet_library_logs() -> None:
   """
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+
+
+def define_process_flags() -> None:
+  """Defines --coordinator_address, --num_processes and --process_id."""
+  flags.DEFINE_string(
+      'coordinator_address',
+      None,
+      'host:port of process 0 for a multi-process run, with --num_processes'
+      ' and --process_id; or auto: JAX finds the cluster (Cloud TPU pods,'
+      ' SLURM, Open MPI, Kubernetes), as launch_tpu.sh asks.',
+  )
+  flags.DEFINE_integer(
+      'num_processes', None, 'Processes in a multi-process run.'
+  )
+  flags.DEFINE_integer(
+      'process_id', None, 'This process, in [0, num_processes).'
+  )
+  flags.register_multi_flags_validator(
+      ['coordinator_address', 'num_processes', 'process_id'],
+      _check_processes,
+  )
+
+
+def _check_processes(values: Mapping[str, Any]) -> bool:
+  """All three flags or none, and a process id in range.
+
+  With --coordinator_address=auto the cluster gives the other two; given,
+  they override it (both together).
+  """
+  given = [name for name, value in values.items() if value is not None]
+  needed = 1 if values['coordinator_address'] == 'auto' else 3
+  if (given and len(given) < needed) or len(given) == 2:
+    raise flags.ValidationError(
+        '--coordinator_address, --num_processes and --process_id go '
+        f'together; only {", ".join("--" + n for n in sorted(given))} given.'
+    )
+  if len(given) == 3 and not (
+      0 <= values['process_id'] < values['num_processes']
+  ):
+    raise flags.ValidationError(
+        f'--process_id={values["process_id"]} must be in [0, '
+        f'--num_processes={values["num_processes"]}).'
+    )
+  return True
+
+
+def initialize_processes() -> None:
+  """Joins the other processes of the run (jax.distributed), if the flags ask.
+
+  Call it before anything asks JAX for its devices. Besides the collectives,
+  jax.distributed starts JAX's preemption service, which the training loop
+  needs on several processes: it makes every process stop at the same step
+  when any of them is signalled.
+
+  Raises:
+    ValueError: `auto` found no cluster, or JAX refused the flags.
+  """
+  address = flags.FLAGS.coordinator_address
+  if not address:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+
+  try:
+    jax.distributed.initialize(
+        coordinator_address=None if address == 'auto' else address,
+        num_processes=flags.FLAGS.num_processes,
+        process_id=flags.FLAGS.process_id,
+    )
+  except ValueError as e:
+    where = (
+        'found no cluster (Cloud TPU, SLURM, Open MPI, Kubernetes)'
+        if address == 'auto'
+        else 'was refused'
+    )
+    raise ValueError(
+        f'--coordinator_address={address} {where}: {e} Give host:port of'
+        ' process 0 with --num_processes and --process_id.'
+    ) from None
 
 
 def _overrides(argv: Sequence[str]) -> list[tuple[str, str]]:

@@ -359,8 +359,8 @@ def _one_line(error: BaseException) -> str:
 def _is_chief() -> bool:
   """Whether this process writes the sweep's files (JAX process 0).
 
-  Asked only after a run (or at the very end): the trainer may initialise
-  jax.distributed, which must happen before JAX picks its backend.
+  Asked only after a run (or at the very end): JAX picks its backend on the
+  first question, which must come after jax.distributed starts.
   """
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -835,6 +835,9 @@ def _define_flags():
       'For a sweep with a seed key: average the eval_top1 of this many best'
       ' seeds of each setting (the NFNets AGC protocol: 4 of 5); 0: all.',
   )
+  # A sweep on a pod trains each run over every host, as experiment.py does.
+  cli.define_process_flags()
+  flags.adopt_module_key_flags(cli)  # listed by --helpshort too
   flags.mark_flags_as_required(['config', 'sweep'])
 
 
@@ -891,6 +894,11 @@ def main(argv: Sequence[str]) -> None:
         end='',
     )
   else:
+    try:
+      # Before anything asks JAX for its devices.
+      cli.initialize_processes()
+    except ValueError as e:
+      sys.exit(f'nfnets.sweep: error: {e}')
     try:
       markdown = run_sweep(
           flag_values.config,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from nfnets import sweep
+import processes
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -700,3 +701,82 @@ def test_runs_finished_before_a_field_was_added_are_still_done(
       with pytest.raises(ValueError, match='train.microbatches: 1 there, 2'):
         sweep.run_sweep(after, grid, tmp_path, train_fn=idle)
     assert idle.calls == []
+
+
+# Several processes.
+
+
+def test_two_processes_run_a_sweep_as_one(tmp_path):
+  config = tmp_path / 'two.py'
+  config.write_text(textwrap.dedent(f"""\
+      import sys
+      sys.path.insert(0, {str(REPO_ROOT / 'tests')!r})
+      from tiny_config import get_config
+
+
+      def sweep_two():
+        return [{{'optimizer.base_lr': lr}} for lr in (0.1, 0.2)]
+  """))
+  root = tmp_path / 'sweeps'
+  env = dict(
+      os.environ,
+      XLA_FLAGS='--xla_force_host_platform_device_count=4',
+      JAX_PLATFORMS='cpu',
+  )
+  procs = processes.start(
+      [
+          [
+              sys.executable,
+              '-m',
+              'nfnets.sweep',
+              f'--config={config}:2',
+              '--sweep=two',
+              f'--workdir_root={root}',
+              *flags,
+          ]
+          for flags in processes.process_flags(2)
+      ],
+      cwd=REPO_ROOT,
+      env=env,
+  )
+  outs = processes.finish(procs)
+  # One run over all 8 devices, not two runs of 4.
+  for name in ('base_lr=0.1', 'base_lr=0.2'):
+    first = json.loads(
+        (root / 'two' / name / 'metrics.jsonl').read_text().splitlines()[0]
+    )
+    assert first['step'] == 1
+    assert (root / 'two' / name / sweep.DONE_FILE).exists()
+  assert 'on 8 devices' in outs[0][0]
+  assert 'base_lr=0.2' in (root / 'two' / sweep.SUMMARY_MD).read_text()
+
+
+def test_coordinator_auto_outside_a_cluster_stops_the_sweep(
+    config_path, tmp_path
+):
+  cluster = ('SLURM_', 'OMPI_', 'KUBERNETES_', 'TPU_', 'MEGASCALE_')
+  result = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'nfnets.sweep',
+          f'--config={config_path}',
+          '--sweep=lr',
+          f'--workdir_root={tmp_path}',
+          '--coordinator_address=auto',
+      ],
+      cwd=REPO_ROOT,
+      env={k: v for k, v in os.environ.items() if not k.startswith(cluster)},
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+  )
+  assert result.returncode == 1
+  assert (
+      result.stderr.strip()
+      .splitlines()[-1]
+      .startswith(
+          'nfnets.sweep: error: --coordinator_address=auto found no cluster'
+      )
+  )

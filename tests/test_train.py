@@ -10,7 +10,6 @@ import os
 import pickle
 import re
 import signal
-import socket
 import subprocess
 import textwrap
 import sys
@@ -27,6 +26,7 @@ from nfnets import cli
 from nfnets import optim
 from nfnets import resolve
 from nfnets import train
+import processes
 import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -603,52 +603,13 @@ def test_absurd_learning_rate_stops_naming_the_step(tmp_path):
   checkpointer.close()
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _start_processes(workdir, steps, count=2):
   """Launches one run as `count` processes of 8 / `count` devices each."""
-  port = _free_port()
-  procs = []
-  for rank in range(count):
-    cmd, env = _cli(
-        workdir,
-        steps,
-        f'--coordinator_address=127.0.0.1:{port}',
-        f'--num_processes={count}',
-        f'--process_id={rank}',
-        devices=8 // count,
-    )
-    procs.append(
-        subprocess.Popen(
-            cmd,
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    )
-  return procs
-
-
-def _finish(procs, timeout=600):
-  """Each process's (stdout, stderr), once all exited 0; kills hung ones."""
-  outs = []
-  try:
-    for proc in procs:
-      outs.append(proc.communicate(timeout=timeout))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
-  for proc, (_, err) in zip(procs, outs):
-    assert proc.returncode == 0, err[-3000:]
-  return outs
+  commands, env = [], None
+  for flags in processes.process_flags(count):
+    command, env = _cli(workdir, steps, *flags, devices=8 // count)
+    commands.append(command)
+  return processes.start(commands, env=env, cwd=REPO)
 
 
 def test_two_processes_train_like_one_with_all_devices(tmp_path):
@@ -656,7 +617,7 @@ def test_two_processes_train_like_one_with_all_devices(tmp_path):
   result = _run(single, 5)
   assert result.returncode == 0, result.stderr[-3000:]
   multi = str(tmp_path / 'multi')
-  _finish(_start_processes(multi, 5))
+  processes.finish(_start_processes(multi, 5))
   _, params_1 = _final_params(single)
   step, params_2 = _final_params(multi)
   assert step == 5
@@ -674,7 +635,7 @@ def _signal_one_process(workdir, signum, rank):
   # Before the fix the processes stopped at their own steps and waited for
   # each other forever (one in the checkpoint's barrier, one in the step's
   # all-reduce): the timeout fails the test.
-  outs = _finish(procs, timeout=180)
+  outs = processes.finish(procs, timeout=180)
   (stopped,) = re.findall(r'Preempted at step (\d+)', outs[0][0])
   stopped = int(stopped)
   assert 15 <= stopped < 40
@@ -686,7 +647,7 @@ def _signal_one_process(workdir, signum, rank):
 def test_sigterm_to_one_process_stops_all_at_one_step_then_resumes(tmp_path):
   workdir = str(tmp_path)
   stopped, _ = _signal_one_process(workdir, signal.SIGTERM, rank=1)
-  (out, _), _ = _finish(_start_processes(workdir, 40))
+  (out, _), _ = processes.finish(_start_processes(workdir, 40))
   assert f'Resumed from the checkpoint of step {stopped}' in out
   records = _metrics(workdir)
   steps = [r['step'] for r in records if 'train_loss' in r]
