@@ -9,6 +9,7 @@ that tests and notebooks can call too.
 
 import json
 import os
+import signal
 import sys
 
 from absl import app
@@ -83,6 +84,9 @@ def main(argv):
 
   try:
     if _MODE.value == 'eval':
+      # Nothing to save: SIGTERM ends it at once, as it did before
+      # jax.distributed put its handler there (for a training loop).
+      signal.signal(signal.SIGTERM, signal.SIG_DFL)
       train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
     else:
       result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -66,7 +66,9 @@ Options (--opt VALUE and --opt=VALUE both work):
                             before '--'.
   -h, --help                Print this text and exit.
 
-Everything after '--' goes to experiment.py verbatim (run only).
+Everything after '--' goes to experiment.py verbatim (run only), but the
+process flags (--coordinator_address, --num_processes, --process_id): run
+gives every worker --coordinator_address=auto.
 
 Examples:
   tpu=(--name nf-f0 --zone us-central2-b)
@@ -230,6 +232,17 @@ done
 if ((${#passthrough[@]} > 0)) && [[ "${command}" != run ]]; then
   usage_error "flags after '--' are for experiment.py and only apply to run"
 fi
+# run gives every worker --coordinator_address=auto; one --process_id for
+# all workers could not work.
+for arg in ${passthrough[@]+"${passthrough[@]}"}; do
+  case "${arg}" in
+    --coordinator_address* | --num_processes* | --process_id* | \
+      -coordinator_address* | -num_processes* | -process_id*)
+      usage_error "${arg%%=*} after '--': run starts every worker with \
+--coordinator_address=auto, which finds the pod's processes itself"
+      ;;
+  esac
+done
 
 # Arguments every gcloud call shares.
 common=("--zone=${zone}")
@@ -345,17 +358,11 @@ EOF
 
   # The workers join one run through jax.distributed (JAX finds the pod's
   # hosts), whose preemption service makes them all stop at the same step on
-  # SIGTERM ('stop', a preemption); without it they would hang. Flags after
-  # '--' may name another coordinator.
-  local processes=(--coordinator_address=auto)
-  local flag
-  for flag in ${passthrough[@]+"${passthrough[@]}"}; do
-    [[ "${flag}" != --coordinator_address* ]] || processes=()
-  done
+  # SIGTERM ('stop', a preemption); without it they would hang.
   local experiment
   # ${a[@]+"${a[@]}"}: an empty array trips `set -u` in bash 3 (macOS).
   printf -v experiment '%q ' python3 experiment.py "--config=${config}" \
-    "--workdir=${workdir}" ${processes[@]+"${processes[@]}"} \
+    "--workdir=${workdir}" --coordinator_address=auto \
     ${passthrough[@]+"${passthrough[@]}"}
   # stdin, stdout and stderr all redirected: ssh returns at once and the job
   # outlives the session.

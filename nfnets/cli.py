@@ -38,7 +38,7 @@ def define_process_flags() -> None:
       None,
       'host:port of process 0 for a multi-process run, with --num_processes'
       ' and --process_id; or auto: JAX finds the cluster (Cloud TPU pods,'
-      ' SLURM, Open MPI, Kubernetes), as launch_tpu.sh asks.',
+      ' SLURM, Open MPI), as launch_tpu.sh asks.',
   )
   flags.DEFINE_integer(
       'num_processes', None, 'Processes in a multi-process run.'
@@ -99,7 +99,7 @@ def initialize_processes() -> None:
     )
   except ValueError as e:
     where = (
-        'found no cluster (Cloud TPU, SLURM, Open MPI, Kubernetes)'
+        'found no cluster (Cloud TPU, SLURM, Open MPI)'
         if address == 'auto'
         else 'was refused'
     )

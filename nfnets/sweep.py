@@ -910,6 +910,9 @@ def main(argv: Sequence[str]) -> None:
     except Preempted as e:
       print(e)  # Exit 0, as experiment.py does: the job did what it should.
       return
+    except ValueError as e:
+      # Refused before the first run trains (`run_sweep`'s checks).
+      sys.exit(f'nfnets.sweep: error: {e}')
     if markdown:
       print(markdown, end='')
       written = [SUMMARY_CSV, SUMMARY_MD] + (

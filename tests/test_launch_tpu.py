@@ -312,13 +312,19 @@ def test_run_launch_command_starts_experiment_with_exact_args(
   assert "starts:" in (home / "nfnets-jax.log").read_text()
 
 
-def test_run_leaves_a_given_coordinator_to_the_user(repo, gcloud_dir):
-  given = ["--coordinator_address=10.0.0.2:1234", "--num_processes=2"]
-  result = _launch(repo, gcloud_dir, *RUN_ARGS[:-1], *given, "--process_id=0")
-  assert result.returncode == 0, result.stderr
-  launch_cmd = _option(_calls(gcloud_dir)[-1], "command")
-  assert "--coordinator_address=10.0.0.2:1234" in launch_cmd
-  assert "auto" not in launch_cmd
+@pytest.mark.parametrize(
+    "flag",
+    ["--coordinator_address=10.0.0.2:1234", "--num_processes", "-process_id=0"],
+)
+def test_run_refuses_process_flags_after_the_double_dash(
+    repo, gcloud_dir, flag
+):
+  # Every worker gets the same command: one --process_id cannot be right.
+  result = _launch(repo, gcloud_dir, *RUN_ARGS, flag)
+  assert result.returncode == 2
+  assert f"{flag.split('=')[0]} after '--'" in result.stderr
+  assert "--coordinator_address=auto" in result.stderr
+  assert not _calls(gcloud_dir)
 
 
 def test_run_packs_working_tree_without_venv_or_workdirs(repo, gcloud_dir):

@@ -5,9 +5,11 @@ import json
 import os
 import pathlib
 import runpy
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -706,7 +708,8 @@ def test_runs_finished_before_a_field_was_added_are_still_done(
 # Several processes.
 
 
-def test_two_processes_run_a_sweep_as_one(tmp_path):
+def _start_sweep(tmp_path, steps):
+  """Starts a 2-run sweep of `steps` steps each, as two processes."""
   config = tmp_path / 'two.py'
   config.write_text(textwrap.dedent(f"""\
       import sys
@@ -717,21 +720,20 @@ def test_two_processes_run_a_sweep_as_one(tmp_path):
       def sweep_two():
         return [{{'optimizer.base_lr': lr}} for lr in (0.1, 0.2)]
   """))
-  root = tmp_path / 'sweeps'
   env = dict(
       os.environ,
       XLA_FLAGS='--xla_force_host_platform_device_count=4',
       JAX_PLATFORMS='cpu',
   )
-  procs = processes.start(
+  return processes.start(
       [
           [
               sys.executable,
               '-m',
               'nfnets.sweep',
-              f'--config={config}:2',
+              f'--config={config}:{steps}',
               '--sweep=two',
-              f'--workdir_root={root}',
+              f'--workdir_root={tmp_path / "sweeps"}',
               *flags,
           ]
           for flags in processes.process_flags(2)
@@ -739,16 +741,52 @@ def test_two_processes_run_a_sweep_as_one(tmp_path):
       cwd=REPO_ROOT,
       env=env,
   )
-  outs = processes.finish(procs)
+
+
+def test_two_processes_run_a_sweep_as_one(tmp_path):
+  outs = processes.finish(_start_sweep(tmp_path, 2))
+  root = tmp_path / 'sweeps' / 'two'
   # One run over all 8 devices, not two runs of 4.
   for name in ('base_lr=0.1', 'base_lr=0.2'):
     first = json.loads(
-        (root / 'two' / name / 'metrics.jsonl').read_text().splitlines()[0]
+        (root / name / 'metrics.jsonl').read_text().splitlines()[0]
     )
     assert first['step'] == 1
-    assert (root / 'two' / name / sweep.DONE_FILE).exists()
+    assert (root / name / sweep.DONE_FILE).exists()
   assert 'on 8 devices' in outs[0][0]
-  assert 'base_lr=0.2' in (root / 'two' / sweep.SUMMARY_MD).read_text()
+  assert 'base_lr=0.2' in (root / sweep.SUMMARY_MD).read_text()
+
+
+def test_a_sigterm_between_runs_stops_a_two_process_sweep(tmp_path):
+  # Here JAX's service answers at the next run's first question: kept, it
+  # stops that run after one step; dropped, no signal stopped the sweep.
+  procs = _start_sweep(tmp_path, 8)
+  root = tmp_path / 'sweeps' / 'two'
+  final = root / 'base_lr=0.1' / 'checkpoints' / '8'  # saved, then evaluated
+  deadline = time.time() + 300
+  while not final.exists():
+    assert all(p.poll() is None for p in procs), procs[0].communicate()
+    assert time.time() < deadline
+    time.sleep(0.02)
+  procs[1].send_signal(signal.SIGTERM)
+  (out, _), _ = processes.finish(procs, timeout=300)
+  assert 'Preempted during base_lr=0.2' in out
+  assert not (root / 'base_lr=0.2' / sweep.DONE_FILE).exists()
+
+
+def test_several_processes_without_jax_distributed_are_refused_first(
+    tmp_path, monkeypatch
+):
+  import jax  # pylint: disable=g-import-not-at-top
+  import tiny_config  # pylint: disable=g-import-not-at-top
+
+  # As on a pod started without it: no run may train, or fail for it.
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  config = tiny_config.get_config(2)
+  config.lock()
+  with pytest.raises(ValueError, match='jax.distributed is not initialized'):
+    sweep.run_sweep(config, [{'optimizer.base_lr': 0.1}], tmp_path / 's')
+  assert not list(tmp_path.rglob(sweep.FAILED_FILE))
 
 
 def test_coordinator_auto_outside_a_cluster_stops_the_sweep(

@@ -96,14 +96,7 @@ def _wait_for_step(workdir, step, proc, timeout=300):
 def _start(workdir, steps):
   """Launches a training run in the background."""
   cmd, env = _cli(workdir, steps)
-  return subprocess.Popen(
-      cmd,
-      env=env,
-      cwd=REPO,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-  )
+  return processes.start([cmd], env=env, cwd=REPO)[0]
 
 
 def _relaunch_and_match(workdir, uninterrupted, resumed_from):
@@ -655,9 +648,60 @@ def test_sigterm_to_one_process_stops_all_at_one_step_then_resumes(tmp_path):
   assert records[-1]['step'] == 40 and records[-1]['eval_count'] == 360
 
 
-def test_ctrl_c_on_one_process_stops_all_at_one_step(tmp_path):
-  _, ((out, _), _) = _signal_one_process(str(tmp_path), signal.SIGINT, rank=0)
+def _wait_for_path(path, procs, timeout=300):
+  deadline = time.time() + timeout
+  while not os.path.exists(path):
+    for proc in procs:
+      assert proc.poll() is None, proc.communicate()
+    assert time.time() < deadline, f'{path} did not appear'
+    time.sleep(0.02)
+
+
+def test_ctrl_c_while_starting_stops_every_process_after_step_one(tmp_path):
+  # The workdir is made after the run starts listening, before it compiles.
+  workdir = str(tmp_path / 'run')
+  procs = _start_processes(workdir, 40)
+  _wait_for_path(workdir, procs)
+  procs[0].send_signal(signal.SIGINT)
+  (out, _), (out_1, _) = processes.finish(procs, timeout=180)
   assert 'Received signal 2: passing it on to every process.' in out
+  assert 'Preempted at step 1:' in out
+  assert 'Process 1: saved step 1 with the others' in out_1
+  assert _saved_steps(workdir) == [1]
+
+
+def test_sigterm_while_starting_stops_a_one_process_distributed_run(
+    tmp_path,
+):
+  # jax.distributed's handler holds SIGTERM from the start, even for one
+  # process (launch_tpu.sh on a one-host TPU VM): the run must stop.
+  workdir = str(tmp_path / 'run')
+  procs = _start_processes(workdir, 40, count=1)
+  _wait_for_path(workdir, procs)
+  procs[0].send_signal(signal.SIGTERM)
+  ((out, _),) = processes.finish(procs, timeout=180)
+  assert 'Preempted at step 1:' in out
+  assert _saved_steps(workdir) == [1]
+
+
+def test_sigterm_ends_an_evaluation_under_jax_distributed(uninterrupted):
+  # Nothing to save there: SIGTERM kills it, as without jax.distributed.
+  (flags,) = processes.process_flags(1)
+  cmd, env = _cli(uninterrupted, 40, '--mode=eval', *flags)
+  env['PYTHONUNBUFFERED'] = '1'
+  (proc,) = processes.start([cmd], env=env, cwd=REPO)
+  try:
+    for line in proc.stdout:
+      if line.startswith('Evaluating the checkpoint of step 40'):
+        proc.send_signal(signal.SIGTERM)
+        break
+    rest = proc.communicate(timeout=120)[0]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  assert proc.returncode == -signal.SIGTERM, rest
+  assert 'eval_top1' not in rest
 
 
 def test_coordinator_auto_outside_a_cluster_is_a_one_line_error(tmp_path):
