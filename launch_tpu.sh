@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Creates a Cloud TPU VM (single host or pod), runs experiment.py on every
-# worker, and shows, stops or deletes it. Run with --help for the usage text;
-# add --dry-run to print every command instead of running it.
+# Creates a Cloud TPU VM (single host or pod), runs experiment.py (or a
+# sweep) on every worker, and shows, stops or deletes it. Run with --help for
+# the usage text; add --dry-run to print every command instead of running it.
 set -euo pipefail
 
 readonly PROG="${0##*/}"
@@ -61,20 +61,26 @@ Options (--opt VALUE and --opt=VALUE both work):
   --workdir DIR             run: checkpoints and metrics. Use gs://BUCKET/...
                             on pods: every worker must see the same directory
                             and it must outlive a preempted VM.
+  --sweep NAME              run: the config file's sweep_NAME instead of one
+                            run: python3 -m nfnets.sweep --config=CONFIG
+                            --sweep=NAME --workdir_root=WORKDIR, each run
+                            over every worker; the same command resumes it.
   --dry-run                 Print each command, shell-quoted after '+ ',
                             instead of running it. May appear anywhere
                             before '--'.
   -h, --help                Print this text and exit.
 
-Everything after '--' goes to experiment.py verbatim (run only), but the
-process flags (--coordinator_address, --num_processes, --process_id): run
-gives every worker --coordinator_address=auto.
+Everything after '--' goes to experiment.py (or nfnets.sweep) verbatim (run
+only), but the process flags (--coordinator_address, --num_processes,
+--process_id): run gives every worker --coordinator_address=auto.
 
 Examples:
   tpu=(--name nf-f0 --zone us-central2-b)
   ${PROG} create "\${tpu[@]}" --accelerator-type v4-64 --spot
   ${PROG} run "\${tpu[@]}" --config configs/nfnet.py:F0 \\
       --workdir gs://my-bucket/nfnet_f0 -- --config.train.batch_size=4096
+  ${PROG} run "\${tpu[@]}" --config configs/nf_resnet.py:50 \\
+      --sweep agc_batch --workdir gs://my-bucket/sweeps
   ${PROG} logs "\${tpu[@]}"
   ${PROG} delete "\${tpu[@]}"
 EOF
@@ -139,6 +145,7 @@ spot=0
 preemptible=0
 config=""
 workdir=""
+sweep=""
 dry_run=0
 passthrough=()
 given=()  # The options given, but --dry-run and --help.
@@ -165,8 +172,8 @@ while (($# > 0)); do
       given+=("${arg}")
       ;;
     --name | --zone | --project | --accelerator-type | --version | --config | \
-      --workdir | --name=* | --zone=* | --project=* | --accelerator-type=* | \
-      --version=* | --config=* | --workdir=*)
+      --workdir | --sweep | --name=* | --zone=* | --project=* | \
+      --accelerator-type=* | --version=* | --config=* | --workdir=* | --sweep=*)
       if [[ "${arg}" == *=* ]]; then
         opt="${arg%%=*}"
         value="${arg#*=}"
@@ -188,6 +195,7 @@ while (($# > 0)); do
         --version) version="${value}" ;;
         --config) config="${value}" ;;
         --workdir) workdir="${value}" ;;
+        --sweep) sweep="${value}" ;;
       esac
       ;;
     -*) usage_error "unknown option '${arg}'" ;;
@@ -220,7 +228,7 @@ at most 63"
 # would otherwise start the job on whatever VM the name has.
 case "${command}" in
   create) applies="--accelerator-type --version --spot --preemptible" ;;
-  run) applies="--config --workdir" ;;
+  run) applies="--config --workdir --sweep" ;;
   *) applies="" ;;
 esac
 for opt in ${given[@]+"${given[@]}"}; do
@@ -299,7 +307,8 @@ make_tarball() {
 # Bash, for the workers: succeeds when the job this script started still runs.
 # (Checks the command line too: after a reboot the pid may belong to another.)
 readonly JOB_ALIVE="[ -f ~/${REMOTE_PID} ] &&
-  ps -p \"\$(cat ~/${REMOTE_PID})\" -o args= | grep -q experiment.py"
+  ps -p \"\$(cat ~/${REMOTE_PID})\" -o args= |
+  grep -qE 'experiment[.]py|nfnets[.]sweep'"
 
 cmd_run() {
   [[ -n "${config}" ]] ||
@@ -311,6 +320,12 @@ cmd_run() {
     usage_error "--config '${config}' must be relative to the repository root"
   [[ -f "${REPO_ROOT}/${config_file}" ]] ||
     usage_error "--config file '${config_file}' not found under ${REPO_ROOT}"
+  if [[ -n "${sweep}" ]]; then
+    [[ "${sweep}" =~ ^[A-Za-z0-9_]+$ ]] ||
+      usage_error "--sweep '${sweep}' is not a sweep name (letters, digits, _)"
+    grep -q "^def sweep_${sweep}(" "${REPO_ROOT}/${config_file}" ||
+      usage_error "--sweep: ${config_file} defines no sweep_${sweep}()"
+  fi
   [[ -f "${REPO_ROOT}/experiment.py" ]] ||
     die "${REPO_ROOT}/experiment.py not found: nothing to run on the workers"
   if [[ "${workdir}" != gs://* ]]; then
@@ -359,10 +374,14 @@ EOF
   # The workers join one run through jax.distributed (JAX finds the pod's
   # hosts), whose preemption service makes them all stop at the same step on
   # SIGTERM ('stop', a preemption); without it they would hang.
+  local job=(python3 experiment.py "--config=${config}" "--workdir=${workdir}")
+  if [[ -n "${sweep}" ]]; then
+    job=(python3 -m nfnets.sweep "--config=${config}" "--sweep=${sweep}"
+      "--workdir_root=${workdir}")
+  fi
   local experiment
   # ${a[@]+"${a[@]}"}: an empty array trips `set -u` in bash 3 (macOS).
-  printf -v experiment '%q ' python3 experiment.py "--config=${config}" \
-    "--workdir=${workdir}" --coordinator_address=auto \
+  printf -v experiment '%q ' "${job[@]}" --coordinator_address=auto \
     ${passthrough[@]+"${passthrough[@]}"}
   # stdin, stdout and stderr all redirected: ssh returns at once and the job
   # outlives the session.

