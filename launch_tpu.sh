@@ -21,7 +21,7 @@ libtpu_releases.html"
 
 usage() {
   cat <<EOF
-Usage: ${PROG} <command> [options] [-- experiment.py flags...]
+Usage: ${PROG} <command> [options] [-- experiment.py/nfnets.sweep flags...]
 
 Commands:
   create   Create the TPU VM:  gcloud compute tpus tpu-vm create.
@@ -238,7 +238,8 @@ for opt in ${given[@]+"${given[@]}"}; do
   esac
 done
 if ((${#passthrough[@]} > 0)) && [[ "${command}" != run ]]; then
-  usage_error "flags after '--' are for experiment.py and only apply to run"
+  usage_error "flags after '--' are for experiment.py (or nfnets.sweep) and \
+only apply to run"
 fi
 # run gives every worker --coordinator_address=auto; one --process_id for
 # all workers could not work.
@@ -321,9 +322,10 @@ cmd_run() {
   [[ -f "${REPO_ROOT}/${config_file}" ]] ||
     usage_error "--config file '${config_file}' not found under ${REPO_ROOT}"
   if [[ -n "${sweep}" ]]; then
+    sweep="${sweep#sweep_}" # as nfnets.sweep reads it
     [[ "${sweep}" =~ ^[A-Za-z0-9_]+$ ]] ||
       usage_error "--sweep '${sweep}' is not a sweep name (letters, digits, _)"
-    grep -q "^def sweep_${sweep}(" "${REPO_ROOT}/${config_file}" ||
+    grep -qw "sweep_${sweep}" "${REPO_ROOT}/${config_file}" ||
       usage_error "--sweep: ${config_file} defines no sweep_${sweep}()"
   fi
   [[ -f "${REPO_ROOT}/experiment.py" ]] ||

@@ -468,7 +468,7 @@ def _manager_class(ocp):
 
   Orbax asks the service about each step it saves, only to log it, and from
   a thread of its own. The training loop asks it once a step and relies on
-  the service seeing its count alone (`train._Preemption`): a call with
+  the service seeing its count alone (`nfnets.preemption`): a call with
   another number in between can make a process miss the step every process
   agreed to stop at, and the job hangs.
   """

@@ -81,7 +81,8 @@ def initialize_processes() -> None:
   Call it before anything asks JAX for its devices. Besides the collectives,
   jax.distributed starts JAX's preemption service, which the training loop
   needs on several processes: it makes every process stop at the same step
-  when any of them is signalled.
+  when any of them is signalled. Its first question is asked here, so that
+  a signal from now on is not lost (`nfnets.preemption`).
 
   Raises:
     ValueError: `auto` found no cluster, or JAX refused the flags.
@@ -107,6 +108,9 @@ def initialize_processes() -> None:
         f'--coordinator_address={address} {where}: {e} Give host:port of'
         ' process 0 with --num_processes and --process_id.'
     ) from None
+  from nfnets import preemption  # pylint: disable=g-import-not-at-top
+
+  preemption.start_listening()
 
 
 def _overrides(argv: Sequence[str]) -> list[tuple[str, str]]:

@@ -911,7 +911,7 @@ def main(argv: Sequence[str]) -> None:
       print(e)  # Exit 0, as experiment.py does: the job did what it should.
       return
     except ValueError as e:
-      # Refused before the first run trains (`run_sweep`'s checks).
+      # run_sweep's checks, which refuse a sweep before its first run.
       sys.exit(f'nfnets.sweep: error: {e}')
     if markdown:
       print(markdown, end='')

@@ -15,12 +15,10 @@ import collections
 import contextlib
 import functools
 import inspect
-import itertools
 import json
 import math
 import os
 import re
-import signal
 import time
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 
@@ -41,6 +39,7 @@ from nfnets import data
 from nfnets import jsonl
 from nfnets import models
 from nfnets import optim
+from nfnets import preemption as preemption_lib
 from nfnets import resolve
 from nfnets.data import device_augment
 
@@ -963,133 +962,6 @@ def _format_seconds(seconds: float) -> str:
   return f'{seconds // 60}m{seconds % 60:02d}s'
 
 
-# Calls this process made to JAX's preemption service, over all its runs (a
-# sweep trains several in one process): every process makes the same calls,
-# so the counts name the same moment on each.
-_preemption_calls = itertools.count()
-# Whether the service has told this process to stop. It answers one notice
-# in a process's life, at one call, so the answer is kept: a sweep's next
-# run, started after the notice, stops too.
-_preemption_noticed = False
-
-
-def _distributed_initialized() -> bool:
-  is_initialized = getattr(jax.distributed, 'is_initialized', None)
-  if is_initialized is not None:
-    return is_initialized()
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-
-  return distributed.global_state.client is not None  # older JAX
-
-
-def _preemption_service_on() -> bool:
-  """Whether jax.distributed starts (or started) JAX's preemption service."""
-  return getattr(jax.config, 'jax_enable_preemption_service', True)
-
-
-def check_processes() -> None:
-  """Refuses several processes that could not agree on when to stop.
-
-  Raises:
-    ValueError: several processes without jax.distributed, or with JAX's
-      preemption service off.
-  """
-  if jax.process_count() == 1:
-    return
-  if not _distributed_initialized():
-    raise ValueError(
-        f'This run has {jax.process_count()} processes but'
-        ' jax.distributed is not initialized, so a preemption of one host'
-        ' would hang the others: give experiment.py or nfnets.sweep'
-        ' --coordinator_address=auto (a Cloud TPU pod, SLURM, Open MPI) or'
-        ' host:port with --num_processes and --process_id, or call'
-        ' jax.distributed.initialize() first.'
-    )
-  if not _preemption_service_on():
-    raise ValueError(
-        "This run has several processes and JAX's preemption service is"
-        ' off, so a preemption of one host would hang the others: set'
-        ' jax_enable_preemption_service to True.'
-    )
-
-
-class _Preemption:
-  """SIGTERM/SIGINT: the loop saves its step and exits; checked every step.
-
-  Without jax.distributed (one process): a Python handler, set for the
-  loop, turns the signals into a flag that `reached` reads. With it: every
-  process must stop at the same step, or one waits in the checkpoint's
-  barrier while the others wait in the next step's all-reduce, and the job
-  hangs (signals reach the hosts at different steps, as with
-  `launch_tpu.sh stop`). There JAX's preemption service agrees on the step:
-  its own handler catches SIGTERM on any process from the start, and
-  `reached` turns true on all of them at the same call. Ctrl-C is passed on
-  to it as SIGTERM, from creation to `close`.
-  """
-
-  def __init__(self):
-    check_processes()
-    self.requested = False
-    self._previous = {}
-    # One process under jax.distributed too (launch_tpu.sh on a one-host
-    # TPU VM): JAX's handler holds SIGTERM from the start.
-    self._shared = _distributed_initialized() and _preemption_service_on()
-    self._forwarding = None
-    if self._shared:
-      try:
-        self._forwarding = signal.signal(signal.SIGINT, self._forward)
-      except ValueError:  # not the main thread: leave signals alone
-        pass
-      # Tells the service where this process stands: a notice from now on
-      # (restoring, compiling) stops every process after the first step.
-      self.reached()
-
-  def __enter__(self):
-    if not self._shared:
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-          self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-          pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.requested = True
-    print(
-        f'Received signal {signum}: saving a checkpoint and exiting.',
-        flush=True,
-    )
-
-  def _forward(self, signum, frame):
-    del frame
-    print(
-        f'Received signal {signum}: passing it on to every process.',
-        flush=True,
-    )
-    os.kill(os.getpid(), signal.SIGTERM)  # to JAX's handler
-
-  def reached(self) -> bool:
-    """Whether to save and stop now; called once a step by every process."""
-    global _preemption_noticed
-    if self._shared and not _preemption_noticed:
-      _preemption_noticed = multihost_utils.reached_preemption_sync_point(
-          next(_preemption_calls)
-      )
-    return _preemption_noticed if self._shared else self.requested
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous = {}
-
-  def close(self):
-    """Gives Ctrl-C back to Python (a KeyboardInterrupt)."""
-    if self._forwarding is not None:
-      signal.signal(signal.SIGINT, self._forwarding)
-      self._forwarding = None
-
-
 def expand_home(path: str) -> str:
   """`~/runs/x` as `/home/me/runs/x`; URLs (`gs://...`) as given.
 
@@ -1507,10 +1379,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
   Raises:
     ValueError: a bad config value, named in the message; or several
-      processes that could not agree on when to stop (`check_processes`).
+      processes that could not agree on when to stop (`preemption.check_processes`).
     FileNotFoundError: the dataset is missing.
   """
-  check_processes()
+  preemption_lib.check_processes()
   _build(config)
 
 
@@ -1536,7 +1408,7 @@ def train_and_evaluate(
   start_time = time.time()
   # First: on several processes it checks that they can agree on when to
   # stop, and it starts listening.
-  preemption = _Preemption()
+  preemption = preemption_lib.Watch()
   try:
     return _train_and_evaluate(config, workdir, preemption, start_time)
   finally:
@@ -1546,7 +1418,7 @@ def train_and_evaluate(
 def _train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
-    preemption: _Preemption,
+    preemption: preemption_lib.Watch,
     start_time: float,
 ) -> dict[str, Any]:
   """`train_and_evaluate`, watched by `preemption` since `start_time`."""
@@ -1748,6 +1620,12 @@ def _train_and_evaluate(
         if preemption.reached():
           save(replicated, step, wait=True)
           preempted = True
+          if preemption.noticed_before:
+            logger.print(
+                'This process was told to stop before this run began (a'
+                " signal; JAX's preemption service answers once per"
+                ' process): start a new process to train on.'
+            )
           logger.print(f'Saved step {step}; exiting so the job can resume.')
           if not is_chief:  # whose log says nothing else
             print(

@@ -362,6 +362,17 @@ def test_run_sweep_starts_nfnets_sweep_with_exact_args(
   assert "a job is still running" in again.stderr
 
 
+def test_run_sweep_takes_the_name_with_or_without_its_prefix(repo, gcloud_dir):
+  (repo / "configs" / "nf_resnet.py").write_text(
+      "def get_config(arg=None): ...\n\n\nsweep_agc_batch = lambda: []\n"
+  )
+  args = ("run", *TPU, "--config", "configs/nf_resnet.py", "--dry-run")
+  for name in ("agc_batch", "sweep_agc_batch"):
+    result = _launch(repo, gcloud_dir, *args, "--sweep", name, "--workdir=w")
+    assert result.returncode == 0, result.stderr
+    assert "--sweep=agc_batch --workdir_root=w" in result.stdout
+
+
 @pytest.mark.parametrize(
     "flag",
     ["--coordinator_address=10.0.0.2:1234", "--num_processes", "-process_id=0"],

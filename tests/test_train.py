@@ -704,6 +704,88 @@ def test_sigterm_ends_an_evaluation_under_jax_distributed(uninterrupted):
   assert 'eval_top1' not in rest
 
 
+def _python(code, timeout=300):
+  """Runs `code` in a fresh Python on the CPU, from the repository."""
+  return subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
+
+
+def _run_distributed_script(tmp_path, body):
+  """Runs `body` in a fresh Python after jax.distributed starts (1 process)."""
+  (flags,) = processes.process_flags(1)
+  code = textwrap.dedent(f"""\
+      import os, signal, sys, time
+      sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
+      from absl import flags
+      from nfnets import cli
+      cli.define_process_flags()
+      flags.FLAGS(['x', *{flags!r}])
+      cli.initialize_processes()
+  """) + textwrap.dedent(body)
+  return _python(code)
+
+
+def test_a_signal_before_the_trainer_loads_stops_this_and_later_runs(
+    tmp_path,
+):
+  # The service hears from the moment jax.distributed starts; it answers one
+  # notice per process, so a second run here stops too, and says why.
+  result = _run_distributed_script(
+      tmp_path,
+      f"""\
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(1)
+      from nfnets import train
+      import tiny_config
+      for name in 'ab':
+        workdir = os.path.join({str(tmp_path)!r}, name)
+        result = train.train_and_evaluate(tiny_config.get_config(10), workdir)
+        print('result', name, result['step'], result['preempted'], flush=True)
+      """,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert 'result a 1 True' in out and 'result b 1 True' in out, out
+  before_b, after_b = out.split('result a 1 True')
+  assert 'told to stop before this run began' not in before_b
+  assert 'told to stop before this run began' in after_b
+
+
+def test_ctrl_c_in_the_final_evaluation_interrupts_under_jax_distributed(
+    tmp_path,
+):
+  # After the loop nothing asks the service: Ctrl-C must interrupt again.
+  result = _run_distributed_script(
+      tmp_path,
+      f"""\
+      from nfnets import train
+      import tiny_config
+      original = train.evaluate
+
+      def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        return original(*args, **kwargs)
+
+      train.evaluate = interrupted
+      workdir = os.path.join({str(tmp_path)!r}, 'run')
+      try:
+        train.train_and_evaluate(tiny_config.get_config(2), workdir)
+      except KeyboardInterrupt:
+        print('interrupted', flush=True)
+      """,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'interrupted' in result.stdout.splitlines()
+  assert 'passing it on' not in result.stdout
+
+
 def test_coordinator_auto_outside_a_cluster_is_a_one_line_error(tmp_path):
   cmd, env = _cli(str(tmp_path / 'run'), 2, '--coordinator_address=auto')
   # No cluster for JAX to find, whatever machine runs the tests.
@@ -1342,14 +1424,7 @@ def test_ctrl_c_outside_the_training_loop_is_one_line(tmp_path):
                   '--workdir={tmp_path}']
       runpy.run_path('{REPO}/experiment.py', run_name='__main__')
   """)
-  result = subprocess.run(
-      [sys.executable, '-c', code],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=120,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
-  )
+  result = _python(code, timeout=120)
   assert result.returncode == 130, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1] == (
