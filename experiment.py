@@ -9,7 +9,6 @@ that tests and notebooks can call too.
 
 import json
 import os
-import signal
 import sys
 
 from absl import app
@@ -80,22 +79,20 @@ def main(argv):
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  from nfnets import train  # pylint: disable=g-import-not-at-top
-
   try:
+    # In the try: Ctrl-C during these imports (seconds) is one line too.
+    from nfnets import preemption  # pylint: disable=g-import-not-at-top
+    from nfnets import train  # pylint: disable=g-import-not-at-top
+
     if _MODE.value == 'eval':
-      # Nothing to save: SIGTERM ends it at once, as it did before
-      # jax.distributed put its handler there (for a training loop).
-      signal.signal(signal.SIGTERM, signal.SIG_DFL)
+      # Nothing to save: SIGTERM and Ctrl-C end it at once, as they did
+      # before jax.distributed took them for a training loop.
+      preemption.release_signals()
       train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
     else:
       result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
       if jax.process_index() == 0:
         _print_summary(result, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, train.NonFiniteError) as e:
-    # One clear line, no traceback: these are the user's to fix.
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
   except KeyboardInterrupt:
     # Ctrl-C in the training loop saves and returns (a preemption); here it
     # came before or after it: while starting, compiling or evaluating.
@@ -107,6 +104,10 @@ def main(argv):
         file=sys.stderr,
     )
     sys.exit(130)
+  except (ValueError, FileNotFoundError, train.NonFiniteError) as e:
+    # One clear line, no traceback: these are the user's to fix.
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -31,6 +31,9 @@ _questions = itertools.count()
 # does any later run in this process, since no signal could stop it.
 _noticed = False
 
+# The SIGINT handler that Ctrl-C forwarding replaced, to give back.
+_original_sigint = None
+
 _SERVICE_OFF = (
     "This run has several processes and JAX's preemption service is off, so"
     ' a preemption of one host would hang the others: set'
@@ -55,17 +58,60 @@ def _ask() -> bool:
   return _noticed
 
 
+def _forward(signum, frame):
+  """Ctrl-C, passed on to JAX's SIGTERM handler (and so to every process)."""
+  del frame
+  print(
+      f'Received signal {signum}: passing it on to every process.',
+      flush=True,
+  )
+  os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _forward_ctrl_c() -> None:
+  global _original_sigint
+  if signal.getsignal(signal.SIGINT) is _forward:
+    return
+  try:
+    _original_sigint = signal.signal(signal.SIGINT, _forward)
+  except ValueError:  # not the main thread: leave signals alone
+    pass
+
+
+def _give_back_ctrl_c() -> None:
+  global _original_sigint
+  if signal.getsignal(signal.SIGINT) is _forward:
+    signal.signal(signal.SIGINT, _original_sigint)
+  _original_sigint = None
+
+
 def start_listening() -> None:
   """Asks the first question, right after jax.distributed starts.
 
   Every process must call it at the same point (`cli.initialize_processes`
-  does). Without jax.distributed, or without its service, it does nothing.
+  does). From then on Ctrl-C is passed on to the service too, until a
+  run's loop ends. Without jax.distributed, or without its service, it does
+  nothing.
   """
   if _distributed_initialized():
     try:
       _ask()
     except RuntimeError:  # no service: `check_processes` refuses that
-      pass
+      return
+    _forward_ctrl_c()
+
+
+def release_signals() -> None:
+  """SIGTERM and Ctrl-C end this process again; for work with nothing to save.
+
+  (`experiment.py --mode=eval`: under jax.distributed, JAX's handler would
+  hold SIGTERM for a training loop that never comes.)
+  """
+  _give_back_ctrl_c()
+  try:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  except ValueError:  # not the main thread: leave signals alone
+    pass
 
 
 def check_processes() -> None:
@@ -95,35 +141,30 @@ class Watch:
 
   Under jax.distributed (one process too: launch_tpu.sh on a one-host TPU
   VM, where JAX's handler holds SIGTERM from the start) Ctrl-C is passed on
-  to the service as SIGTERM from creation to the end of the loop
-  (`__exit__`); after it, Ctrl-C interrupts the final evaluation as without
-  jax.distributed. Without it, the loop (`with watch:`) turns both signals
-  into a flag.
+  to the service as SIGTERM until the end of the loop (`__exit__`); after
+  it, Ctrl-C interrupts the final evaluation as without jax.distributed.
+  Without it, the loop (`with watch:`) turns both signals into a flag.
   """
 
   def __init__(self):
     check_processes()
     self.requested = False
     self._previous = {}
-    self._forwarding = None
-    # Told to stop before this run began: see `_noticed`.
-    self.noticed_before = _noticed
     self._shared = _distributed_initialized()
+    # Told to stop before this run began: see `_noticed`.
+    self.noticed_before = False
     if not self._shared:
       return
     try:
       # A notice from now on (restoring, compiling) stops every process
       # after the first step.
-      _ask()
+      self.noticed_before = _ask()
     except RuntimeError:  # jax.distributed started without the service
       if jax.process_count() > 1:
         raise ValueError(_SERVICE_OFF) from None
       self._shared = False
       return
-    try:
-      self._forwarding = signal.signal(signal.SIGINT, self._forward)
-    except ValueError:  # not the main thread: leave signals alone
-      pass
+    _forward_ctrl_c()
 
   def __enter__(self):
     if not self._shared:
@@ -142,14 +183,6 @@ class Watch:
         flush=True,
     )
 
-  def _forward(self, signum, frame):
-    del frame
-    print(
-        f'Received signal {signum}: passing it on to every process.',
-        flush=True,
-    )
-    os.kill(os.getpid(), signal.SIGTERM)  # to JAX's handler
-
   def reached(self) -> bool:
     """Whether to save and stop now; asked once a step by every process."""
     return _ask() if self._shared else self.requested
@@ -162,6 +195,5 @@ class Watch:
 
   def close(self):
     """Gives Ctrl-C back to Python (a KeyboardInterrupt); idempotent."""
-    if self._forwarding is not None:
-      signal.signal(signal.SIGINT, self._forwarding)
-      self._forwarding = None
+    if self._shared:
+      _give_back_ctrl_c()

@@ -1622,9 +1622,9 @@ def _train_and_evaluate(
           preempted = True
           if preemption.noticed_before:
             logger.print(
-                'This process was told to stop before this run began (a'
-                " signal; JAX's preemption service answers once per"
-                ' process): start a new process to train on.'
+                'A signal came before this run began: it stops after its'
+                " first step (JAX's preemption service answers one signal"
+                ' per process, so later runs here stop so too).'
             )
           logger.print(f'Saved step {step}; exiting so the job can resume.')
           if not is_chief:  # whose log says nothing else
