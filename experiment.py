@@ -38,6 +38,12 @@ flags.adopt_module_key_flags(cli)  # listed by --helpshort too
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+_INTERRUPTED = (
+    'Interrupted (Ctrl-C) outside the training loop; run the same command to'
+    ' resume from the last checkpoint.'
+)
+
+
 def _print_summary(result, workdir):
   """The last lines of a run: what it reached, how long it took, where."""
   print(
@@ -71,6 +77,18 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   cli.quiet_library_logs()
+  try:
+    _run()
+  except KeyboardInterrupt:
+    # Ctrl-C in the training loop saves and returns (a preemption); here it
+    # came before or after it: while importing, starting, compiling or
+    # evaluating. Everything is written whole or not at all (config.json by
+    # rename, checkpoints by orbax's), so the same command resumes.
+    cli.exit_interrupted(_INTERRUPTED)
+
+
+def _run():
+  """Starts the processes, then trains or evaluates; bad input: one line."""
   import jax  # pylint: disable=g-import-not-at-top
 
   try:
@@ -79,11 +97,10 @@ def main(argv):
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  try:
-    # In the try: Ctrl-C during these imports (seconds) is one line too.
-    from nfnets import preemption  # pylint: disable=g-import-not-at-top
-    from nfnets import train  # pylint: disable=g-import-not-at-top
+  from nfnets import preemption  # pylint: disable=g-import-not-at-top
+  from nfnets import train  # pylint: disable=g-import-not-at-top
 
+  try:
     if _MODE.value == 'eval':
       # Nothing to save: SIGTERM and Ctrl-C end it at once, as they did
       # before jax.distributed took them for a training loop.
@@ -93,17 +110,6 @@ def main(argv):
       result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
       if jax.process_index() == 0:
         _print_summary(result, _WORKDIR.value)
-  except KeyboardInterrupt:
-    # Ctrl-C in the training loop saves and returns (a preemption); here it
-    # came before or after it: while starting, compiling or evaluating.
-    # Everything is written whole or not at all (config.json by rename,
-    # checkpoints by orbax's), so the same command resumes.
-    print(
-        'Interrupted (Ctrl-C) outside the training loop; run the same'
-        ' command to resume from the last checkpoint.',
-        file=sys.stderr,
-    )
-    sys.exit(130)
   except (ValueError, FileNotFoundError, train.NonFiniteError) as e:
     # One clear line, no traceback: these are the user's to fix.
     print(f'error: {e}', file=sys.stderr)

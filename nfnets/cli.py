@@ -10,6 +10,7 @@ the command line into one line that names the flag and the fix.
 """
 
 import difflib
+import os
 import sys
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -111,6 +112,21 @@ def initialize_processes() -> None:
   from nfnets import preemption  # pylint: disable=g-import-not-at-top
 
   preemption.start_listening()
+
+
+def exit_interrupted(message: str) -> None:
+  """Ctrl-C outside a training loop: `message` on stderr, exit status 130.
+
+  os._exit, not sys.exit: after a Ctrl-C inside XLA's compiler the
+  interpreter's teardown segfaults (status 139, after the message). What
+  the runner writes is whole or absent by then (config.json by rename,
+  checkpoints by orbax's, the logs closed on the way out), so nothing is
+  lost by skipping it.
+  """
+  print(message, file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(130)
 
 
 def _overrides(argv: Sequence[str]) -> list[tuple[str, str]]:

@@ -910,6 +910,12 @@ def main(argv: Sequence[str]) -> None:
     except Preempted as e:
       print(e)  # Exit 0, as experiment.py does: the job did what it should.
       return
+    except KeyboardInterrupt:
+      # Outside a run's training loop (which saves and stops the sweep).
+      cli.exit_interrupted(
+          'nfnets.sweep: interrupted (Ctrl-C) outside a training loop; run'
+          ' the same command to resume the unfinished run.'
+      )
     except ValueError as e:
       # run_sweep's checks, which refuse a sweep before its first run.
       sys.exit(f'nfnets.sweep: error: {e}')

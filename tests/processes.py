@@ -1,7 +1,9 @@
 """Launching one job as several local processes (jax.distributed on the CPU)."""
 
+import os
 import socket
 import subprocess
+import sys
 
 
 def process_flags(count):
@@ -47,3 +49,16 @@ def finish(procs, timeout=600):
   for proc, (_, err) in zip(procs, outs):
     assert proc.returncode == 0, err[-3000:]
   return outs
+
+
+def python(code, cwd, timeout=300, **env):
+  """Runs `code` in a fresh Python (on the CPU) from `cwd`; its result."""
+  return subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=cwd,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env},
+  )

@@ -119,14 +119,7 @@ def test_dry_run_imports_neither_jax_nor_the_trainer(config_path, tmp_path):
         assert not e.code, e.code
       print(sorted(m for m in ('jax', 'nfnets.train') if m in sys.modules))
   """)
-  result = subprocess.run(
-      [sys.executable, '-c', code],
-      cwd=REPO_ROOT,
-      capture_output=True,
-      text=True,
-      timeout=60,
-      check=False,
-  )
+  result = processes.python(code, REPO_ROOT, timeout=60)
   assert result.returncode == 0, result.stderr
   assert result.stdout.splitlines()[-1] == '[]'
   assert '2 runs' in result.stdout
@@ -817,4 +810,32 @@ def test_coordinator_auto_outside_a_cluster_stops_the_sweep(
       .startswith(
           'nfnets.sweep: error: --coordinator_address=auto found no cluster'
       )
+  )
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line(config_path, tmp_path):
+  code = textwrap.dedent(f"""\
+      import functools, os, signal, sys, time
+      from absl import app
+      from nfnets import cli, sweep
+
+      def starting(config, workdir):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)
+
+      sweep._default_train_fn = lambda: starting
+      sweep._default_check_fn = lambda: None
+      sys.argv = ['sweep', '--config={config_path}', '--sweep=lr',
+                  '--workdir_root={tmp_path}']
+      sweep._define_flags()
+      app.run(sweep.main, flags_parser=functools.partial(
+          cli.parse_flags, prefix='nfnets.sweep: '))
+  """)
+  result = processes.python(code, REPO_ROOT, timeout=120)
+  assert result.returncode == 130, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert (
+      result.stderr.strip()
+      .splitlines()[-1]
+      .startswith('nfnets.sweep: interrupted (Ctrl-C) outside a training loop')
   )

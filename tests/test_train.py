@@ -743,18 +743,6 @@ def test_a_signal_ends_an_evaluation_under_jax_distributed(
   assert 'eval_top1' not in rest
 
 
-def _python(code, timeout=300):
-  """Runs `code` in a fresh Python on the CPU, from the repository."""
-  return subprocess.run(
-      [sys.executable, '-c', code],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=timeout,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
-  )
-
-
 def _run_distributed_script(tmp_path, body):
   """Runs `body` in a fresh Python after jax.distributed starts (1 process)."""
   (flags,) = processes.process_flags(1)
@@ -767,7 +755,7 @@ def _run_distributed_script(tmp_path, body):
       flags.FLAGS(['x', *{flags!r}])
       cli.initialize_processes()
   """) + textwrap.dedent(body)
-  return _python(code)
+  return processes.python(code, REPO)
 
 
 def test_a_signal_before_the_trainer_loads_stops_this_and_later_runs(
@@ -1461,13 +1449,43 @@ def test_ctrl_c_outside_the_training_loop_is_one_line(tmp_path):
                   '--workdir={tmp_path}']
       runpy.run_path('{REPO}/experiment.py', run_name='__main__')
   """)
-  result = _python(code, timeout=120)
+  result = processes.python(code, REPO, timeout=120)
   assert result.returncode == 130, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1] == (
       'Interrupted (Ctrl-C) outside the training loop; run the same command'
       ' to resume from the last checkpoint.'
   )
+
+
+def test_ctrl_c_inside_xla_compilation_exits_130_not_a_crash(tmp_path):
+  # The interpreter's teardown after it segfaulted (status 139).
+  code = textwrap.dedent(f"""\
+      import os, runpy, signal, sys, threading, time
+      import jax, jax.numpy as jnp
+      from nfnets import train
+
+      def compiling(config, workdir):
+        def f(x):
+          for i in range(300):
+            x = jnp.tanh(x @ x + i)
+          return x
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        jax.jit(f).lower(jnp.ones((64, 64))).compile()
+        time.sleep(10)
+
+      train.train_and_evaluate = compiling
+      sys.argv = ['experiment.py', '--config={REPO}/tests/tiny_config.py:2',
+                  '--workdir={tmp_path}']
+      runpy.run_path('{REPO}/experiment.py', run_name='__main__')
+  """)
+  # No compilation cache: the compilation must take its time.
+  result = processes.python(
+      code, REPO, timeout=120, JAX_COMPILATION_CACHE_DIR=''
+  )
+  assert result.returncode == 130, result.stderr[-2000:]
+  assert 'Fatal Python error' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith('Interrupted')
 
 
 @pytest.mark.parametrize(
