@@ -1379,7 +1379,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
   Raises:
     ValueError: a bad config value, named in the message; or several
-      processes that could not agree on when to stop (`preemption.check_processes`).
+      processes that could not agree on when to stop
+      (`preemption.check_processes`).
     FileNotFoundError: the dataset is missing.
   """
   preemption_lib.check_processes()

@@ -689,7 +689,8 @@ def test_ctrl_c_while_the_trainer_loads_stops_every_process(tmp_path):
         sys.meta_path.insert(0, Interrupt())
       sys.path.insert(0, {REPO!r})
       sys.argv = ['experiment.py', *sys.argv[1:]]
-      runpy.run_path({os.path.join(REPO, 'experiment.py')!r}, run_name='__main__')
+      experiment = {os.path.join(REPO, 'experiment.py')!r}
+      runpy.run_path(experiment, run_name='__main__')
   """))
   workdir = str(tmp_path / 'run')
   commands, env = [], None
