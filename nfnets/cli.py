@@ -12,7 +12,7 @@ the command line into one line that names the flag and the fix.
 import difflib
 import os
 import sys
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, NoReturn, Optional, Sequence
 
 from absl import flags
 from absl import logging
@@ -114,7 +114,7 @@ def initialize_processes() -> None:
   preemption.start_listening()
 
 
-def exit_interrupted(message: str) -> None:
+def exit_interrupted(message: str) -> NoReturn:
   """Ctrl-C outside a training loop: `message` on stderr, exit status 130.
 
   os._exit, not sys.exit: after a Ctrl-C inside XLA's compiler the
