@@ -315,8 +315,9 @@ def test_full_modes_time_the_log_step_in_the_runners_proportion():
   assert quiet > 0 and log > 0
   average = ((every - 1) * quiet + log) / every
   assert record['step_ms'] == pytest.approx(average, abs=2e-3)
+  # The record rounds images/s to 0.1: a slow step's 26.47 is printed 26.5.
   assert record['images_per_s'] == pytest.approx(
-      8000 / record['step_ms'], rel=1e-3
+      8000 / record['step_ms'], rel=1e-3, abs=0.05
   )
 
 

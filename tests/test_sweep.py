@@ -715,7 +715,7 @@ def _start_sweep(tmp_path, steps):
   """))
   env = dict(
       os.environ,
-      XLA_FLAGS='--xla_force_host_platform_device_count=4',
+      XLA_FLAGS=processes.xla_flags(4),
       JAX_PLATFORMS='cpu',
   )
   return processes.start(

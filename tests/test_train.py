@@ -41,7 +41,7 @@ def _cli(workdir, steps, *extra, devices=8, env=None):
       *extra,
   ]
   run_env = dict(os.environ)
-  run_env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  run_env['XLA_FLAGS'] = processes.xla_flags(devices)
   run_env['JAX_PLATFORMS'] = 'cpu'
   run_env.update(env or {})
   return cmd, run_env
