@@ -199,34 +199,80 @@ def _initial_state(model: str, num_classes: int, **overrides):
   return state
 
 
-def _from_run(
-    workdir: str, step: Optional[int], model: Optional[str], weights: str
-) -> Classifier:
-  """A run of this project, as its config.json describes it."""
+def read_run_config(workdir: str) -> dict[str, Any]:
+  """The run's `config.json`, which names its model and data.
+
+  Raises:
+    FileNotFoundError: it is missing, unreadable or lacks the model or the
+      eval image size and crop (one line naming the file).
+  """
   config_path = epath.Path(workdir) / 'config.json'
   try:
     config = json.loads(config_path.read_text())
-    name = config['model']['name']
-    overrides = dict(config['model'].get('overrides') or {})
-    data_cfg = config['data']
-    image_size = int(data_cfg['eval_image_size'])
-    eval_resize = data_cfg['eval_resize']
+    # Read here, so that a config.json without them fails in one place.
+    _ = config['model']['name'], config['data']['eval_resize']
+    int(config['data']['eval_image_size'])
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise FileNotFoundError(
         f"--checkpoint={workdir}: cannot read the run's config.json"
         f' ({type(e).__name__}: {e}); it names the model and image size.'
     ) from None
-  if data_cfg.get('name') == 'digits':
-    raise ValueError(
-        f'--checkpoint={workdir} was trained on the embedded 8x8 digits,'
-        ' which are arrays, not image files: its evaluation'
-        ' (--mode=eval) is the way to test it.'
-    )
-  if model is not None and model != name:
-    raise ValueError(
-        f'--model={model}, but the run at {workdir} trained {name}; leave'
-        ' --model out for a run.'
-    )
+  return config
+
+
+@dataclasses.dataclass(frozen=True)
+class RunWeights:
+  """One set of weights of a run's checkpoint, checked against its model.
+
+  Attributes:
+    model: the registry name the run trained.
+    overrides: the constructor overrides it trained with.
+    params: Haiku params, float32, HWIO kernels.
+    model_state: Haiku state (BatchNorm statistics; empty for NF models).
+    num_classes: the classifier's outputs.
+    step: the checkpoint's step.
+    ema: whether these are the EMA weights (else the trained ones).
+    where: the checkpoint, for the reader ('checkpoint 12 in DIR').
+  """
+
+  model: str
+  overrides: dict[str, Any]
+  params: Any
+  model_state: Any
+  num_classes: int
+  step: int
+  ema: bool
+  where: str
+
+
+def read_run_weights(
+    workdir: str,
+    step: Optional[int] = None,
+    weights: str = 'auto',
+    config: Optional[dict[str, Any]] = None,
+) -> RunWeights:
+  """The weights of a run's newest readable checkpoint, or of `step`'s.
+
+  Only those weights and the model state are read, not the optimizer state.
+
+  Args:
+    workdir: the run's workdir.
+    step: a checkpoint's step; None for the newest readable one.
+    weights: 'auto' (the EMA weights if the run evaluated them, `eval.ema`,
+      else the trained ones), 'ema' or 'raw'.
+    config: the run's config.json, if already read (`read_run_config`).
+
+  Raises:
+    FileNotFoundError: no readable checkpoint or config.json.
+    ValueError: no EMA weights where 'ema' asks for them, or weights that do
+      not fit the run's model.
+  """
+  if weights not in WEIGHTS:
+    raise ValueError(f'weights={weights!r} must be one of {WEIGHTS}.')
+  if config is None:
+    config = read_run_config(workdir)
+  name = config['model']['name']
+  overrides = dict(config['model'].get('overrides') or {})
   if weights == 'auto':
     # The weights whose accuracy the run reported (its EMA's with eval.ema).
     weights = 'ema' if (config.get('eval') or {}).get('ema') else 'raw'
@@ -251,7 +297,6 @@ def _from_run(
         f'--weights=ema: {where} holds no EMA weights (the run had no'
         ' optimizer.ema_decay); use --weights=raw.'
     )
-  which = 'EMA' if weights == 'ema' else 'trained'
   params = saved['ema_params'] if weights == 'ema' else saved['params']
   num_classes = _num_classes(name, params, overrides, where)
   checkpoint.check_params(
@@ -259,16 +304,48 @@ def _from_run(
       checkpoint.expected_param_shapes(name, num_classes, **overrides),
       where=where,
   )
-  names, note = _names(workdir, data_cfg, num_classes)
-  return Classifier(
+  return RunWeights(
       model=name,
       overrides=overrides,
       params=params,
       model_state=saved.get('model_state') or {},
-      image_size=image_size,
-      eval_resize=eval_resize,
+      num_classes=num_classes,
+      step=int(restored),
+      ema=weights == 'ema',
+      where=where,
+  )
+
+
+def _from_run(
+    workdir: str, step: Optional[int], model: Optional[str], weights: str
+) -> Classifier:
+  """A run of this project, as its config.json describes it."""
+  config = read_run_config(workdir)
+  name = config['model']['name']
+  data_cfg = config['data']
+  if data_cfg.get('name') == 'digits':
+    raise ValueError(
+        f'--checkpoint={workdir} was trained on the embedded 8x8 digits,'
+        ' which are arrays, not image files: its evaluation'
+        ' (--mode=eval) is the way to test it.'
+    )
+  if model is not None and model != name:
+    raise ValueError(
+        f'--model={model}, but the run at {workdir} trained {name}; leave'
+        ' --model out for a run.'
+    )
+  run = read_run_weights(workdir, step, weights, config)
+  names, note = _names(workdir, data_cfg, run.num_classes)
+  which = 'EMA' if run.ema else 'trained'
+  return Classifier(
+      model=name,
+      overrides=run.overrides,
+      params=run.params,
+      model_state=run.model_state,
+      image_size=int(data_cfg['eval_image_size']),
+      eval_resize=data_cfg['eval_resize'],
       class_names=names,
-      source=f'{where}: {name}, {which} weights',
+      source=f'{run.where}: {name}, {which} weights',
       note=note,
   )
 
