@@ -45,6 +45,28 @@ FORMATS = ('pickle', 'npz')
 # larger); 5 names another numpy function, which the original release's
 # readers' numpy and this project's restricted unpickler may not admit.
 _PICKLE_PROTOCOL = 4
+# The function a pickled array is rebuilt by.
+_RECONSTRUCT = np.zeros(1).__reduce_ex__(_PICKLE_PROTOCOL)[0]
+
+
+class _Pickler(pickle._Pickler):  # pylint: disable=protected-access
+  """Names numpy's `_reconstruct` as numpy 1 does, whatever numpy writes.
+
+  numpy 2 names it `numpy._core.multiarray._reconstruct`, a module numpy 1
+  before 1.26.1 does not have: the original release's environments could
+  not read the file. The published files name it
+  `numpy.core.multiarray._reconstruct`, which numpy 2 reads as well. The
+  pure-Python pickler is the one whose choice of name can be overridden.
+  """
+
+  def save_global(self, obj, name=None):
+    if obj is not _RECONSTRUCT:
+      super().save_global(obj, name)
+      return
+    self.save('numpy.core.multiarray')
+    self.save('_reconstruct')
+    self.write(pickle.STACK_GLOBAL)
+    self.memoize(obj)
 
 
 def param_tree(params: Any) -> dict[str, dict[str, np.ndarray]]:
@@ -122,7 +144,7 @@ def write(
   try:
     with os.fdopen(fd, 'wb') as f:
       if fmt == 'pickle':
-        pickle.dump(tree, f, protocol=_PICKLE_PROTOCOL)
+        _Pickler(f, protocol=_PICKLE_PROTOCOL).dump(tree)
       else:
         np.savez(
             f,

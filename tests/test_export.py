@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import pickletools
 
 import numpy as np
 import pytest
@@ -39,6 +40,14 @@ def test_the_pickle_holds_the_runs_weights_as_the_published_files_do(
   path = str(tmp_path / 'run_haiku.npz')
   done = export.export(workdir, path)
   assert done['weights'] == 'ema' and done['step'] == 8  # the run's eval.ema
+  # The names it calls are those of the published files, which numpy 1
+  # (the original release's) and numpy 2 both read.
+  with open(path, 'rb') as f:
+    strings = {
+        arg for op, arg, _ in pickletools.genops(f) if isinstance(arg, str)
+    }
+  modules = {s for s in strings if s.startswith('numpy')}
+  assert modules == {'numpy', 'numpy.core.multiarray'}, modules
   # What the original release's loader does with F0_haiku.npz.
   with open(path, 'rb') as f:
     tree = pickle.load(f)
@@ -127,7 +136,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial_one(
     del args, kwargs
     raise OSError(28, 'No space left on device')
 
-  monkeypatch.setattr(export.pickle, 'dump', full_disk)
+  monkeypatch.setattr(export._Pickler, 'dump', full_disk)
   with pytest.raises(OSError, match='No space'):
     export.export(workdir, str(path), overwrite=True)
   assert path.read_bytes() == b'earlier work'
