@@ -155,8 +155,14 @@ def _from_file(path: str, model: Optional[str]) -> Classifier:
       )
     model = f'nfnet_f{match.group(1)}'
   info = models.info(model)
-  # Read once (F6's: 1.75 GB), then checked as load_deepmind_params does,
-  # for the classes its classifier has.
+  # Before the file is read (F6's: 1.75 GB).
+  if jax.tree_util.tree_leaves(initial_state(model, 2)):
+    raise ValueError(
+        f'--model={model} keeps BatchNorm statistics, which a parameter'
+        ' file does not hold; give a run of this project instead.'
+    )
+  # Read once, then checked as load_deepmind_params does, for the classes
+  # its classifier has.
   params = checkpoint.read_params_file(path)
   num_classes = _num_classes(model, params, {}, path)
   params = checkpoint.checked_params(
@@ -164,12 +170,6 @@ def _from_file(path: str, model: Optional[str]) -> Classifier:
       checkpoint.expected_param_shapes(model, num_classes),
       where=f'{path} as {model}',
   )
-  model_state = _initial_state(model, num_classes)
-  if jax.tree_util.tree_leaves(model_state):
-    raise ValueError(
-        f'--model={model} keeps BatchNorm statistics, which a parameter'
-        ' file does not hold; give a run of this project instead.'
-    )
   # ImageNet's, as the published weights were trained on it.
   names, note = _names(
       None, dict(name='imagenet2012', data_dir=None), num_classes
@@ -178,7 +178,7 @@ def _from_file(path: str, model: Optional[str]) -> Classifier:
       model=model,
       overrides={},
       params=params,
-      model_state=model_state,
+      model_state={},
       image_size=info.test_imsize,
       eval_resize='resize_crop',
       class_names=names,
@@ -187,10 +187,16 @@ def _from_file(path: str, model: Optional[str]) -> Classifier:
   )
 
 
-def _initial_state(model: str, num_classes: int, **overrides):
+def initial_state(model: str, num_classes: int, **overrides) -> Any:
+  """The shapes of a model's Haiku state (BatchNorm statistics; {} if none).
+
+  Traced, not computed: nothing is allocated.
+  """
+  # In training mode: there BatchNorm creates its moving averages, which in
+  # eval mode it can only read.
   forward = hk.transform_with_state(
       lambda x: models.create(model, num_classes, **overrides)(
-          x, is_training=False
+          x, is_training=True
       )
   )
   _, state = jax.eval_shape(
@@ -199,23 +205,28 @@ def _initial_state(model: str, num_classes: int, **overrides):
   return state
 
 
-def read_run_config(workdir: str) -> dict[str, Any]:
+def read_run_config(workdir: str, data_keys: Sequence[str] = ()) -> dict:
   """The run's `config.json`, which names its model and data.
 
+  Args:
+    workdir: the run's workdir.
+    data_keys: the `data` fields the caller needs, checked here.
+
   Raises:
-    FileNotFoundError: it is missing, unreadable or lacks the model or the
-      eval image size and crop (one line naming the file).
+    FileNotFoundError: it is missing, unreadable or lacks the model or one
+      of `data_keys` (one line naming the file).
   """
   config_path = epath.Path(workdir) / 'config.json'
   try:
     config = json.loads(config_path.read_text())
     # Read here, so that a config.json without them fails in one place.
-    _ = config['model']['name'], config['data']['eval_resize']
-    int(config['data']['eval_image_size'])
+    str(config['model']['name'])
+    for key in data_keys:
+      str(config['data'][key])
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise FileNotFoundError(
         f"--checkpoint={workdir}: cannot read the run's config.json"
-        f' ({type(e).__name__}: {e}); it names the model and image size.'
+        f' ({type(e).__name__}: {e}); it names the model and data.'
     ) from None
   return config
 
@@ -320,7 +331,7 @@ def _from_run(
     workdir: str, step: Optional[int], model: Optional[str], weights: str
 ) -> Classifier:
   """A run of this project, as its config.json describes it."""
-  config = read_run_config(workdir)
+  config = read_run_config(workdir, ('eval_image_size', 'eval_resize'))
   name = config['model']['name']
   data_cfg = config['data']
   if data_cfg.get('name') == 'digits':
@@ -376,7 +387,7 @@ def load(
     raise ValueError(_ONE_SET.format(weights=weights))
   # 'F0' ... 'F6': the published weights, downloaded on first use.
   path = checkpoint.published_file(path)
-  run = train._run_checkpoint(path, '--checkpoint')  # pylint: disable=protected-access
+  run = train.run_checkpoint(path, '--checkpoint')
   if run is not None:
     return _from_run(run[0], run[1], model, weights)
   if not epath.Path(path).exists():

@@ -1655,7 +1655,7 @@ def _train_and_evaluate(
   return result
 
 
-def _run_checkpoint(
+def run_checkpoint(
     path: str, field: str
 ) -> Optional[tuple[str, Optional[int]]]:
   """`(workdir, step or None)` where `path` is a run's folder; None: a file.
@@ -1770,7 +1770,7 @@ def initialize_from(
   # 'F0' ... 'F6': the published weights, downloaded on first use.
   source = checkpoint.published_file(expand_home(config.train.init_checkpoint))
   exclude = config.train.init_exclude
-  run = _run_checkpoint(source, 'train.init_checkpoint')
+  run = run_checkpoint(source, 'train.init_checkpoint')
   if run is None:
     loaded = {'params': checkpoint.read_params_file(source)}
     where = source
@@ -1830,7 +1830,7 @@ def evaluate_checkpoint(
   if config.eval.checkpoint:
     # 'F0' ... 'F6': the published weights, downloaded on first use.
     source = checkpoint.published_file(expand_home(config.eval.checkpoint))
-    run = _run_checkpoint(source, 'eval.checkpoint')
+    run = run_checkpoint(source, 'eval.checkpoint')
     if run is not None:
       workdir = run[0]
   if config.eval.checkpoint and run is None:

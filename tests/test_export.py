@@ -1,12 +1,16 @@
 """Exporting a run's weights as a parameter file of the published layout."""
 
+import json
 import os
 import pickle
 import pickletools
+import signal
+import time
 
 import numpy as np
 import pytest
 
+import states
 import tiny_config
 from nfnets import checkpoint
 from nfnets import export
@@ -97,11 +101,13 @@ def test_npz_of_one_step_reads_without_unpickling(run, tmp_path):
   )
 
 
-@pytest.mark.parametrize('weights', ['raw', 'ema'])
-def test_the_exported_weights_evaluate_as_the_run_did(run, tmp_path, weights):
+@pytest.mark.parametrize('weights, fmt', [('raw', 'pickle'), ('ema', 'npz')])
+def test_the_exported_weights_evaluate_as_the_run_did(
+    run, tmp_path, weights, fmt
+):
   workdir, config, result = run
   path = str(tmp_path / f'{weights}.npz')
-  export.export(workdir, path, weights=weights)
+  export.export(workdir, path, weights=weights, fmt=fmt)
   config = config.copy_and_resolve_references()
   config.eval.checkpoint = path
   config.eval.ema = False  # a file holds one set of weights
@@ -125,20 +131,25 @@ def test_an_existing_file_is_kept_unless_overwrite(run, tmp_path):
   assert checkpoint.read_params_file(str(path))
 
 
+@pytest.mark.parametrize('fmt', export.FORMATS)
+@pytest.mark.parametrize('error', [OSError, KeyboardInterrupt])
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial_one(
-    run, tmp_path, monkeypatch
+    run, tmp_path, monkeypatch, fmt, error
 ):
   workdir, _, _ = run
   path = tmp_path / 'kept.npz'
   path.write_bytes(b'earlier work')
 
-  def full_disk(*args, **kwargs):
+  def fail(*args, **kwargs):  # once the temporary file exists
     del args, kwargs
-    raise OSError(28, 'No space left on device')
+    raise error(28, 'No space left on device')
 
-  monkeypatch.setattr(export._Pickler, 'dump', full_disk)
-  with pytest.raises(OSError, match='No space'):
-    export.export(workdir, str(path), overwrite=True)
+  if fmt == 'pickle':
+    monkeypatch.setattr(export._Pickler, 'dump', fail)
+  else:
+    monkeypatch.setattr(export.np, 'savez', fail)
+  with pytest.raises(error):
+    export.export(workdir, str(path), fmt=fmt, overwrite=True)
   assert path.read_bytes() == b'earlier work'
   assert os.listdir(tmp_path) == ['kept.npz']
 
@@ -179,6 +190,12 @@ def test_the_command_line_says_what_it_wrote_and_errs_in_one_line(
           'create it first',
       ),
       ([f'--checkpoint={workdir}', '--output=gs://b/x.npz'], 'local file'),
+      ([f'--checkpoint={workdir}', '--output= '], '--output is empty'),
+      (['--checkpoint=', f'--output={path}2'], '--checkpoint is empty'),
+      (
+          [f'--checkpoint={workdir}', f'--output={tmp_path}/{"x" * 300}'],
+          'cannot write it (File name too long)',
+      ),
   ]
   for argv, message in bad:
     with pytest.raises(SystemExit) as e:
@@ -186,3 +203,87 @@ def test_the_command_line_says_what_it_wrote_and_errs_in_one_line(
     text = str(e.value.code)
     assert text.startswith('python -m nfnets.export: error: '), text
     assert message in text and '\n' not in text, text
+
+
+def test_every_form_of_a_run_path_names_its_checkpoints(
+    run, tmp_path, monkeypatch
+):
+  workdir, _, _ = run
+  monkeypatch.setenv('HOME', os.path.dirname(workdir))
+  for source, step in [
+      (os.path.join(workdir, 'checkpoints'), 8),
+      (os.path.join(workdir, 'checkpoints', '4', 'default'), 4),
+      (os.path.join('~', os.path.basename(workdir)), 8),
+  ]:
+    path = str(tmp_path / f'{step}.npz')
+    assert export.export(source, path, overwrite=True)['step'] == step, source
+
+
+def test_fine_tuning_starts_from_the_exported_weights(run, tmp_path):
+  workdir, config, _ = run
+  path = str(tmp_path / 'raw.npz')
+  export.export(workdir, path, weights='raw')
+  tuned = config.copy_and_resolve_references()
+  tuned.train.init_checkpoint = path
+  tuned, new = states.new_state(tuned)
+  state, message = train.initialize_from(tuned, new)
+  assert message == f'Initialised from {path}.'
+  _equal_trees(state.params, predict.read_run_weights(workdir, 8, 'raw').params)
+
+
+def test_a_batchnorm_run_is_refused_before_its_checkpoint_is_read(tmp_path):
+  # Its config.json names a BatchNorm network; its checkpoints are never
+  # opened (there are none), so a large run is refused at once.
+  run_dir = tmp_path / 'bn_run'
+  (run_dir / 'checkpoints').mkdir(parents=True)
+  (run_dir / 'config.json').write_text(
+      json.dumps({'model': {'name': 'resnet26_bn'}, 'data': {}})
+  )
+  with pytest.raises(ValueError, match='resnet26_bn keeps BatchNorm'):
+    export.export(str(run_dir), str(tmp_path / 'bn.npz'))
+  assert sorted(os.listdir(tmp_path)) == ['bn_run']
+
+
+def test_the_runs_own_files_are_never_written_over(run, tmp_path):
+  workdir, _, _ = run
+  config_json = os.path.join(workdir, 'config.json')
+  before = open(config_json, 'rb').read()
+  for output in (config_json, os.path.join(workdir, 'checkpoints', 'w.npz')):
+    with pytest.raises(ValueError, match='would write over the run'):
+      export.export(workdir, output, overwrite=True)
+  assert open(config_json, 'rb').read() == before
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '8']
+  # A new file beside them is fine.
+  export.export(workdir, os.path.join(workdir, 'exported.npz'))
+  os.remove(os.path.join(workdir, 'exported.npz'))
+
+
+def test_a_link_to_nowhere_is_a_name_in_use(run, tmp_path):
+  workdir, _, _ = run
+  link = tmp_path / 'link.npz'
+  os.symlink(tmp_path / 'nowhere', link)
+  with pytest.raises(FileExistsError, match='--overwrite'):
+    export.export(workdir, str(link))
+  assert os.readlink(link) == str(tmp_path / 'nowhere')
+
+
+def test_sigterm_while_writing_keeps_the_old_file(
+    run, tmp_path, monkeypatch, capsys
+):
+  workdir, _, _ = run
+  path = tmp_path / 'kept.npz'
+  path.write_bytes(b'earlier work')
+
+  def terminated(*args, **kwargs):
+    del args, kwargs
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)  # the handler stops it at once
+
+  monkeypatch.setattr(export._Pickler, 'dump', terminated)
+  before = signal.getsignal(signal.SIGTERM)
+  argv = [f'--checkpoint={workdir}', f'--output={path}', '--overwrite']
+  assert export.main(argv) == 128 + signal.SIGTERM
+  assert 'terminated; nothing was written' in capsys.readouterr().err
+  assert path.read_bytes() == b'earlier work'
+  assert os.listdir(tmp_path) == ['kept.npz']
+  assert signal.getsignal(signal.SIGTERM) is before

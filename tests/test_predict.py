@@ -277,6 +277,15 @@ def test_bad_input_is_one_line_naming_it(run, tmp_path):
   assert 'nothing: no such file or folder' in str(e.value.code)
 
 
+def test_a_batchnorm_model_is_refused_for_a_file_before_it_is_read(tmp_path):
+  # A parameter file holds no BatchNorm statistics. Refused by the model's
+  # name, before a (large) file is read: this one is not even a pickle.
+  path = tmp_path / 'weights.npz'
+  path.write_bytes(b'not read')
+  with pytest.raises(ValueError, match='resnet26_bn keeps BatchNorm'):
+    predict.load(str(path), model='resnet26_bn')
+
+
 def test_image_paths_may_start_with_home(run, tmp_path, monkeypatch):
   workdir, _, evals = run
   monkeypatch.setenv('HOME', os.path.dirname(evals[0][0]))

@@ -27,6 +27,7 @@ from nfnets import optim
 from nfnets import resolve
 from nfnets import train
 import processes
+import states
 import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -278,13 +279,7 @@ def test_global_batch_64_trains_and_evaluates_every_example_once(tmp_path):
   for source in (str(tmp_path), path):
     tuned = tiny_config.get_config(2)
     tuned.train.init_checkpoint = source
-    tuned, num_classes = train.prepare(tuned)
-    forward = train.create_model(tuned, num_classes)
-    optimizer, _ = train.optimizer_and_schedule(tuned)
-    new = jax.tree_util.tree_map(
-        np.asarray,
-        train.create_train_state(jax.random.PRNGKey(1), forward, optimizer, 16),
-    )
+    tuned, new = states.new_state(tuned)
     state, message = train.initialize_from(tuned, new)
     assert message.startswith('Initialised from'), message
     for tree in (state.params, state.ema_params):
