@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from nfnets import checkpoint
+from nfnets import cli
 from nfnets import data
 from nfnets import models
 from nfnets import train
@@ -569,7 +570,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       print(f'Note: {classifier.note}', file=sys.stderr)
     for result in classify(classifier, args.images, args.top, args.batch_size):
       print(json.dumps(result) if args.json else _line(result), flush=True)
-  except (ValueError, FileNotFoundError) as e:
+  except KeyboardInterrupt:
+    cli.exit_interrupted(f'{_PROG}: interrupted.')
+  except (ValueError, OSError) as e:
+    # OSError: a file that cannot be read (permissions, a failing disk).
     sys.exit(f'{_PROG}: error: {e}')
   return 0
 

@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import pickle
+import sys
 
 import haiku as hk
 import jax
@@ -275,6 +276,31 @@ def test_bad_input_is_one_line_naming_it(run, tmp_path):
   with pytest.raises(SystemExit) as e:
     predict.main(['--checkpoint', str(tmp_path / 'nothing'), evals[0][0]])
   assert 'nothing: no such file or folder' in str(e.value.code)
+
+
+def test_unreadable_files_and_ctrl_c_end_in_one_line(run, monkeypatch):
+  workdir, _, evals = run
+  argv = ['--checkpoint', workdir, evals[0][0]]
+
+  def unreadable(path, *args):
+    del args
+    raise PermissionError(13, 'Permission denied', path)
+
+  monkeypatch.setattr(predict, 'read_image', unreadable)
+  with pytest.raises(SystemExit) as e:
+    predict.main(argv)
+  assert str(e.value.code).startswith('python -m nfnets.predict: error: ')
+  assert 'Permission denied' in str(e.value.code)
+
+  def interrupted(*args):
+    raise KeyboardInterrupt
+
+  # os._exit in the real one: it would end the test process.
+  monkeypatch.setattr(predict.cli, 'exit_interrupted', sys.exit)
+  monkeypatch.setattr(predict, 'read_image', interrupted)
+  with pytest.raises(SystemExit) as e:
+    predict.main(argv)
+  assert e.value.code == 'python -m nfnets.predict: interrupted.'
 
 
 def test_a_batchnorm_model_is_refused_for_a_file_before_it_is_read(tmp_path):
