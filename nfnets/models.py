@@ -198,12 +198,46 @@ def _init_shapes(forward, x):
   )
 
 
+def _count(
+    name: str, image_size: int, num_classes: int, overrides
+) -> tuple[int, int]:
+  """`(parameters, multiply-adds per image)` of a model, from one trace.
+
+  The network is traced, not run, once, by its initialisation at this image
+  size; convolutions and dense layers are counted as they are called.
+  """
+  counts = []
+
+  def interceptor(next_f, args, kwargs, context):
+    out = next_f(*args, **kwargs)
+    if context.method_name != '__call__':
+      return out
+    module = context.module
+    if isinstance(module, layers.WSConv2D):
+      in_ch = args[0].shape[-1] // module.feature_group_count
+      per_output = in_ch * np.prod(module.kernel_shape)
+      counts.append(np.prod(out.shape[1:]) * per_output)
+    elif isinstance(module, layers.Linear):
+      counts.append(args[0].shape[-1] * module.output_size)
+    return out
+
+  forward_fn = _forward_fn(name, num_classes, overrides)
+
+  def counted(x, is_training):
+    with hk.intercept_methods(interceptor):
+      return forward_fn(x, is_training)
+
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  # Training mode calls the same convolutions and dense layers as eval mode
+  # (stochastic depth and dropout only scale their outputs).
+  params, _ = _init_shapes(hk.transform_with_state(counted), x)
+  num_params = sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params))
+  return int(num_params), int(sum(counts))
+
+
 def count_params(name: str, num_classes: int = 1000, **overrides) -> int:
   """Number of trainable parameters (no arrays are allocated)."""
-  forward = hk.transform_with_state(_forward_fn(name, num_classes, overrides))
-  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  params, _ = _init_shapes(forward, x)
-  return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+  return _count(name, 32, num_classes, overrides)[0]
 
 
 def count_flops(
@@ -230,38 +264,7 @@ def count_flops(
   size = image_size or info(name).test_imsize
   if size < 1:
     raise ValueError(f'image_size must be positive, got {size}.')
-  counts = []
-
-  def interceptor(next_f, args, kwargs, context):
-    out = next_f(*args, **kwargs)
-    if context.method_name != '__call__':
-      return out
-    module = context.module
-    if isinstance(module, layers.WSConv2D):
-      in_ch = args[0].shape[-1] // module.feature_group_count
-      per_output = in_ch * np.prod(module.kernel_shape)
-      counts.append(np.prod(out.shape[1:]) * per_output)
-    elif isinstance(module, layers.Linear):
-      counts.append(args[0].shape[-1] * module.output_size)
-    return out
-
-  forward_fn = _forward_fn(name, num_classes, overrides)
-
-  def counted(x, is_training):
-    with hk.intercept_methods(interceptor):
-      return forward_fn(x, is_training)
-
-  forward = hk.transform_with_state(counted)
-  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  params, state = _init_shapes(forward, x)
-  counts.clear()  # init traced the network once already
-  jax.eval_shape(
-      lambda p, s, x: forward.apply(p, s, None, x, is_training=False),
-      params,
-      state,
-      x,
-  )
-  return int(sum(counts))
+  return _count(name, size, num_classes, overrides)[1]
 
 
 def summary(
@@ -270,11 +273,14 @@ def summary(
   """Parameters (M) and FLOPs (B multiply-adds) of a model, for tables."""
   entry = info(name)
   size = image_size or entry.test_imsize
+  if size < 1:
+    raise ValueError(f'image_size must be positive, got {size}.')
+  num_params, flops = _count(name, size, 1000, overrides)
   return dict(
       name=name,
       family=entry.family,
       variant=entry.variant,
       image_size=size,
-      params_m=count_params(name, **overrides) / 1e6,
-      flops_b=count_flops(name, size, **overrides) / 1e9,
+      params_m=num_params / 1e6,
+      flops_b=flops / 1e9,
   )
