@@ -4,6 +4,8 @@ import os
 import sys
 import tempfile
 
+import pytest
+
 # Tests import the repository's packages (nfnets, configs) from its root, and
 # the helpers beside this file.
 _TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -26,3 +28,35 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+# Linux refuses new memory mappings past vm.max_map_count (65,530 by
+# default); the compiled programs are dropped well before.
+_MAPPINGS_LIMIT = 30_000
+
+
+def _memory_mappings():
+  """This process's memory mappings; 0 where /proc cannot say."""
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      return f.read().count(b"\n")
+  except OSError:
+    return 0
+
+
+@pytest.fixture(autouse=True)
+def release_compiled_programs():
+  """Drops JAX's compiled programs after a test once they hold too much.
+
+  Each program's CPU code keeps memory mappings (a tiny run's: ~2,000-6,000)
+  for as long as JAX's caches keep the program. One test process runs
+  dozens of them: test_train.py's tests reached 64,000 mappings in one
+  worker, and the next compile crashed it at Linux's limit (a segfault in
+  JAX's cache read). Dropped only past 30,000 mappings, the programs that
+  the next tests share mostly stay compiled; those dropped come back from
+  the on-disk compilation cache.
+  """
+  yield
+  jax = sys.modules.get("jax")
+  if jax is not None and _memory_mappings() > _MAPPINGS_LIMIT:
+    jax.clear_caches()
