@@ -58,6 +58,28 @@ _AUGMENT_TAG = 0x61756775
 _NONFINITE_METRICS = {1: 'train_loss', 2: 'grad_norm'}
 
 
+class OutOfMemoryError(ValueError):
+  """A training step or an evaluation needs more device memory than there is.
+
+  A ValueError: a batch too large for the devices is a config value to
+  change, reported in one line as the others are. The message names the
+  field, the images per device, and what was saved.
+  """
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """Whether `error` is XLA's out-of-memory error (RESOURCE_EXHAUSTED)."""
+  return isinstance(error, jax.errors.JaxRuntimeError) and (
+      'RESOURCE_EXHAUSTED' in str(error)
+  )
+
+
+def _xla_says(error: BaseException) -> str:
+  """The first line of XLA's message, for a one-line error of ours."""
+  lines = str(error).strip().splitlines()
+  return lines[0][:200] if lines else type(error).__name__
+
+
 class NonFiniteError(RuntimeError):
   """The loss or the gradients became non-finite; the params were not updated.
 
@@ -1228,9 +1250,20 @@ def make_evaluator(config, forward, num_classes, kernel_layout='hwio'):
           seed=config.seed,
       )
     record = {}
-    for prefix, params in trees.items():
-      results = evaluate(p_eval_step, params, model_state, dataset)
-      record.update({f'{prefix}_{k}': v for k, v in results.items()})
+    try:
+      for prefix, params in trees.items():
+        results = evaluate(p_eval_step, params, model_state, dataset)
+        record.update({f'{prefix}_{k}': v for k, v in results.items()})
+    except jax.errors.JaxRuntimeError as e:
+      if not is_out_of_memory(e):
+        raise
+      per_device = config.eval.batch_size // jax.device_count()
+      raise OutOfMemoryError(
+          f'Out of device memory in the evaluation ({_xla_says(e)}):'
+          f' eval.batch_size={config.eval.batch_size} ({per_device} images'
+          f' per device at {config.data.eval_image_size} px) is too large'
+          ' for the devices; lower it.'
+      ) from None
     return record
 
   return evaluate_all
@@ -1416,6 +1449,27 @@ def train_and_evaluate(
     preemption.close()
 
 
+def _training_out_of_memory(
+    config, step: int, saved_steps, error: BaseException
+) -> OutOfMemoryError:
+  """The one-line error of a training step that did not fit."""
+  batch = config.train.batch_size
+  per_device = batch // jax.device_count()
+  resume = (
+      f'The run resumes from its checkpoint of step {max(saved_steps)}.'
+      if saved_steps
+      else 'No step was saved yet.'
+  )
+  return OutOfMemoryError(
+      f'Out of device memory in training step {step} ({_xla_says(error)}):'
+      f' train.batch_size={batch} ({per_device} images per device at'
+      f' {config.data.train_image_size} px, {config.model.name} in'
+      f' {config.train.compute_dtype}) is too large for the devices; lower'
+      ' it, or raise train.microbatches (now'
+      f' {config.train.microbatches}) to take each step in parts. {resume}'
+  )
+
+
 def _train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -1501,7 +1555,16 @@ def _train_and_evaluate(
     trees = {'eval': replicated.params}
     if config.eval.ema:
       trees['ema_eval'] = replicated.ema_params
-    record = {'step': step, **evaluate_all(trees, replicated.model_state)}
+    try:
+      record = {'step': step, **evaluate_all(trees, replicated.model_state)}
+    except OutOfMemoryError as e:
+      # Hours of training must not hang on the eval batch size: the step
+      # is saved (the final one already is), and resuming evaluates it.
+      save(replicated, step, wait=True)
+      raise OutOfMemoryError(
+          f'{e} Step {step} is saved: the same command with a lower'
+          ' eval.batch_size goes on from it.'
+      ) from None
     logger.write(record)
     logger.print(
         f'eval  step {step}: top-1 {record["eval_top1"]:.4f}, top-5 '
@@ -1589,7 +1652,16 @@ def _train_and_evaluate(
         if augment_on_device is not None:
           batch = augment_on_device(batch, step)
         logs = is_log_step(step + 1, config.train.log_every_steps, total)
-        replicated, metrics = step_fns[logs](replicated, batch)
+        try:
+          replicated, metrics = step_fns[logs](replicated, batch)
+          if logs:  # where the step's results are first waited for
+            jax.block_until_ready(metrics)
+        except jax.errors.JaxRuntimeError as e:
+          if not is_out_of_memory(e):
+            raise
+          raise _training_out_of_memory(
+              config, step + 1, saved_steps, e
+          ) from None
         step += 1
         if logs:
           check_finite(replicated)

@@ -1609,3 +1609,91 @@ def test_fields_added_since_a_run_was_saved_count_as_their_old_value():
   assert cli.differing_fields(old, new)[0] == []
   new['train']['microbatches'] = 2
   assert cli.differing_fields(old, new)[0] == ['train.microbatches']
+
+
+# Out of device memory.
+
+_OOM = 'RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00TiB.'
+
+
+def test_a_training_step_out_of_memory_names_the_batch_size(
+    tmp_path, monkeypatch
+):
+  config = tiny_config.get_config(8)  # checkpoints at steps 4 and 8
+  workdir = str(tmp_path)
+  # XLA's error from the 6th call of a training step, as a GPU gives it when
+  # a step's buffers do not fit.
+  real_make, real_pmap = train.make_device_step, jax.pmap
+  calls = 0
+
+  def make_device_step(*args, **kwargs):
+    fn = real_make(*args, **kwargs)
+    fn.is_train_step = True
+    return fn
+
+  def pmap(fn, **kwargs):
+    compiled = real_pmap(fn, **kwargs)
+    if not getattr(fn, 'is_train_step', False):
+      return compiled
+
+    def step(*args):
+      nonlocal calls
+      calls += 1
+      if calls == 6:
+        raise jax.errors.JaxRuntimeError(_OOM)
+      return compiled(*args)
+
+    return step
+
+  monkeypatch.setattr(train, 'make_device_step', make_device_step)
+  monkeypatch.setattr(jax, 'pmap', pmap)
+  with pytest.raises(train.OutOfMemoryError) as e:
+    train.train_and_evaluate(config, workdir)
+  message = str(e.value)
+  assert '\n' not in message
+  assert message.startswith(
+      f'Out of device memory in training step 6 ({_OOM}): '
+      'train.batch_size=64 (8 images per device at 16 px, nf_resnet26 in'
+      ' float32) is too large for the devices; lower it, or raise'
+      ' train.microbatches (now 1)'
+  ), message
+  assert message.endswith('resumes from its checkpoint of step 4.'), message
+  assert _saved_steps(workdir) == [4]
+  monkeypatch.undo()
+  result = train.train_and_evaluate(config, workdir)
+  assert result['step'] == 8 and _saved_steps(workdir) == [4, 8]
+
+
+def test_an_evaluation_out_of_memory_saves_the_step_and_names_the_batch_size(
+    tmp_path, monkeypatch
+):
+  config = tiny_config.get_config(8)
+  config.train.checkpoint_every_steps = 100  # only what the error saves
+  resolved, _ = train.prepare(config.copy_and_resolve_references())
+  config.train.eval_every_epochs = 3 / resolved.steps.per_epoch  # step 3
+  workdir = str(tmp_path)
+
+  def out_of_memory(*args, **kwargs):
+    del args, kwargs
+    raise jax.errors.JaxRuntimeError(_OOM)
+
+  monkeypatch.setattr(train, 'evaluate', out_of_memory)
+  with pytest.raises(train.OutOfMemoryError) as e:
+    train.train_and_evaluate(config, workdir)
+  assert str(e.value) == (
+      f'Out of device memory in the evaluation ({_OOM}): eval.batch_size=64'
+      ' (8 images per device at 16 px) is too large for the devices; lower'
+      ' it. Step 3 is saved: the same command with a lower eval.batch_size'
+      ' goes on from it.'
+  )
+  assert _saved_steps(workdir) == [3]
+  # Evaluating a checkpoint (--mode=eval) says the same, less the saving.
+  with pytest.raises(train.OutOfMemoryError, match=r'is too large .* it\.$'):
+    train.evaluate_checkpoint(config, workdir)
+  monkeypatch.undo()
+  config.eval.batch_size = 32
+  result = train.train_and_evaluate(config, workdir)
+  assert result['step'] == 8 and result['eval_count'] == 360
+  assert [r['step'] for r in _metrics(workdir) if 'train_loss' in r] == list(
+      range(1, 9)
+  )
