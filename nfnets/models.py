@@ -206,6 +206,8 @@ def _count(
   The network is traced, not run, once, by its initialisation at this image
   size; convolutions and dense layers are counted as they are called.
   """
+  if image_size < 1:
+    raise ValueError(f'image_size must be positive, got {image_size}.')
   counts = []
 
   def interceptor(next_f, args, kwargs, context):
@@ -262,8 +264,6 @@ def count_flops(
     The multiply-add count per image.
   """
   size = image_size or info(name).test_imsize
-  if size < 1:
-    raise ValueError(f'image_size must be positive, got {size}.')
   return _count(name, size, num_classes, overrides)[1]
 
 
@@ -273,8 +273,6 @@ def summary(
   """Parameters (M) and FLOPs (B multiply-adds) of a model, for tables."""
   entry = info(name)
   size = image_size or entry.test_imsize
-  if size < 1:
-    raise ValueError(f'image_size must be positive, got {size}.')
   num_params, flops = _count(name, size, 1000, overrides)
   return dict(
       name=name,
