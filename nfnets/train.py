@@ -1558,8 +1558,9 @@ def _train_and_evaluate(
     try:
       record = {'step': step, **evaluate_all(trees, replicated.model_state)}
     except OutOfMemoryError as e:
-      # Hours of training must not hang on the eval batch size: the step
-      # is saved (the final one already is), and resuming evaluates it.
+      # The training since the last checkpoint is not lost to the eval
+      # batch size: the step is saved (the final one already is), and the
+      # run resumes from it.
       save(replicated, step, wait=True)
       raise OutOfMemoryError(
           f'{e} Step {step} is saved: the same command with a lower'
